@@ -1,0 +1,1 @@
+"""photonfit.fitting: response models, likelihoods, reconstruction, calibration and the CLI."""

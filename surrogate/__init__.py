@@ -1,0 +1,1 @@
+"""photonfit.surrogate: learned components (CBAE waveform model, neural response surrogates)."""

@@ -1,0 +1,1 @@
+"""photonfit.training: Lightning modules, data modules and the training CLI."""
