@@ -12,7 +12,7 @@ Physics and references:
   b(E) E are neglected: in water the muon critical energy is ~1 TeV (Groom et al.), so they are < 1 % of
   dE/dx below 10 GeV. Hadronic interactions of pions are not simulated (pions are ionising tracks only).
 * Stepping: steps limited by a maximum length and by a maximum fractional change of beta (Geant4's
-  G4Cerenkov MaxBetaChange, 10 %); energy loss per step by the midpoint rule.
+  G4Cerenkov MaxBetaChange, 10 %); the energy along the path follows the CSDA range table (no step loop).
 * Multiple scattering: Highland's formula (PDG eq. 34.16, Lynch & Dahl NIM B 58 (1991) 6)
   theta0 = 13.6 MeV/(beta c p) z sqrt(x/X0) (1 + 0.038 ln(x z^2 / (X0 beta^2))), applied as Gaussian projected
   deflections between steps. The per-step variance is the increment of theta0^2 along the accumulated path,
@@ -339,6 +339,27 @@ def sample_cherenkov_wavelength(
 # ----------------------------------------------------------------------------------------------------------
 # charged tracks
 # ----------------------------------------------------------------------------------------------------------
+def _range_table(particle: str, medium: Medium, t_max: float, device: torch.device,
+                 n_grid: int = 4097) -> tuple[Tensor, Tensor]:
+    """Kinetic-energy grid T (G,) [MeV], log-spaced from 0.1 MeV to ``t_max``, and the CSDA range R(T) (G,)
+    [m] = int_{0.1 MeV}^{T} dT'/S(T') (cumulative trapezoid in ln T; relative error ~1e-5)."""
+    mass = PARTICLE_MASS[particle]
+    lt = torch.linspace(math.log(_RANGE_FLOOR_MEV), math.log(max(t_max, 2 * _RANGE_FLOOR_MEV)), n_grid,
+                        dtype=torch.float64, device=device)
+    t = torch.exp(lt)
+    f = t / bethe_dedx(t, mass, medium, spin_half=particle.startswith("mu"))
+    dr = 0.5 * (f[1:] + f[:-1]) * (lt[1:] - lt[:-1])
+    return t, torch.cat([dr.new_zeros(1), torch.cumsum(dr, 0)])
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation of (xp ascending, fp) at x (any shape); clamps outside the table."""
+    i = torch.searchsorted(xp, x.contiguous()).clamp(1, xp.numel() - 1)
+    x0, x1 = xp[i - 1], xp[i]
+    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return fp[i - 1] + w * (fp[i] - fp[i - 1])
+
+
 def track_steps(
     particle: str,
     energy: Any,
@@ -358,6 +379,14 @@ def track_steps(
     return_track_length: bool = False,
 ) -> TrackSteps | tuple[TrackSteps, Tensor]:
     """Continuous-slowing-down transport of muons / charged pions; straight steps for Cherenkov emission.
+
+    Loop-free over events and steps. The kinetic energy along the path follows the CSDA range table,
+    T(s) = R^-1(R(T_0) - s). Steps are ``max_step`` long while that changes beta by less than
+    ``max_beta_change``; after that (beta falls ever faster towards the stop) each step lowers beta by exactly
+    that fraction. This is the greedy min(max_step, beta-change) rule of Geant4's G4Cerenkov step limit.
+    Multiple scattering (Highland, see module docstring) deflects the direction after each step; the
+    deflections accumulate in the tangent plane of the initial direction, exact to O(theta_tot^2) for the
+    total deflection theta_tot (a few degrees for tracks above the Cherenkov threshold).
 
     Args:
         particle: 'mu-', 'mu+', 'pi-', 'pi+'.
@@ -398,10 +427,8 @@ def track_steps(
         raise ConfigError(f"vertex/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
     dev = pos.device
     t_kin = _as_energy(energy, n_ev, dev)
-    time = torch.as_tensor(t0, dtype=torch.float64, device=dev).expand(n_ev).clone()
+    time0 = torch.as_tensor(t0, dtype=torch.float64, device=dev).expand(n_ev)
     mass = PARTICLE_MASS[particle]
-    spin_half = particle.startswith("mu")
-    x0_rad = medium.radiation_length
     if stop == "cherenkov":
         b_th = cherenkov_threshold_beta(medium)
         t_stop = mass * (1.0 / math.sqrt(1.0 - b_th * b_th) - 1.0)
@@ -412,91 +439,99 @@ def track_steps(
     def kin_to_beta(t: Tensor) -> Tensor:
         return torch.sqrt(t * (t + 2 * mass)) / (t + mass)
 
-    length = torch.zeros(n_ev, dtype=torch.float64, device=dev)
-    scat_x = torch.zeros(n_ev, dtype=torch.float64, device=dev)  # accumulated path for Highland
-    pos, dirs = pos.clone(), dirs.clone()
-    alive = torch.nonzero(t_kin > t_stop).squeeze(1)
-    out: list[tuple[Tensor, ...]] = []
-    guard = 0
-    while alive.numel() > 0:
-        guard += 1
-        if guard > 1_000_000:
-            raise RuntimeError("track_steps: step limit exceeded")
-        t = t_kin[alive]
-        s0 = bethe_dedx(t, mass, medium, spin_half=spin_half)
-        beta0 = kin_to_beta(t)
-        # beta-change limit
-        bt = beta0 * (1.0 - max_beta_change)
-        t_target = mass * (1.0 / torch.sqrt(1.0 - bt * bt) - 1.0)
-        ds_beta = (t - t_target) / s0
-        # distance to the stopping energy (midpoint stopping power)
-        s_mid_stop = bethe_dedx(0.5 * (t + t_stop), mass, medium, spin_half=spin_half)
-        ds_stop = (t - t_stop) / s_mid_stop
-        ds = torch.minimum(torch.minimum(ds_beta, torch.full_like(t, max_step)), ds_stop)
-        ds_cap = cap - length[alive]
-        capped = ds_cap <= ds
-        ds = torch.where(capped, ds_cap, ds)
-        s_mid = bethe_dedx(t - 0.5 * ds * s0, mass, medium, spin_half=spin_half)
-        t1 = t - ds * s_mid
-        at_stop = ((ds >= ds_stop) | (t1 <= t_stop)) & ~capped
-        t1 = torch.where(at_stop, torch.full_like(t1, t_stop), t1.clamp_min(t_stop))
-        last = at_stop | capped | (t1 <= t_stop)
-        beta1 = kin_to_beta(t1)
-        p0 = pos[alive]
-        d0 = dirs[alive]
-        p1 = p0 + ds.unsqueeze(1) * d0
-        tm0 = time[alive]
-        tm1 = tm0 + _time_linear_beta(ds, beta0, beta1)
-        nph = ds * frank_tamm_yield(0.5 * (beta0 + beta1), medium)
-        out.append((p0, p1, beta0, beta1, tm0, nph, alive))
-        pos[alive] = p1
-        time[alive] = tm1
-        length[alive] = length[alive] + ds
-        t_kin[alive] = t1
-        if multiple_scattering:
-            tm = 0.5 * (t + t1)
-            bm = kin_to_beta(tm)
-            pm = torch.sqrt(tm * (tm + 2 * mass))
-            xa = scat_x[alive]
-            xb = xa + ds
+    # range table and per-event path length to the stopping energy (or the cap)
+    t_grid, r_grid = _range_table(particle, medium, float(t_kin.max()) * 1.0001, dev)
+    r0 = _interp(t_kin, t_grid, r_grid)  # (E,)
+    r_stop = float(_interp(torch.tensor([t_stop], dtype=torch.float64, device=dev), t_grid, r_grid))
+    path = (r0 - r_stop).clamp_min(0.0)
+    capped = path > cap
+    path = torch.clamp(path, max=cap)
+    below = t_kin <= t_stop
+    residual = torch.where(capped | below, torch.zeros_like(r0), torch.full_like(r0, r_stop))
+    track_length = path + residual
+    if bool(below.any()):  # the whole CSDA range, from the same integral as csda_range()
+        track_length[below] = csda_range(particle, t_kin[below], medium)
 
-            def highland_var(xx: Tensor, bm: Tensor = bm) -> Tensor:
-                r = (xx / x0_rad).clamp_min(1e-12)
-                return r * (1.0 + 0.038 * torch.log(r / (bm * bm))).clamp_min(0.0) ** 2
+    # Step boundaries, Geant4-like greedy limits: steps of max_step while that changes beta by less than
+    # max_beta_change, then (where beta falls faster, monotonically towards the stop) steps that each
+    # reduce beta by exactly that fraction: beta_j = beta_* (1 - max_beta_change)^j.
+    def t_at(s: Tensor) -> Tensor:  # kinetic energy after path s (E, K) [MeV]
+        return _interp(r0[:, None] - s, r_grid, t_grid).clamp_min(t_stop)
 
-            var = (13.6 / (bm * pm)) ** 2 * (highland_var(xb) - highland_var(xa)).clamp_min(0.0)
-            scat_x[alive] = xb
-            g = torch.randn(2, alive.numel(), generator=generator, device=dev, dtype=torch.float64)
-            th = torch.sqrt(var)
-            e1, e2 = _orthonormal_basis(d0)
-            nd = d0 + (th * g[0]).unsqueeze(1) * e1 + (th * g[1]).unsqueeze(1) * e2
-            dirs[alive] = nd / nd.norm(dim=1, keepdim=True)
-        alive = alive[~last]
-    if out:
-        cols = [torch.cat([o[i] for o in out]) for i in range(7)]
-        order = torch.argsort(cols[6], stable=True)
-        cols = [c[order] for c in cols]
-    else:
-        cols = (
-            [torch.zeros(0, 3, dtype=torch.float64, device=dev)] * 2
-            + [torch.zeros(0, dtype=torch.float64, device=dev)] * 4
-            + [torch.zeros(0, dtype=torch.long, device=dev)]
-        )
+    n_uni = int(math.ceil(float(path.max()) / max_step)) if n_ev else 0
+    if n_uni == 0:
+        steps = _empty_steps(dev, dtype)
+        return (steps, track_length) if return_track_length else steps
+    s_u = torch.arange(n_uni + 1, device=dev, dtype=torch.float64)[None, :] * max_step
+    s_u = torch.minimum(s_u, path[:, None])  # (E, U+1)
+    beta_u = kin_to_beta(t_at(s_u))
+    beta_next = kin_to_beta(t_at(torch.minimum(s_u + max_step, path[:, None])))
+    bind = (beta_next < (1.0 - max_beta_change) * beta_u) & (s_u < path[:, None])
+    first = torch.where(bind.any(1), bind.float().argmax(1), torch.full_like(path, n_uni, dtype=torch.long))
+    s_star = s_u.gather(1, first[:, None])  # (E, 1) start of the beta-limited region
+    beta_star = beta_u.gather(1, first[:, None])
+    b_stop = kin_to_beta(torch.tensor(t_stop, dtype=torch.float64, device=dev))
+    n_geo = int(math.ceil(math.log(float(b_stop) / float(beta_star.max().clamp_min(b_stop + 1e-12)))
+                          / math.log(1.0 - max_beta_change))) + 1 if bool(bind.any()) else 0
+    n_geo = max(n_geo, 0)
+    j = torch.arange(1, n_geo + 1, device=dev, dtype=torch.float64)[None, :]
+    beta_geo = (beta_star * (1.0 - max_beta_change) ** j).clamp_min(float(b_stop))
+    t_geo = mass * (1.0 / torch.sqrt(1.0 - beta_geo * beta_geo) - 1.0)
+    s_geo = r0[:, None] - _interp(t_geo, t_grid, r_grid)
+    s_geo = torch.where(bind.any(1, keepdim=True), s_geo.clamp_min(s_star), path[:, None].expand_as(s_geo))
+    idx = torch.arange(n_uni + 1, device=dev)[None, :]
+    s_u = torch.where(idx <= first[:, None], s_u, path[:, None])
+    s_b = torch.cat([s_u, s_geo, path[:, None]], 1)
+    s_b = torch.minimum(s_b, path[:, None]).sort(dim=1).values
+    k_max = s_b.shape[1] - 1
+    t_b = t_at(s_b)  # kinetic energy at boundaries
+    t_b[:, 0] = t_kin
+    beta_b = kin_to_beta(t_b)
+    ds = s_b[:, 1:] - s_b[:, :-1]  # (E, K)
+    b0, b1 = beta_b[:, :-1], beta_b[:, 1:]
+
+    # multiple scattering: Highland theta0^2 increments along the accumulated path, applied after each step
+    step_dirs = dirs[:, None, :].expand(n_ev, k_max, 3)
+    if multiple_scattering:
+        tm = 0.5 * (t_b[:, :-1] + t_b[:, 1:])
+        bm = kin_to_beta(tm)
+        pm = torch.sqrt(tm * (tm + 2 * mass))
+
+        def highland_var(xx: Tensor) -> Tensor:
+            r = (xx / medium.radiation_length).clamp_min(1e-12)
+            return r * (1.0 + 0.038 * torch.log(r / (bm * bm))).clamp_min(0.0) ** 2
+
+        var = (13.6 / (bm * pm)) ** 2 * (highland_var(s_b[:, 1:]) - highland_var(s_b[:, :-1])).clamp_min(0.0)
+        g = torch.randn(2, n_ev, k_max, generator=generator, device=dev, dtype=torch.float64)
+        th = torch.sqrt(var)
+        # deflection after step k changes the direction of steps k+1, k+2, ...
+        c1 = torch.cumsum(th * g[0], 1) - th * g[0]
+        c2 = torch.cumsum(th * g[1], 1) - th * g[1]
+        e1, e2 = _orthonormal_basis(dirs)
+        nd = dirs[:, None, :] + c1[..., None] * e1[:, None, :] + c2[..., None] * e2[:, None, :]
+        step_dirs = nd / nd.norm(dim=2, keepdim=True)
+    x_b = torch.cat([pos[:, None, :], pos[:, None, :] + torch.cumsum(ds[..., None] * step_dirs, 1)], 1)
+    dt = _time_linear_beta(ds, b0, b1)
+    tm_b = torch.cat([time0[:, None], time0[:, None] + torch.cumsum(dt, 1)], 1)
+    nph = ds * frank_tamm_yield(0.5 * (b0 + b1), medium)
+    keep = ds > 0  # (E, K), row-major flattening keeps rows grouped by event
+    ev = torch.arange(n_ev, device=dev)[:, None].expand(n_ev, k_max)
     steps = TrackSteps(
-        x0=cols[0].to(dtype),
-        x1=cols[1].to(dtype),
-        beta0=cols[2].to(dtype),
-        beta1=cols[3].to(dtype),
-        t0=cols[4].to(dtype),
-        n_photons=cols[5].to(dtype),
-        event=cols[6].to(torch.long),
+        x0=x_b[:, :-1][keep].to(dtype),
+        x1=x_b[:, 1:][keep].to(dtype),
+        beta0=b0[keep].to(dtype),
+        beta1=b1[keep].to(dtype),
+        t0=tm_b[:, :-1][keep].to(dtype),
+        n_photons=nph[keep].to(dtype),
+        event=ev[keep],
     )
-    if not return_track_length:
-        return steps
-    # tracks that reached the stopping energy add their remaining CSDA range; capped tracks do not
-    stopped = t_kin <= t_stop * (1.0 + 1e-12)
-    residual = csda_range(particle, torch.minimum(t_kin, torch.full_like(t_kin, t_stop)), medium)
-    return steps, length + torch.where(stopped, residual, torch.zeros_like(residual))
+    return (steps, track_length) if return_track_length else steps
+
+
+def _empty_steps(device: torch.device, dtype: torch.dtype) -> TrackSteps:
+    z = torch.zeros(0, dtype=dtype, device=device)
+    return TrackSteps(x0=z.reshape(0, 3), x1=z.reshape(0, 3), beta0=z, beta1=z, t0=z, n_photons=z,
+                      event=torch.zeros(0, dtype=torch.long, device=device))
 
 
 def iter_cherenkov_photons(
