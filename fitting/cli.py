@@ -56,9 +56,9 @@ def _cmd_detectors(args: argparse.Namespace) -> int:
     rows = list_presets()
     print(f"{'name':<8} {'shape':<9} {'radius_m':>9} {'height_m':>9} {'n_pmts':>8} {'coverage':>9}")
     for r in rows:
-        h = "-" if r["height"] is None else f"{r['height']:.2f}"
-        print(f"{r['name']:<8} {r['shape']:<9} {r['radius']:>9.2f} {h:>9} {r['n_pmts']:>8d} "
-              f"{100 * r['photocoverage']:>8.1f}%")
+        h = "-" if r.height is None else f"{r.height:.2f}"
+        cov = 100 * r.photocoverage
+        print(f"{r.name:<8} {r.shape:<9} {r.radius:>9.2f} {h:>9} {r.n_pmts:>8d} {cov:>8.1f}%")
     return 0
 
 

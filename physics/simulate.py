@@ -149,7 +149,7 @@ class Simulator:
         return out
 
     def _waveforms(self, hits: Hits, pe_digi: dict, gen: torch.Generator) -> dict:
-        """One digitised waveform per hit (event, PMT), window starting pre-trigger before the first hit."""
+        """One waveform per hit (event, PMT); sample k at t_start - pre_trigger + k * period [ns]."""
         key_hit = hits.event * self.detector.n_pmts + hits.pmt
         key_pe = pe_digi["event"] * self.detector.n_pmts + pe_digi["pmt"]
         order = torch.argsort(key_hit)
@@ -157,11 +157,11 @@ class Simulator:
         pos = pos.clamp(max=len(key_hit) - 1)
         found = key_hit[order][pos] == key_pe
         channel = order[pos][found]
-        t_start = hits.time - self.electronics.pre_trigger_ns
+        t_start = hits.time  # the window opens pre_trigger before the first hit (electronics convention)
         samples = self.electronics.sample(channel, pe_digi["t"][found], pe_digi["charge"][found],
                                           len(hits), t_start, gen)
         return {"samples": samples, "event": hits.event, "pmt": hits.pmt, "t_start": t_start,
-                "sampling_ns": self.electronics.sampling_ns}
+                "sampling_ns": self.electronics.sampling_period}
 
     def run(self, n_events: int, seed: int, batch_size: int = 16, progress: bool = False) -> dict:
         """Simulate ``n_events`` events in batches; returns concatenated truth, hits and extras."""
@@ -196,6 +196,7 @@ def _merge(parts: list[dict]) -> dict:
         out["photons"] = type(parts[0]["photons"]).cat([p["photons"] for p in parts])
     if "waveforms" in parts[0]:
         w0 = parts[0]["waveforms"]
-        out["waveforms"] = {k: torch.cat([p["waveforms"][k] for p in parts]) for k in w0 if k != "sampling_ns"}
+        keys = [k for k in w0 if k != "sampling_ns"]
+        out["waveforms"] = {k: torch.cat([p["waveforms"][k] for p in parts]) for k in keys}
         out["waveforms"]["sampling_ns"] = w0["sampling_ns"]
     return out

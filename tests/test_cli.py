@@ -1,0 +1,77 @@
+"""The photonfit command and the end-to-end simulation chain (small, fast runs)."""
+
+from __future__ import annotations
+
+import h5py
+import pytest
+import torch
+
+from fitting.cli import main
+from physics.io import read_run
+from physics.simulate import SimConfig, Simulator
+
+
+def test_simulate_show_round_trip(tmp_path, capsys):
+    out = tmp_path / "ev.h5"
+    rc = main(["simulate", "--events", "3", "--particle", "mu-", "--energy", "300", "--vertex", "0,0,0",
+               "--direction", "1,0,0", "--waveforms", "--seed", "5", "-q", "-o", str(out)])
+    assert rc == 0 and out.exists()
+    run = read_run(out)
+    assert run.seed == 5
+    assert run.config["simulation"]["particle"] == "mu-"
+    assert len(run.hits) > 0 and int(run.hits.event.max()) <= 2
+    # one waveform per hit PMT, and its peak is where the hit is
+    assert run.waveforms["samples"].shape[0] == len(run.hits)
+    png = tmp_path / "ev0.png"
+    assert main(["show", str(out), "--event", "1", "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "events" in text and png.stat().st_size > 10_000
+    with h5py.File(out) as f:  # every dataset carries its unit
+        units = []
+        f.visititems(lambda _n, o: units.append("unit" in o.attrs) if isinstance(o, h5py.Dataset) else None)
+        assert units and all(units)
+
+
+def test_detectors_lists_every_preset(capsys):
+    assert main(["detectors"]) == 0
+    text = capsys.readouterr().out
+    for name in ("wcte", "iwcd", "sk", "hk", "juno"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--particle", "proton"], "particle"),
+        (["--energy", "-5"], "energy"),
+        (["--vertex", "0,0,9"], "vertex"),
+        (["--detector", "nosuchdetector"], "nosuchdetector"),
+        (["--events", "0"], "events"),
+        (["--direction", "0,0,0"], "direction"),
+    ],
+)
+def test_bad_arguments_exit_2_naming_the_field(tmp_path, capsys, args, field):
+    out = tmp_path / "x.h5"
+    rc = main(["simulate", "-q", "-o", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err, err
+    assert not out.exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "ev.h5"
+    out.write_bytes(b"precious")
+    rc = main(["simulate", "--events", "1", "--energy", "200", "-q", "-o", str(out)])
+    assert rc == 2 and out.read_bytes() == b"precious"
+
+
+def test_same_seed_same_events_other_seed_different():
+    cfg = SimConfig(particle="e-", energy=200.0)
+    a = Simulator(cfg).run(2, seed=11)
+    b = Simulator(cfg).run(2, seed=11)
+    c = Simulator(cfg).run(2, seed=12)
+    assert torch.equal(a["hits"].pmt, b["hits"].pmt) and torch.equal(a["hits"].charge, b["hits"].charge)
+    assert not torch.equal(a["truth"]["vertex"], c["truth"]["vertex"])
+    # random vertices lie inside the detector's fiducial volume
+    det = Simulator(cfg).detector
+    assert bool(det.inside(a["truth"]["vertex"]).all())
