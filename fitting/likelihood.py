@@ -1,0 +1,337 @@
+"""Per-PMT negative log-likelihood terms for hit data (the standard water-Cherenkov recipe, design §5).
+
+Units: charge p.e., time ns, rates Hz. Shapes: E events x P PMTs; every term returns per-PMT NLL (E,P) and
+:class:`HitLikelihood` sums them to a per-event NLL (E,).
+
+Model (fiTQun-like, Jiang et al. (Super-K), PRD 99 (2019) 092005, sec. III; here with exact Poisson sums):
+
+* The number of p.e. in PMT i is Poisson with mean m_i = mu_direct + mu_indirect + mu_dark, where
+  mu_dark = R_dark * T_window (dark p.e. uniform in the readout window).
+* Charge: the charge of n p.e. is the sum of n single-p.e. charges of mean g (gain) and relative variance v,
+  approximated (central limit, exact in mean and variance) by N(q; n g, n v g^2). The joint density of
+  "hit with charge q" is p(q) = sum_{n>=1} Poisson(n | m) N(q; n g, n v g^2); it integrates over q to
+  1 - P(0) = 1 - exp(-m). A PMT is hit when q >= threshold, so P(unhit) = exp(-m) + sum_n Poisson(n|m)
+  Phi((thr - n g) / (g sqrt(n v))). The sum over n is truncated to a window around the peak of the
+  summand (chosen from detached values, evaluated with log-sum-exp; the terms left out are < e^-30 of it).
+* Time: the p.e. of a PMT form a Poisson process in time with rate
+  lambda(t) = mu_direct N(t; t_mean, t_var + TTS^2) + mu_indirect f_ind(t) + mu_dark / T_window,
+  (direct peak convolved with the Gaussian transit-time spread; indirect light flat over the window, or an
+  exponential tail exp(-(t - t_mean)/tau)/tau convolved with the same Gaussian). The hit time is the first
+  p.e. (leading-edge discriminator), whose density given at least one p.e. is
+  lambda(t) exp(-Lambda(t)) / (1 - exp(-Lambda_tot)), Lambda(t) = int_{-inf}^t lambda (first event of an
+  inhomogeneous Poisson process; e.g. Daley & Vere-Jones, An Introduction to the Theory of Point Processes,
+  2003, sec. 7.2). With ``first_hit=False`` the single-p.e. density lambda(t)/Lambda_tot is used instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from physics.config import ConfigError
+
+__all__ = [
+    "charge_log_density",
+    "unhit_log_prob",
+    "time_log_density",
+    "hits_to_dense",
+    "ChargeTerm",
+    "TimeTerm",
+    "HitLikelihood",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_finite(name: str, x: Tensor, mask: Tensor | None = None) -> None:
+    """Raise ConfigError if x (restricted to mask) holds NaN/inf."""
+    v = x if mask is None else x[mask]
+    if v.numel() and not bool(torch.isfinite(v).all()):
+        bad = int((~torch.isfinite(v)).sum())
+        raise ConfigError(f"{name}: {bad} non-finite value(s) (NaN/inf); allowed: finite numbers")
+
+
+def _log_poisson(n: Tensor, mu: Tensor) -> Tensor:
+    """log Poisson(n | mu) = n log mu - mu - lgamma(n + 1) for mu > 0 (n float tensor)."""
+    return n * torch.log(mu) - mu - torch.lgamma(n + 1.0)
+
+
+def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tensor, int]:
+    """Start (…) and width K of the summation window over the p.e. count n (detached, n >= 1).
+
+    The summand is Poisson(n|mu) N(q; n g, n v g^2): it lives between n ~ q/g and n ~ mu; the window spans
+    both with 8 standard deviations (sqrt(n (1 + v))) and 3 extra terms on each side."""
+    with torch.no_grad():
+        qn = (q / gain).clamp_min(0.0)
+        lo_c = torch.minimum(qn, mu)
+        hi_c = torch.maximum(qn, mu)
+        width = 8.0 * torch.sqrt((hi_c + 1.0) * (1.0 + rel_var))
+        lo = torch.floor(lo_c - width - 3.0).clamp_min(1.0)
+        hi = torch.ceil(hi_c + width + 3.0)
+        k = int((hi - lo).max().item()) + 1 if lo.numel() else 1
+    return lo, max(k, 1)
+
+
+def charge_log_density(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor | float = 1.0) -> Tensor:
+    """log p(q, hit) = log sum_{n>=1} Poisson(n | mu) N(q; n g, n v g^2)  (any shape, broadcast).
+
+    q [p.e.] observed charge, mu > 0 mean p.e., rel_var = v (relative variance of the single-p.e. charge),
+    gain g. Integrates over q to 1 - exp(-mu). Differentiable in mu, q and g."""
+    q, mu = torch.broadcast_tensors(q, mu)
+    g = torch.as_tensor(gain, dtype=q.dtype, device=q.device).expand_as(q)
+    lo, k = _n_window(q, mu, rel_var, g)
+    n = lo[..., None] + torch.arange(k, dtype=q.dtype, device=q.device)  # (..., K)
+    var = n * rel_var * (g * g)[..., None]
+    logn = -((q[..., None] - n * g[..., None]) ** 2) / (2.0 * var) - 0.5 * (LOG_2PI + torch.log(var))
+    return torch.logsumexp(_log_poisson(n, mu[..., None]) + logn, -1)
+
+
+def unhit_log_prob(mu: Tensor, rel_var: float, threshold: float = 0.0, gain: Tensor | float = 1.0) -> Tensor:
+    """log P(no hit) = log[exp(-mu) + sum_{n>=1} Poisson(n|mu) Phi((thr - n g)/(g sqrt(n v)))].
+
+    Equal to -mu at threshold 0."""
+    if threshold <= 0.0:
+        return -mu
+    g = torch.as_tensor(gain, dtype=mu.dtype, device=mu.device).expand_as(mu)
+    lo, k = _n_window(torch.zeros_like(mu), mu, rel_var, g)
+    n = lo[..., None] + torch.arange(k, dtype=mu.dtype, device=mu.device)
+    z = (threshold - n * g[..., None]) / (g[..., None] * torch.sqrt(n * rel_var))
+    terms = _log_poisson(n, mu[..., None]) + torch.special.log_ndtr(z)
+    return torch.logsumexp(torch.cat([(-mu)[..., None], terms], -1), -1)
+
+
+def time_log_density(
+    t: Tensor,
+    mu_direct: Tensor,
+    t_mean: Tensor,
+    sigma2: Tensor,
+    mu_flat: Tensor,
+    window: tuple[float, float],
+    *,
+    mu_tail: Tensor | None = None,
+    tail_tau: float = 20.0,
+    first_hit: bool = True,
+) -> Tensor:
+    """log density [1/ns] of the hit time t (all tensors broadcast, e.g. (E,P)).
+
+    Rate lambda(t) = mu_direct N(t; t_mean, sigma2) + mu_flat U(window) + mu_tail EMG(t; t_mean, sigma2, tau)
+    (exponentially modified Gaussian: exponential delay of mean tau convolved with the Gaussian).
+    first_hit: density of the earliest p.e. given >= 1, lambda exp(-Lambda(t)) / (1 - exp(-Lambda_tot));
+    else lambda / Lambda_tot. sigma2 [ns^2] must include the TTS. Window (t_lo, t_hi) [ns].
+    """
+    t_lo, t_hi = float(window[0]), float(window[1])
+    width = t_hi - t_lo
+    sig = torch.sqrt(sigma2)
+    z = (t - t_mean) / sig
+    log_gauss = -0.5 * z * z - torch.log(sig) - 0.5 * LOG_2PI
+    inside = (t >= t_lo) & (t <= t_hi)
+    log_flat = torch.where(inside, torch.zeros_like(t), torch.full_like(t, -math.inf)) - math.log(width)
+    comps = [torch.log(mu_direct) + log_gauss, torch.log(mu_flat) + log_flat]
+    cum = mu_direct * torch.special.ndtr(z) + mu_flat * ((t - t_lo) / width).clamp(0.0, 1.0)
+    total = mu_direct + mu_flat
+    if mu_tail is not None:
+        lam = 1.0 / tail_tau
+        # EMG density: lam/2 exp(lam/2 (2 m + lam s^2 - 2 t)) erfc((m + lam s^2 - t)/(sqrt2 s))
+        arg = (t_mean + lam * sigma2 - t) / (math.sqrt(2.0) * sig)
+        pos = arg > 0  # log erfc(x): erfcx form for x > 0 (no underflow), direct for x <= 0 (erfc in [1, 2])
+        log_erfc = torch.where(
+            pos,
+            torch.log(torch.special.erfcx(arg.clamp_min(0.0))) - arg * arg,
+            torch.log(torch.erfc(arg.clamp_max(0.0))),
+        )
+        log_emg = (math.log(0.5 * lam) + 0.5 * lam * (2.0 * t_mean + lam * sigma2 - 2.0 * t)) + log_erfc
+        comps.append(torch.log(mu_tail) + log_emg)
+        # EMG CDF = Phi(z) - exp(log_emg + log(tau)) ... = Phi(z) - tau * pdf_emg(t)
+        cum = cum + mu_tail * (torch.special.ndtr(z) - tail_tau * torch.exp(log_emg)).clamp_min(0.0)
+        total = total + mu_tail
+    log_rate = torch.logsumexp(torch.stack(torch.broadcast_tensors(*comps), 0), 0)
+    if first_hit:
+        return log_rate - cum - torch.log(-torch.expm1(-total))
+    return log_rate - torch.log(total)
+
+
+def hits_to_dense(
+    pmt: Tensor, charge: Tensor, time: Tensor, event: Tensor, n_events: int, n_pmts: int
+) -> dict[str, Tensor]:
+    """Flat hits (N,) -> dense dict: hit (E,P) bool, charge (E,P) [p.e.] (0 unhit), time (E,P) [ns] (0 unhit).
+
+    Raises ConfigError on NaN/inf charges or times, or PMT/event indices out of range."""
+    _check_finite("hits.charge", charge)
+    _check_finite("hits.time", time)
+    if pmt.numel() and (int(pmt.min()) < 0 or int(pmt.max()) >= n_pmts):
+        raise ConfigError(
+            f"hits.pmt: values in [{int(pmt.min())}, {int(pmt.max())}], allowed [0, {n_pmts - 1}]"
+        )
+    if event.numel() and (int(event.min()) < 0 or int(event.max()) >= n_events):
+        raise ConfigError(
+            f"hits.event: values in [{int(event.min())}, {int(event.max())}], allowed [0, {n_events - 1}]"
+        )
+    dt = charge.dtype if charge.is_floating_point() else torch.float32
+    hit = torch.zeros(n_events, n_pmts, dtype=torch.bool, device=charge.device)
+    q = torch.zeros(n_events, n_pmts, dtype=dt, device=charge.device)
+    tt = torch.zeros(n_events, n_pmts, dtype=dt, device=charge.device)
+    hit[event, pmt] = True
+    q[event, pmt] = charge.to(dt)
+    tt[event, pmt] = time.to(dt)
+    return {"hit": hit, "charge": q, "time": tt}
+
+
+class ChargeTerm(nn.Module):
+    """Charge NLL per PMT: -log P(unhit | m) for unhit PMTs, -log p(q, hit | m) for hit PMTs (E,P).
+
+    spe_rel_var: relative variance of the single-p.e. charge (physics.sensors.spe_moments); threshold [p.e.];
+    gain: relative gain (scalar or (P,)); mu_floor [p.e.] keeps log(m) finite when m -> 0."""
+
+    def __init__(
+        self, spe_rel_var: float, threshold: float = 0.0, gain: Tensor | float = 1.0, mu_floor: float = 1e-8
+    ) -> None:
+        super().__init__()
+        self.rel_var = float(spe_rel_var)
+        self.threshold = float(threshold)
+        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float64))
+        self.mu_floor = float(mu_floor)
+
+    def forward(self, m: Tensor, obs: dict[str, Tensor]) -> Tensor:
+        hit = obs["hit"]
+        m = m + self.mu_floor
+        g = self.gain.to(device=m.device, dtype=m.dtype).expand_as(m)
+        nll = torch.zeros_like(m)
+        if bool((~hit).any()):
+            nll = nll.index_put(
+                (~hit).nonzero(as_tuple=True), -unhit_log_prob(m[~hit], self.rel_var, self.threshold, g[~hit])
+            )
+        if bool(hit.any()):
+            q = obs["charge"].to(m.dtype)
+            nll = nll.index_put(
+                hit.nonzero(as_tuple=True), -charge_log_density(q[hit], m[hit], self.rel_var, g[hit])
+            )
+        return nll
+
+
+class TimeTerm(nn.Module):
+    """Hit-time NLL per hit PMT (0 for unhit) (E,P); see :func:`time_log_density`.
+
+    tts: transit-time spread [ns] (scalar or (P,)), an ``nn.Parameter`` (calibration target)."""
+
+    def __init__(
+        self,
+        window: tuple[float, float],
+        tts: float | Tensor = 1.0,
+        first_hit: bool = True,
+        indirect: str = "flat",
+        tail_tau: float = 20.0,
+        mu_floor: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        if indirect not in ("flat", "tail"):
+            raise ConfigError(f"indirect: got {indirect!r}, allowed: ['flat', 'tail']")
+        if not float(window[1]) > float(window[0]):
+            raise ConfigError(f"window: got {tuple(window)!r} [ns], allowed: (t_lo, t_hi) with t_hi > t_lo")
+        self.window = (float(window[0]), float(window[1]))
+        self.tts = nn.Parameter(torch.as_tensor(tts, dtype=torch.float64).clone())
+        self.first_hit = bool(first_hit)
+        self.indirect = indirect
+        self.tail_tau = float(tail_tau)
+        self.mu_floor = float(mu_floor)
+
+    def forward(self, pred: dict[str, Tensor], mu_dark: Tensor, obs: dict[str, Tensor]) -> Tensor:
+        hit = obs["hit"]
+        mu = pred["mu"]
+        out = torch.zeros_like(mu)
+        if not bool(hit.any()):
+            return out
+        idx = hit.nonzero(as_tuple=True)
+        tts = self.tts.to(device=mu.device, dtype=mu.dtype).expand(mu.shape[-1])
+        sigma2 = pred["t_var"][idx] + tts[idx[1]] ** 2
+        mu_ind = pred.get("mu_indirect")
+        mu_ind = torch.zeros_like(mu) if mu_ind is None else mu_ind
+        mu_dark = mu_dark.expand_as(mu)
+        t = obs["time"].to(mu.dtype)[idx]
+        floor = self.mu_floor
+        if self.indirect == "flat":
+            lp = time_log_density(
+                t,
+                mu[idx] + floor,
+                pred["t_mean"][idx],
+                sigma2,
+                mu_ind[idx] + mu_dark[idx] + floor,
+                self.window,
+                first_hit=self.first_hit,
+            )
+        else:
+            lp = time_log_density(
+                t,
+                mu[idx] + floor,
+                pred["t_mean"][idx],
+                sigma2,
+                mu_dark[idx] + floor,
+                self.window,
+                mu_tail=mu_ind[idx] + floor,
+                tail_tau=self.tail_tau,
+                first_hit=self.first_hit,
+            )
+        return out.index_put(idx, -lp)
+
+
+class HitLikelihood(nn.Module):
+    """Per-event NLL (E,) = sum over PMTs of the charge term (+ the time term for hit PMTs).
+
+    Args: spe_rel_var, threshold [p.e.], gain (see :class:`ChargeTerm`); dark_rate_hz [Hz] (scalar or (P,))
+    and window (t_lo, t_hi) [ns] give mu_dark = R T; tts [ns]; use_time toggles the time term; first_hit and
+    indirect ('flat' | 'tail', tail_tau [ns]) as in :class:`TimeTerm`.
+
+    forward(pred, obs): pred from a ResponseModel -- mu (E,P) [p.e.], t_mean (E,P) [ns], t_var (E,P) [ns^2],
+    optional mu_indirect (E,P); obs from :func:`hits_to_dense` (hit, charge, time). NaN/inf in the hit
+    charges/times or in the prediction, or mismatched shapes, raise ConfigError.
+    """
+
+    def __init__(
+        self,
+        spe_rel_var: float,
+        threshold: float = 0.0,
+        window: tuple[float, float] = (-100.0, 400.0),
+        dark_rate_hz: float | Tensor = 0.0,
+        tts: float | Tensor = 1.0,
+        gain: float | Tensor = 1.0,
+        use_time: bool = True,
+        first_hit: bool = True,
+        indirect: str = "flat",
+        tail_tau: float = 20.0,
+        mu_floor: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        self.charge = ChargeTerm(spe_rel_var, threshold, gain, mu_floor)
+        self.time = TimeTerm(window, tts, first_hit, indirect, tail_tau, mu_floor) if use_time else None
+        self.window = (float(window[0]), float(window[1]))
+        width_s = (self.window[1] - self.window[0]) * 1e-9
+        self.register_buffer("mu_dark", torch.as_tensor(dark_rate_hz, dtype=torch.float64) * width_s)
+
+    def per_pmt(self, pred: dict[str, Tensor], obs: dict[str, Tensor]) -> Tensor:
+        """Per-PMT NLL (E,P)."""
+        mu = pred["mu"]
+        hit = obs["hit"]
+        if hit.shape != mu.shape:
+            raise ConfigError(
+                f"obs['hit']: shape {tuple(hit.shape)}, expected the prediction's {tuple(mu.shape)}"
+            )
+        for key in ("mu", "t_mean", "t_var", "mu_indirect"):
+            if key in pred:
+                _check_finite(f"prediction[{key!r}]", pred[key])
+        _check_finite("obs['charge'] of hit PMTs", obs["charge"], hit)
+        if self.time is not None:
+            _check_finite("obs['time'] of hit PMTs", obs["time"], hit)
+        if bool((mu < 0).any()):
+            raise ConfigError("prediction['mu']: negative expected p.e.; allowed: mu >= 0")
+        mu_dark = self.mu_dark.to(device=mu.device, dtype=mu.dtype)
+        m = mu + mu_dark
+        if "mu_indirect" in pred:
+            m = m + pred["mu_indirect"]
+        nll = self.charge(m, obs)
+        if self.time is not None:
+            nll = nll + self.time(pred, mu_dark, obs)
+        return nll
+
+    def forward(self, pred: dict[str, Tensor], obs: dict[str, Tensor]) -> Tensor:
+        return self.per_pmt(pred, obs).sum(-1)

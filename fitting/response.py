@@ -1,0 +1,263 @@
+"""Response models: what the fitting loop calls to get per-PMT expectations from event parameters.
+
+The loop sees only :class:`ResponseModel` (design §3, §5): ``expected(event_params) -> dict`` with
+
+* ``mu`` (E,P) expected direct p.e. per PMT,
+* ``t_mean`` (E,P) [ns] mean arrival time of the direct light (incl. the PMT time offset, before TTS),
+* ``t_var`` (E,P) [ns^2] its variance from the optics (track length, dispersion; no TTS),
+* optionally ``mu_indirect`` (E,P) expected scattered/reflected p.e.
+
+:class:`PhysicsResponse` is the first implementation, wrapping the exact quadrature of
+:mod:`physics.expected`; a learned surrogate implements the same interface. Detector constants are the
+parameters of the wrapped stages (``medium.abs_scale``, ``medium.rayleigh_scale``, ``sensors.qe_scale``,
+``sensors.time_offset``, ``optics.pmt_reflectivity``), so calibration optimises
+``PhysicsResponse.parameters()``.
+Units: m, ns, MeV (kinetic), nm.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from physics import emission
+from physics import expected as px
+from physics.config import ConfigError, check_number
+from physics.constants import PARTICLE_MASS, TRACK_PARTICLES
+from physics.sensors import spe_moments
+
+__all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
+
+
+def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> int:
+    """Validate an event-parameter dict; returns E. Raises ConfigError naming the key, shape or bad value.
+
+    vertex (E,3) [m], direction (E,3) (non-zero), energy (E,) [MeV] >= 0, t0 (E,) [ns],
+    n_photons (E,) >= 0."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"event_params: got {type(params).__name__}, expected a dict of tensors")
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ConfigError(f"event_params: missing {missing}; required: {list(required)}")
+    v = params["vertex"]
+    if not torch.is_tensor(v) or v.dim() != 2 or v.shape[1] != 3 or v.shape[0] == 0:
+        raise ConfigError(
+            f"event_params['vertex']: got shape {tuple(getattr(v, 'shape', ()))}, expected (E,3), E>0"
+        )
+    e = v.shape[0]
+    shapes = {"vertex": (e, 3), "direction": (e, 3), "energy": (e,), "t0": (e,), "n_photons": (e,)}
+    for k, x in params.items():
+        if k not in shapes:
+            continue
+        if not torch.is_tensor(x) or tuple(x.shape) != shapes[k]:
+            raise ConfigError(
+                f"event_params[{k!r}]: got shape {tuple(getattr(x, 'shape', ()))}, expected {shapes[k]}"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise ConfigError(f"event_params[{k!r}]: contains NaN/inf; allowed: finite values")
+    if "direction" in params and bool((params["direction"].norm(dim=-1) == 0).any()):
+        raise ConfigError("event_params['direction']: zero vector; allowed: non-zero 3-vectors")
+    for k in ("energy", "n_photons"):
+        if k in params and bool((params[k] < 0).any()):
+            raise ConfigError(f"event_params[{k!r}]: negative value; allowed: >= 0")
+    return e
+
+
+class ResponseModel(nn.Module, ABC):
+    """Abstract detector response for fitting. Subclasses set ``n_pmts`` and implement :meth:`expected`."""
+
+    n_pmts: int
+    #: event-parameter keys the model needs (e.g. ('vertex', 'direction', 'energy', 't0'))
+    event_keys: tuple[str, ...] = ()
+
+    @abstractmethod
+    def expected(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-PMT expectations: mu (E,P), t_mean (E,P) [ns], t_var (E,P) [ns^2], optional
+        mu_indirect (E,P)."""
+
+    def forward(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self.expected(event_params)
+
+    def likelihood_config(self) -> dict[str, Any]:
+        """Sensor constants for :class:`fitting.likelihood.HitLikelihood` (spe_rel_var, threshold,
+        dark_rate_hz, tts); empty when the model does not know them."""
+        return {}
+
+
+class PhysicsResponse(ResponseModel):
+    """Exact direct-light expectation (physics.expected) for a track particle or an isotropic source.
+
+    Args:
+      detector: physics.geometry.Detector; medium: physics.medium.Medium;
+      sensors: physics.sensors.PMTResponse;
+      particle: one of TRACK_PARTICLES ('mu-', 'mu+', 'pi-', 'pi+') or 'isotropic';
+      optics: physics.optics.Optics (its pmt_reflectivity removes light from the photocathode) or None;
+      n_track_nodes: track quadrature cells K; nodes_per_segment: Gauss-Legendre nodes per wavelength segment
+      (segments between the knots of the QE and absorption tables); source_wavelength [nm] (isotropic source,
+      a single line) or None (source spectrum = the band, uniform in wavelength);
+      max_elements: chunk events so that E_chunk * P * K * L stays below it (memory bound).
+
+    Event parameters: vertex (E,3) [m], t0 (E,) [ns] (optional, default 0), and direction (E,3), energy (E,)
+    [MeV kinetic] for tracks or n_photons (E,) for the source. Returns mu, t_mean, t_var (E,P).
+    Electron/gamma showers are not implemented yet (ConfigError).
+    """
+
+    def __init__(
+        self,
+        detector: Any,
+        medium: nn.Module,
+        sensors: nn.Module,
+        particle: str = "mu-",
+        optics: nn.Module | None = None,
+        *,
+        n_track_nodes: int = 128,
+        nodes_per_segment: int = 1,
+        source_wavelength: float | None = None,
+        max_elements: int = 20_000_000,
+    ) -> None:
+        super().__init__()
+        if particle not in TRACK_PARTICLES + ("isotropic",):
+            raise ConfigError(
+                f"particle: got {particle!r}, allowed: {list(TRACK_PARTICLES) + ['isotropic']} "
+                "(showers e-/e+/gamma: not implemented in the expected response yet)"
+            )
+        self.detector = detector
+        self.medium = medium
+        self.sensors = sensors
+        self.optics = optics
+        self.particle = particle
+        self.n_pmts = int(detector.n_pmts)
+        if int(sensors.n_pmts) != self.n_pmts:
+            raise ConfigError(f"sensors.n_pmts: got {sensors.n_pmts}, expected the detector's {self.n_pmts}")
+        self.n_track_nodes = check_number(n_track_nodes, "n_track_nodes", minimum=1, integer=True)
+        self.nodes_per_segment = check_number(nodes_per_segment, "nodes_per_segment", minimum=1, integer=True)
+        self.max_elements = check_number(max_elements, "max_elements", minimum=1, integer=True)
+        self.source_wavelength = (
+            None
+            if source_wavelength is None
+            else check_number(
+                source_wavelength, "source_wavelength", minimum=medium.wl_min, maximum=medium.wl_max
+            )
+        )
+        if particle == "isotropic":
+            self.event_keys = ("vertex", "n_photons")
+        else:
+            self.event_keys = ("vertex", "direction", "energy")
+
+    # ------------------------------------------------------------------------------------------------------
+    def _wavelength_nodes(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        m = self.medium
+        if self.particle == "isotropic" and self.source_wavelength is not None:
+            wl = torch.tensor([self.source_wavelength], dtype=dtype, device=device)
+            return wl, torch.ones_like(wl)
+        knots = [float(x) for x in self.sensors.qe_wavelength]
+        knots += [float(x) for x in getattr(m, "_abs_wl", torch.zeros(0))]  # absorption-table knots
+        wl, w = px.wavelength_quadrature(
+            m.wl_min, m.wl_max, knots, self.nodes_per_segment, dtype=dtype, device=device
+        )
+        if self.particle == "isotropic":
+            w = w / (m.wl_max - m.wl_min)  # uniform emission over the band, probability weights
+        return wl, w
+
+    def _pmt_terms(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+        det = self.detector
+        keep = self.sensors.qe_scale.to(device=device, dtype=dtype)
+        if self.optics is not None:
+            keep = keep * (1.0 - self.optics.pmt_reflectivity.to(device=device, dtype=dtype))
+        return {
+            "pmt_pos": det.pmt_pos.to(device=device, dtype=dtype),
+            "pmt_normal": det.pmt_normal.to(device=device, dtype=dtype),
+            "pmt_radius": det.pmt_radius.to(device=device, dtype=dtype),
+            "det_pmt": keep,
+            "time_offset": self.sensors.time_offset.to(device=device, dtype=dtype),
+        }
+
+    def expected(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        n_ev = check_event_params(event_params, self.event_keys)
+        vertex = event_params["vertex"]
+        dtype, dev = vertex.dtype, vertex.device
+        t0 = event_params.get("t0")
+        t0 = torch.zeros(n_ev, dtype=dtype, device=dev) if t0 is None else t0
+        wl, w = self._wavelength_nodes(dtype, dev)
+        m = self.medium
+        inv_att = 1.0 / m.absorption_length(wl) + 1.0 / m.rayleigh_length(wl) + 1.0 / m.mie_length(wl)
+        common = dict(
+            wl_weight=w,
+            inv_att=inv_att.to(dtype),
+            n_group=m.group_index(wl).to(dtype),
+            det_wl=(self.sensors.quantum_efficiency(wl) * self.sensors.collection_efficiency).to(dtype),
+            acceptance=self.sensors.acceptance,
+            **self._pmt_terms(dtype, dev),
+        )
+        k = 1 if self.particle == "isotropic" else self.n_track_nodes
+        chunk = max(1, self.max_elements // max(1, self.n_pmts * k * wl.numel()))
+        outs = []
+        for a in range(0, n_ev, chunk):
+            sl = slice(a, a + chunk)
+            if self.particle == "isotropic":
+                o = px.isotropic_direct_light(
+                    vertex[sl], event_params["n_photons"][sl].to(dtype), t0[sl], **common
+                )
+            else:
+                o = self._track(
+                    vertex[sl],
+                    event_params["direction"][sl],
+                    event_params["energy"][sl].to(dtype),
+                    t0[sl],
+                    wl,
+                    m,
+                    common,
+                )
+            outs.append(o)
+        return {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
+
+    def _track(
+        self,
+        vertex: Tensor,
+        direction: Tensor,
+        energy: Tensor,
+        t0: Tensor,
+        wl: Tensor,
+        m: nn.Module,
+        common: dict[str, Any],
+    ) -> dict[str, Tensor]:
+        mass = PARTICLE_MASS[self.particle]
+        spin_half = self.particle.startswith("mu")
+
+        def dedx(kin: Tensor) -> Tensor:
+            return emission.bethe_dedx(kin, mass, m, spin_half=spin_half)
+
+        det = self.detector
+        return px.track_direct_light(
+            vertex,
+            direction,
+            energy,
+            t0,
+            mass=mass,
+            wl=wl,
+            refr_index=m.refractive_index(wl).to(vertex.dtype),
+            dedx=dedx,
+            radiation_length=m.radiation_length,
+            n_track_nodes=self.n_track_nodes,
+            wall=(det.shape, det.radius, det.height),
+            **common,
+        )
+
+    def likelihood_config(self) -> dict[str, Any]:
+        s = self.sensors
+        _, rel_var = spe_moments(s.spe_family, s.spe_sigma)
+        return {
+            "spe_rel_var": rel_var,
+            "threshold": s.threshold_pe,
+            "dark_rate_hz": s.dark_rate_hz,
+            "tts": s.tts_ns,
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"particle={self.particle!r}, n_pmts={self.n_pmts}, n_track_nodes={self.n_track_nodes}, "
+            f"nodes_per_segment={self.nodes_per_segment}"
+        )

@@ -1,0 +1,375 @@
+"""Expected direct-light response (physics.expected via fitting.response.PhysicsResponse).
+
+Independent expectations: closed-form sphere result, numerical disk integration, and the Monte-Carlo mean
+of the simulator (physics.emission + physics.optics + physics.sensors), direct photons only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fitting.response import PhysicsResponse
+from physics import emission
+from physics.config import ConfigError
+from physics.constants import C_M_PER_NS, MUON_MASS
+from physics.expected import disk_solid_angle, wall_exit_distance
+from physics.geometry import Detector, cylinder_grid
+from physics.medium import Medium
+from physics.optics import Optics
+from physics.sensors import PMTResponse
+
+F64 = torch.float64
+
+
+def _cyl(radius: float, height: float, pmt_radius: float, spacing: float) -> Detector:
+    pos, nrm = cylinder_grid(radius, height, pmt_radius, spacing)
+    return Detector(
+        "test", "cylinder", radius, height, pos, nrm, torch.full((len(pos),), pmt_radius, dtype=F64)
+    ).to(dtype=F64)
+
+
+def _sphere_ring(radius: float, pmt_radius: float, n: int) -> Detector:
+    """n PMTs on the equator of a sphere (all at the same distance from the centre)."""
+    phi = torch.arange(n, dtype=F64) * 2 * math.pi / n
+    u = torch.stack([torch.cos(phi), torch.sin(phi), torch.zeros_like(phi)], 1)
+    rc = math.sqrt(radius**2 - pmt_radius**2)
+    return Detector("ring", "sphere", radius, None, rc * u, -u, torch.full((n,), pmt_radius, dtype=F64)).to(
+        dtype=F64
+    )
+
+
+def _mc_direct(photons, det, med, sen, opt, n_events, gen):
+    """MC mean of detected direct p.e. per event and PMT (detection probability as weight)."""
+    ch = opt.sample(photons, det, med, gen)
+    d = ch.select(~ch.indirect)
+    w = sen.detection_probability(d.wavelength.double(), d.cos_incidence.double(), d.pmt).detach()
+    p = det.n_pmts
+    pe = torch.zeros(n_events * p, dtype=F64).index_add(0, d.event * p + d.pmt, w).view(n_events, p)
+    tw = torch.zeros(p, dtype=F64).index_add(0, d.pmt, w * d.t.double())
+    tw2 = torch.zeros(p, dtype=F64).index_add(0, d.pmt, w * d.t.double() ** 2)
+    sw = pe.sum(0).clamp_min(1e-30)
+    t_mean = tw / sw
+    t_var = tw2 / sw - t_mean**2
+    sw2 = torch.zeros(p, dtype=F64).index_add(0, d.pmt, w * w)
+    n_eff = sw**2 / sw2.clamp_min(1e-30)
+    return pe, t_mean, t_var, n_eff, sw2
+
+
+# --------------------------------------------------------------------------------------------------------
+def test_disk_solid_angle_matches_numerical_integration():
+    """Omega vs brute-force integral of cos/r^2 over the disk (second independent method)."""
+    a = 0.1
+    n = 800
+    r = np.sqrt((np.arange(n) + 0.5) / n) * a
+    ph = 2 * np.pi * (np.arange(n) + 0.5) / n
+    rr, pp = np.meshgrid(r, ph)
+    x, y = rr * np.cos(pp), rr * np.sin(pp)
+    for d in (0.5, 1.0, 3.0):
+        for th in (0.0, 30.0, 60.0, 80.0):
+            t = math.radians(th)
+            src = np.array([d * math.sin(t), 0.0, d * math.cos(t)])
+            dist = np.sqrt((src[0] - x) ** 2 + (src[1] - y) ** 2 + src[2] ** 2)
+            exact = float((src[2] / dist**3).mean() * math.pi * a * a)
+            got = float(
+                disk_solid_angle(
+                    torch.tensor(d, dtype=F64),
+                    torch.tensor(math.cos(t), dtype=F64),
+                    torch.tensor(a, dtype=F64),
+                )
+            )
+            tol = 3e-3 if d / a >= 10 else 6e-3  # O((a/d)^4) remainder
+            assert got == pytest.approx(exact, rel=tol), (d, th, got, exact)
+
+
+def test_wall_exit_distance_matches_detector():
+    det = _cyl(2.0, 4.0, 0.1, 0.6)
+    g = torch.Generator().manual_seed(3)
+    p = det.sample_fiducial(200, g, margin=0.1).double()
+    d = torch.randn(200, 3, generator=g, dtype=F64)
+    d = torch.cat([d, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]], dtype=F64)])
+    p = torch.cat([p, torch.zeros(3, 3, dtype=F64)])
+    d = d / d.norm(dim=1, keepdim=True)
+    ours = wall_exit_distance(p, d, "cylinder", 2.0, 4.0)
+    ref, _ = det.wall_intersect(p, d)
+    assert torch.allclose(ours, ref.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_isotropic_source_closed_form_sphere():
+    """Source at the centre of a sphere: mu = N QE CE Omega/(4 pi) exp(-R/L),
+    Omega = 2 pi (1 - R/sqrt(R^2+a^2)) -> N QE CE a^2/(4 R^2) exp(-R/L) for a << R; time R n_g / c."""
+    radius, a = 3.0, 0.1
+    det = _sphere_ring(radius, a, 12)
+    med = Medium.load("water")
+    sen = PMTResponse.load("default", n_pmts=12)
+    resp = PhysicsResponse(det, med, sen, "isotropic", source_wavelength=420.0)
+    n = 1.0e7
+    out = resp.expected(
+        {
+            "vertex": torch.zeros(1, 3, dtype=F64),
+            "n_photons": torch.tensor([n], dtype=F64),
+            "t0": torch.tensor([5.0], dtype=F64),
+        }
+    )
+    wl = torch.tensor([420.0], dtype=F64)
+    lat = float(med.attenuation_length(wl).detach())
+    qe = float(sen.quantum_efficiency(wl)) * sen.collection_efficiency
+    d = math.sqrt(radius**2 - a**2)
+    exact = n * qe * 0.5 * (1 - d / math.sqrt(d * d + a * a)) * math.exp(-d / lat)
+    small = n * qe * a * a / (4 * radius**2) * math.exp(-radius / lat)
+    mu = out["mu"][0].detach()
+    assert torch.allclose(mu, torch.full_like(mu, exact), rtol=1e-10)
+    assert float(mu[0]) == pytest.approx(small, rel=2 * (a / radius) ** 2)
+    # mean path to the disk, averaged over its area with the flux weight 1/r^3: d + a^2/(4 d) (on axis)
+    t_exp = 5.0 + (d + a * a / (4 * d)) * float(med.group_index(wl)) / C_M_PER_NS
+    assert torch.allclose(out["t_mean"][0].detach(), torch.full_like(mu, t_exp), rtol=0, atol=1e-9)
+
+
+def _iso_mc_check(scattering: bool, n_ev: int = 8, n_ph: int = 150_000, min_pmts: int = 30):
+    det = _cyl(1.5, 3.0, 0.12, 0.5)
+    med = Medium.load("water")
+    if not scattering:
+        with torch.no_grad():
+            med.rayleigh_scale.fill_(1e9)
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts)
+    opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
+    gen = torch.Generator().manual_seed(11)
+    vtx = [0.4, -0.3, 0.6]
+    ph = emission.isotropic_source(torch.tensor([vtx] * n_ev), n_ph, gen, wavelength=405.0)
+    pe, t_mc, v_mc, n_eff, sw2 = _mc_direct(ph, det, med, sen, opt, n_ev, gen)
+    resp = PhysicsResponse(det, med, sen, "isotropic", opt, source_wavelength=405.0)
+    out = resp.expected(
+        {"vertex": torch.tensor([vtx], dtype=F64), "n_photons": torch.tensor([n_ph], dtype=F64)}
+    )
+    mu = out["mu"][0].detach()
+    mc, tot = pe.mean(0), pe.sum(1)
+    tot_err = math.sqrt(float(sw2.sum())) / n_ev  # independent photons: Poisson error of the weighted sum
+    assert abs(float(mu.sum()) - float(tot.mean())) < max(0.01 * float(tot.mean()), 2.5 * tot_err)
+    sel = mc > 20
+    assert int(sel.sum()) >= min_pmts
+    err = sw2.sqrt() / n_ev
+    ok = ((mu - mc).abs() < torch.maximum(0.03 * mc, 2 * err))[sel]
+    assert float(ok.float().mean()) >= 0.9  # 2 sigma: ~5% may fail by chance
+    assert float(((mu - mc).abs() / err)[sel].max()) < 4.5
+    # mean direct-light time (no TTS): within 3 statistical sigma (sqrt(Var/n_eff)) + 10 ps
+    dt = (out["t_mean"][0].detach() - t_mc)[sel]
+    terr = torch.sqrt(v_mc / n_eff)[sel]
+    assert bool((dt.abs() < 3 * terr + 0.01).all())
+
+
+def test_isotropic_source_vs_mc_quick():
+    """Default-run version (fewer photons, same statistical criteria)."""
+    _iso_mc_check(scattering=True, n_ev=2, n_ph=100_000, min_pmts=20)
+
+
+@pytest.mark.slow
+def test_isotropic_source_vs_mc_scattering_on():
+    _iso_mc_check(scattering=True)
+
+
+@pytest.mark.slow
+def test_isotropic_source_vs_mc_scattering_off():
+    _iso_mc_check(scattering=False)
+
+
+@pytest.mark.slow
+def test_muon_vs_mc():
+    """Direct light of a 500 MeV muon (black wall, Rayleigh on, absorption on) vs the MC mean of 80 events."""
+    det = _cyl(2.0, 4.0, 0.15, 0.6)
+    med = Medium.load("water")
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts)
+    opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
+    gen = torch.Generator().manual_seed(5)
+    vtx = torch.tensor([[0.0, 0.3, -1.2]])
+    d = torch.tensor([[0.0, 0.2, 1.0]])
+    d = d / d.norm()
+    n_ev, energy = 80, 500.0
+    thin = sen.max_detection_probability()
+    steps = emission.track_steps("mu-", energy, vtx.expand(n_ev, 3), d.expand(n_ev, 3), med, gen)
+    ph = emission.cherenkov_photons(steps, med, gen, thin=thin, chunk_photons=200_000)
+    pe, t_mc, v_mc, n_eff, _ = _mc_direct(ph, det, med, sen, opt, n_ev, gen)
+    pe = pe / thin
+    resp = PhysicsResponse(det, med, sen, "mu-", opt)
+    out = resp.expected(
+        {"vertex": vtx.double(), "direction": d.double(), "energy": torch.tensor([energy], dtype=F64)}
+    )
+    mu = out["mu"][0].detach()
+    mc, tot = pe.mean(0), pe.sum(1)
+    tot_err = float(tot.std() / math.sqrt(n_ev))
+    assert abs(float(mu.sum()) - float(tot.mean())) < max(0.01 * float(tot.mean()), 2.5 * tot_err)
+    sel = mc > 20
+    assert int(sel.sum()) >= 30
+    err = pe.std(0) / math.sqrt(n_ev)  # event-to-event spread (includes multiple scattering of the muon)
+    pull = ((mu - mc) / err)[sel]
+    ok = ((mu - mc).abs() < torch.maximum(0.03 * mc, 2 * err))[sel]
+    assert float(ok.float().mean()) >= 0.85
+    assert float(pull.abs().max()) < 4.5
+    assert float((pull**2).mean()) < 2.0  # chi2 / ndf
+    # spread: within a factor 2.2 of the MC time variance (Gaussian summary of a skewed shape)
+    ratio = (out["t_var"][0].detach() / v_mc)[sel]
+    # mean direct-light time: the MC error sqrt(Var/n_eff) ignores the event-to-event correlation from
+    # multiple scattering, so the bound is absolute: 100 ps (~13% of the 3-inch PMT TTS), 40 ps on average
+    dt = (out["t_mean"][0].detach() - t_mc)[sel]
+    print(
+        f"muon: total exp {float(mu.sum()):.2f} mc {float(tot.mean()):.2f} +- {tot_err:.2f}; "
+        f"{int(sel.sum())} PMTs > 20 pe, chi2/ndf {float((pull**2).mean()):.2f}, max|pull| "
+        f"{float(pull.abs().max()):.2f}, frac ok {float(ok.float().mean()):.2f}, max|dt| "
+        f"{float(dt.abs().max()):.3f} mean|dt| {float(dt.abs().mean()):.3f} ns, "
+        f"t_var ratio [{float(ratio.min()):.2f}, {float(ratio.max()):.2f}]"
+    )
+    assert float(dt.abs().max()) < 0.1 and float(dt.abs().mean()) < 0.04
+    assert float(ratio.min()) > 1 / 2.2 and float(ratio.max()) < 2.2
+
+
+# --------------------------------------------------------------------------------------------------------
+def _small():
+    det = _cyl(1.0, 2.0, 0.08, 0.7)
+    med = Medium.load("water")
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts)
+    opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
+    return det, med, sen, opt
+
+
+def test_small_detector_size():
+    det, *_ = _small()
+    assert 20 <= det.n_pmts <= 80
+
+
+def test_gradcheck_event_parameters():
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=24)
+
+    def f(v, d, e, t0):
+        o = resp.expected({"vertex": v, "direction": d, "energy": e, "t0": t0})
+        return o["mu"], o["t_mean"], o["t_var"]
+
+    v = torch.tensor([[0.1, -0.2, -0.3]], dtype=F64, requires_grad=True)
+    d = torch.tensor([[0.3, 0.1, 0.9]], dtype=F64, requires_grad=True)
+    e = torch.tensor([300.0], dtype=F64, requires_grad=True)
+    t0 = torch.tensor([1.5], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (v, d, e, t0), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_isotropic_source():
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "isotropic", opt)  # band spectrum
+
+    def f(v, n, t0):
+        o = resp.expected({"vertex": v, "n_photons": n, "t0": t0})
+        return o["mu"], o["t_mean"], o["t_var"]
+
+    v = torch.tensor([[0.2, -0.1, 0.4]], dtype=F64, requires_grad=True)
+    n = torch.tensor([1e4], dtype=F64, requires_grad=True)
+    t0 = torch.tensor([0.0], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (v, n, t0), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_detector_parameters():
+    det, med, sen, opt = _small()
+    med.double()
+    sen.double()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=24)
+    ev = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.3]], dtype=F64),
+        "direction": torch.tensor([[0.3, 0.1, 0.9]], dtype=F64),
+        "energy": torch.tensor([300.0], dtype=F64),
+    }
+
+    def f(abs_s, ray_s, qe, toff, rp):
+        params = {
+            "medium.abs_scale": abs_s,
+            "medium.rayleigh_scale": ray_s,
+            "sensors.qe_scale": qe,
+            "sensors.time_offset": toff,
+            "optics.pmt_reflectivity": rp,
+        }
+        o = torch.func.functional_call(resp, params, (ev,))
+        return o["mu"], o["t_mean"]
+
+    p = det.n_pmts
+    args = (
+        torch.tensor(1.0, dtype=F64, requires_grad=True),
+        torch.tensor(1.0, dtype=F64, requires_grad=True),
+        torch.linspace(0.9, 1.1, p, dtype=F64).requires_grad_(),
+        torch.linspace(-1, 1, p, dtype=F64).requires_grad_(),
+        torch.tensor(0.1, dtype=F64, requires_grad=True),
+    )
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def _node_threshold(resp, med) -> float:
+    """Cherenkov threshold [MeV] of the bluest wavelength node (where the quadrature starts to radiate)."""
+    wl, _ = resp._wavelength_nodes(F64, "cpu")
+    n_max = float(med.refractive_index(wl).max())
+    assert n_max <= med.n_max
+    return MUON_MASS * (1 / math.sqrt(1 - 1 / n_max**2) - 1)
+
+
+@pytest.mark.parametrize(
+    "case", ["axis_parallel", "near_wall", "near_threshold", "below_threshold", "outward_at_wall"]
+)
+def test_edges_finite_gradients(case):
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=32)
+    t_thr = _node_threshold(resp, med)
+    v, d, e = [0.0, 0.0, 0.0], [0.0, 0.0, 1.0], 400.0
+    if case == "near_wall":
+        v, d = [0.97, 0.0, 0.2], [0.6, 0.0, 0.8]
+    elif case == "near_threshold":
+        e = t_thr + 0.05
+    elif case == "below_threshold":
+        e = t_thr - 1.0
+    elif case == "outward_at_wall":
+        v, d = [0.0, 0.0, 0.999], [0.0, 0.0, 1.0]
+    v = torch.tensor([v], dtype=F64, requires_grad=True)
+    d = torch.tensor([d], dtype=F64, requires_grad=True)
+    e = torch.tensor([e], dtype=F64, requires_grad=True)
+    t0 = torch.zeros(1, dtype=F64, requires_grad=True)
+    out = resp.expected({"vertex": v, "direction": d, "energy": e, "t0": t0})
+    loss = out["mu"].sum() + (out["t_mean"] * out["mu"]).sum() + (out["t_var"] * out["mu"]).sum()
+    loss.backward()
+    for x in (v, d, e, t0):
+        assert torch.isfinite(x.grad).all(), case
+    assert torch.isfinite(out["mu"]).all() and torch.isfinite(out["t_mean"]).all()
+    if case == "below_threshold":
+        assert float(out["mu"].sum()) == 0.0
+    if case == "near_threshold":  # mu -> 0 continuously: ~ (E - T_thr)^2
+        assert 0.0 < float(out["mu"].sum()) < 1e-2
+
+
+def test_mu_continuous_through_threshold():
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=32)
+    t_thr = _node_threshold(resp, med)
+    es = torch.tensor([t_thr + 0.5, t_thr + 1.0, t_thr + 2.0], dtype=F64)
+    out = resp.expected(
+        {
+            "vertex": torch.zeros(3, 3, dtype=F64),
+            "direction": torch.tensor([[0.0, 0.0, 1.0]] * 3, dtype=F64),
+            "energy": es,
+        }
+    )
+    tot = out["mu"].sum(1).detach()
+    # quadratic onset: doubling (E - T_thr) multiplies mu by ~4 (track length and sin^2 both linear)
+    assert 2.5 < float(tot[1] / tot[0]) < 5.0 and 2.5 < float(tot[2] / tot[1]) < 5.0
+
+
+def test_bad_event_parameters_raise():
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt)
+    good = {
+        "vertex": torch.zeros(1, 3),
+        "direction": torch.tensor([[0.0, 0.0, 1.0]]),
+        "energy": torch.tensor([1.0]),
+    }
+    with pytest.raises(ConfigError, match="energy"):
+        resp.expected({**good, "energy": torch.tensor([float("nan")])})
+    with pytest.raises(ConfigError, match="direction"):
+        resp.expected({**good, "direction": torch.zeros(1, 3)})
+    with pytest.raises(ConfigError, match="missing"):
+        resp.expected({"vertex": torch.zeros(1, 3)})
+    with pytest.raises(ConfigError, match="particle"):
+        PhysicsResponse(det, med, sen, "e-")

@@ -1,0 +1,198 @@
+"""Per-PMT likelihood terms (fitting.likelihood): normalisation, robustness, consistency, gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fitting.likelihood import (
+    HitLikelihood,
+    charge_log_density,
+    hits_to_dense,
+    time_log_density,
+    unhit_log_prob,
+)
+from fitting.response import PhysicsResponse
+from physics.config import ConfigError
+from physics.geometry import Detector, cylinder_grid
+from physics.medium import Medium
+from physics.optics import Optics
+from physics.sensors import PMTResponse
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("mu", [0.05, 1.0, 6.0, 40.0])
+def test_charge_density_integrates_to_one_minus_p0(mu):
+    v = 0.3**2
+    q = torch.linspace(-6.0, mu + 12 * math.sqrt(mu + 1) + 10, 6001, dtype=F64)
+    dens = torch.exp(charge_log_density(q, torch.full_like(q, mu), v))
+    integral = float(torch.trapezoid(dens, q))
+    assert integral == pytest.approx(1 - math.exp(-mu), rel=1e-6, abs=1e-9)
+
+
+def test_threshold_unhit_plus_hit_is_one():
+    v, thr, mu = 0.5**2, 0.4, 0.8
+    q = torch.linspace(thr, 30.0, 6001, dtype=F64)
+    hit = float(torch.trapezoid(torch.exp(charge_log_density(q, torch.full_like(q, mu), v)), q))
+    unhit = math.exp(float(unhit_log_prob(torch.tensor([mu], dtype=F64), v, thr)))
+    assert hit + unhit == pytest.approx(1.0, abs=1e-6)
+    assert unhit > math.exp(-mu)  # sub-threshold single p.e. count as unhit
+
+
+@pytest.mark.parametrize("first_hit", [True, False])
+def test_time_density_normalised(first_hit):
+    t = torch.linspace(-100.0, 400.0, 200001, dtype=F64)
+    lp = time_log_density(
+        t,
+        torch.tensor(3.0, dtype=F64),
+        torch.tensor(40.0, dtype=F64),
+        torch.tensor(1.5, dtype=F64),
+        torch.tensor(0.2, dtype=F64),
+        (-100.0, 400.0),
+        mu_tail=torch.tensor(0.5, dtype=F64),
+        tail_tau=15.0,
+        first_hit=first_hit,
+    )
+    assert float(torch.trapezoid(torch.exp(lp), t)) == pytest.approx(1.0, abs=2e-4)
+
+
+def test_first_hit_density_matches_sampling():
+    """Earliest of Poisson(mu) Gaussian arrival times: mean from the density vs a sampled mean."""
+    g = torch.Generator().manual_seed(0)
+    mu, m, s = 8.0, 10.0, 1.2
+    n = torch.poisson(torch.full((200_000,), mu, dtype=F64), generator=g).long()
+    n = n[n > 0]
+    first = torch.full((n.numel(),), float("inf"), dtype=F64)
+    ev = torch.repeat_interleave(torch.arange(n.numel()), n)
+    times = m + s * torch.randn(ev.numel(), generator=g, dtype=F64)
+    first = first.scatter_reduce(0, ev, times, reduce="amin")
+    t = torch.linspace(-20.0, 40.0, 60001, dtype=F64)
+    p = torch.exp(
+        time_log_density(
+            t,
+            torch.tensor(mu, dtype=F64),
+            torch.tensor(m, dtype=F64),
+            torch.tensor(s * s, dtype=F64),
+            torch.tensor(1e-12, dtype=F64),
+            (-20.0, 40.0),
+        )
+    )
+    mean_model = float(torch.trapezoid(p * t, t))
+    err = float(first.std()) / math.sqrt(first.numel())
+    assert abs(mean_model - float(first.mean())) < 4 * err
+    assert mean_model < m - 1.0  # the first of ~8 p.e. is well before the single-p.e. mean
+
+
+def _sample_hits(mu: torch.Tensor, t_mean: torch.Tensor, sigma: float, v: float, gen: torch.Generator):
+    """Hits from the model itself: Poisson p.e., Gaussian charge sum, first Gaussian arrival time."""
+    n = torch.poisson(mu, generator=gen)
+    q = n + torch.sqrt(n * v) * torch.randn(mu.shape, generator=gen, dtype=F64)
+    # first of n Gaussian times: inverse CDF of the minimum, F_min = 1 - (1 - Phi)^n
+    u = torch.rand(mu.shape, generator=gen, dtype=F64)
+    p = 1 - (1 - u) ** (1 / n.clamp_min(1))
+    t = t_mean + sigma * torch.special.ndtri(p.clamp(1e-15, 1 - 1e-15))
+    hit = n > 0
+    return {"hit": hit, "charge": torch.where(hit, q, 0.0), "time": torch.where(hit, t, 0.0)}
+
+
+def test_nll_minimum_at_true_scale():
+    """For hits sampled from the model, the NLL of a scaled mu is minimal at scale 1 (within 3 sigma)."""
+    gen = torch.Generator().manual_seed(1)
+    p = 6000
+    mu = 0.02 + 30 * torch.rand(1, p, generator=gen, dtype=F64) ** 2
+    t_mean = 20 * torch.rand(1, p, generator=gen, dtype=F64)
+    tts, v = 1.0, 0.3**2
+    obs = _sample_hits(mu, t_mean, tts, v, gen)
+    like = HitLikelihood(spe_rel_var=v, tts=tts, window=(-50.0, 100.0)).double()
+    t_var = torch.zeros_like(mu)
+
+    def nll(scale: torch.Tensor) -> torch.Tensor:
+        return like({"mu": mu * scale, "t_mean": t_mean, "t_var": t_var}, obs).sum()
+
+    s = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    for _ in range(5):  # Newton iterations in the scale
+        (g,) = torch.autograd.grad(nll(s), s, create_graph=True)
+        (h,) = torch.autograd.grad(g, s)
+        with torch.no_grad():
+            s -= g / h
+    (g,) = torch.autograd.grad(nll(s), s, create_graph=True)
+    (h,) = torch.autograd.grad(g, s)
+    sigma = 1 / math.sqrt(float(h))
+    assert abs(float(g)) < 1e-6 * float(h)
+    assert abs(float(s) - 1) < 3 * sigma, (float(s), sigma)
+    assert sigma < 0.02
+
+
+def test_robust_edges_and_bad_input():
+    like = HitLikelihood(spe_rel_var=0.09, threshold=0.25, tts=0.8, dark_rate_hz=0.0).double()
+    mu = torch.tensor([[0.0, 1e-30, 4800.0, 2.0]], dtype=F64, requires_grad=True)
+    tm = torch.tensor([[0.0, 5.0, 10.0, 500.0]], dtype=F64, requires_grad=True)
+    obs = {
+        "hit": torch.tensor([[True, True, True, False]]),
+        "charge": torch.tensor([[1.0, 3.0, 5000.0, 0.0]], dtype=F64),
+        "time": torch.tensor([[1.0, 5.0, 9.0, 0.0]], dtype=F64),
+    }
+    out = like({"mu": mu, "t_mean": tm, "t_var": torch.zeros_like(mu)}, obs)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(tm.grad).all()
+    bad = dict(obs, charge=torch.tensor([[float("nan"), 3.0, 5000.0, 0.0]], dtype=F64))
+    with pytest.raises(ConfigError, match="charge"):
+        like({"mu": mu, "t_mean": tm, "t_var": torch.zeros_like(mu)}, bad)
+    with pytest.raises(ConfigError, match="mu"):
+        like({"mu": mu * float("nan"), "t_mean": tm, "t_var": torch.zeros_like(mu)}, obs)
+    with pytest.raises(ConfigError, match="hits.charge"):
+        hits_to_dense(
+            torch.tensor([0]), torch.tensor([float("nan")]), torch.tensor([1.0]), torch.tensor([0]), 1, 4
+        )
+    dense = hits_to_dense(
+        torch.tensor([2, 0]), torch.tensor([1.5, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([0, 1]), 2, 4
+    )
+    assert dense["hit"].sum() == 2 and float(dense["charge"][0, 2]) == 1.5
+
+
+def test_nll_gradcheck_event_and_detector_parameters():
+    pos, nrm = cylinder_grid(1.0, 2.0, 0.08, 0.7)
+    det = Detector("t", "cylinder", 1.0, 2.0, pos, nrm, torch.full((len(pos),), 0.08, dtype=F64)).to(
+        dtype=F64
+    )
+    med = Medium.load("water").double()
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
+    resp = PhysicsResponse(det, med, sen, "mu-", Optics(wall_reflectivity=0.0), n_track_nodes=16)
+    cfg = resp.likelihood_config()
+    cfg["dark_rate_hz"] = 1e5
+    like = HitLikelihood(**cfg, window=(-20.0, 60.0)).double()
+    gen = torch.Generator().manual_seed(4)
+    ev0 = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.3]], dtype=F64),
+        "direction": torch.tensor([[0.3, 0.1, 0.9]], dtype=F64),
+        "energy": torch.tensor([300.0], dtype=F64),
+        "t0": torch.tensor([1.0], dtype=F64),
+    }
+    with torch.no_grad():
+        pred = resp.expected(ev0)
+    obs = _sample_hits(pred["mu"] + 0.05, pred["t_mean"], 1.0, cfg["spe_rel_var"], gen)
+
+    def f(v, d, e, t0, abs_s, qe, toff, tts):
+        params = {"medium.abs_scale": abs_s, "sensors.qe_scale": qe, "sensors.time_offset": toff}
+        pr = torch.func.functional_call(resp, params, ({"vertex": v, "direction": d, "energy": e, "t0": t0},))
+        return torch.func.functional_call(like, {"time.tts": tts}, (pr, obs))
+
+    p = det.n_pmts
+    args = tuple(
+        x.clone().requires_grad_()
+        for x in (
+            ev0["vertex"],
+            ev0["direction"],
+            ev0["energy"],
+            ev0["t0"],
+            torch.tensor(1.0, dtype=F64),
+            torch.linspace(0.9, 1.1, p, dtype=F64),
+            torch.linspace(-0.5, 0.5, p, dtype=F64),
+            torch.tensor(0.75, dtype=F64),
+        )
+    )
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
