@@ -30,6 +30,7 @@ def write_json(name: str, payload: dict) -> Path:
     fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(payload, f, indent=2)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     print(json.dumps(payload, indent=2))
     return path
