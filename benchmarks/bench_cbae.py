@@ -1,0 +1,244 @@
+"""CBAE benchmark: estimator resolution vs the oracle and a conventional method, decoder fidelity,
+denoising, shape generality, speed. Writes benchmarks/results/cbae.json (atomic) and prints a table.
+
+Per noise level (low 0.3x, medium 1x, high 3x the default electronics sigmas) a fresh test set (seeds not
+used in training) of charge U(0.5, 30) p.e., time U(-5, 40) ns waveforms:
+* charge/time bias and resolution (RMS and 68% half-width of est - true) of the CBAE encoder, the oracle
+  (scipy least squares with the TRUE template started at the truth; also its noise-whitened = Gaussian
+  maximum-likelihood variant) and the conventional integral charge / constant-fraction time, all on the
+  SAME waveforms;
+* decoder fidelity: RMS(expect(true params) - clean) / per-sample noise sigma; denoising RMS to the clean
+  waveform before (raw ADC) and after (encode -> decode).
+Shapes: the same for each shipped model on data of its own shape, and cross-shape (model of one shape on
+data of another) to show each model learned its own shape.
+Speed: encoder waveforms/s (float32, batch 65536, inference_mode), oracle fits/s.
+
+Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from physics.electronics import Electronics  # noqa: E402
+from physics.waveforms import NOISE_LEVELS, simulate_waveforms  # noqa: E402
+from surrogate.baselines import conventional, oracle_fit  # noqa: E402
+from surrogate.cbae import CBAE, load_cbae  # noqa: E402
+
+LEVELS = ("low", "medium", "high")
+CHARGE, TIME = (0.5, 30.0), (-5.0, 40.0)
+
+
+def stats(err: np.ndarray) -> dict[str, float]:
+    """bias (mean), RMS and 68% central half-width of residuals."""
+    err = np.asarray(err, dtype=np.float64)
+    lo, hi = np.percentile(err, [16, 84])
+    return {"bias": float(err.mean()), "rms": float(np.sqrt((err**2).mean())), "w68": float(0.5 * (hi - lo))}
+
+
+def test_set(el: Electronics, level: str, n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return simulate_waveforms(el, n, g, CHARGE, TIME, noise=level)
+
+
+def evaluate_level(
+    model: CBAE, el: Electronics, level: str, n_test: int, n_oracle: int, seed: int, oracle: bool = True
+) -> dict:
+    d = test_set(el, level, n_test, seed)
+    adc, clean, q, t = d["adc"], d["clean"].double(), d["charge"].double(), d["time"].double()
+    scale = NOISE_LEVELS[level]
+    sigma = el.oracle_sigma(scale)
+    with torch.inference_mode():
+        p, s = model.estimate(adc.float())
+        den = model.denoise(adc.float()).double()
+        exp = model.expect(torch.stack([d["charge"], d["time"]], 1)).double()
+    p = p.double()
+    qc, tc = conventional(el, adc)
+    res: dict = {"noise_scale": scale, "noise_sigma_adc": sigma, "n_test": n_test}
+    k = min(n_oracle, n_test)
+    sub = slice(0, k)
+    cb = {"charge": stats((p[sub, 0] - q[sub]).numpy()), "time": stats((p[sub, 1] - t[sub]).numpy())}
+    cv = {"charge": stats((qc[sub] - q[sub]).numpy()), "time": stats((tc[sub] - t[sub]).numpy())}
+    res["cbae"], res["conventional"] = cb, cv
+    res["cbae_full"] = {"charge": stats((p[:, 0] - q).numpy()), "time": stats((p[:, 1] - t).numpy())}
+    # calibration of the uncertainty heads: pull RMS
+    res["cbae_pull_rms"] = {
+        "charge": float(((p[:, 0] - q) / s[:, 0].double()).pow(2).mean().sqrt()),
+        "time": float(((p[:, 1] - t) / s[:, 1].double()).pow(2).mean().sqrt()),
+    }
+    if oracle:
+        t0 = time.perf_counter()
+        oq, ot = oracle_fit(el, adc[sub], q[sub], t[sub])
+        dt_fit = time.perf_counter() - t0
+        wq, wt = oracle_fit(el, adc[sub], q[sub], t[sub], whiten=True, noise_scale=scale)
+        res["oracle_ls"] = {"charge": stats(oq - q[sub].numpy()), "time": stats(ot - t[sub].numpy())}
+        res["oracle_ml"] = {"charge": stats(wq - q[sub].numpy()), "time": stats(wt - t[sub].numpy())}
+        res["oracle_fits_per_s"] = k / dt_fit
+        res["ratio_cbae_to_oracle_ls"] = {
+            v: cb[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
+        }
+        res["n_oracle"] = k
+        # resolution in charge bins (oracle subset)
+        bins = [(0.5, 5.0), (5.0, 15.0), (15.0, 30.0)]
+        qs = q[sub].numpy()
+        res["by_charge"] = []
+        for lo, hi in bins:
+            m = (qs >= lo) & (qs < hi)
+            res["by_charge"].append(
+                {
+                    "charge_range": [lo, hi],
+                    "n": int(m.sum()),
+                    "cbae_time_rms": float(np.sqrt(((p[sub, 1].numpy() - t[sub].numpy())[m] ** 2).mean())),
+                    "oracle_time_rms": float(np.sqrt(((ot - t[sub].numpy())[m] ** 2).mean())),
+                    "cbae_charge_rms": float(np.sqrt(((p[sub, 0].numpy() - qs)[m] ** 2).mean())),
+                    "oracle_charge_rms": float(np.sqrt(((oq - qs)[m] ** 2).mean())),
+                }
+            )
+    res["decoder_fidelity"] = {
+        "rms_adc": float((exp - clean).pow(2).mean().sqrt()),
+        "rms_over_sigma": float((exp - clean).pow(2).mean().sqrt() / sigma),
+    }
+    res["denoise"] = {
+        "rms_before_adc": float((adc.double() - clean).pow(2).mean().sqrt()),
+        "rms_after_adc": float((den - clean).pow(2).mean().sqrt()),
+    }
+    return res
+
+
+def encoder_rate(model: CBAE, n_samples: int, batch: int = 65536, reps: int = 5) -> float:
+    x = 200.0 + 5 * torch.randn(batch, n_samples)
+    with torch.inference_mode():
+        model.estimate(x)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model.estimate(x)
+        return reps * batch / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "checkpoints/cbae_default.pt"))
+    ap.add_argument("--biexp-model", default=str(ROOT / "checkpoints/cbae_biexp.pt"))
+    ap.add_argument("--semisup-model", default=str(ROOT / "checkpoints/cbae_semisup.pt"))
+    ap.add_argument("--n-test", type=int, default=20000)
+    ap.add_argument("--n-oracle", type=int, default=1000)
+    ap.add_argument("--quick", action="store_true", help="small sets (smoke run)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.n_test, a.n_oracle = 2000, 200
+    torch.manual_seed(0)
+    model = load_cbae(a.model)
+    el = Electronics(model.electronics)
+    out: dict = {
+        "model": a.model,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "note": "2-core CPU shared with other jobs: rates are lower bounds",
+        "levels": {},
+    }
+    for i, lvl in enumerate(LEVELS):
+        out["levels"][lvl] = evaluate_level(model, el, lvl, a.n_test, a.n_oracle, seed=90000 + i)
+    out["encoder_waveforms_per_s"] = encoder_rate(model, el.n_samples)
+    meta = getattr(model, "metadata", {})
+    out["training"] = {
+        "train_seconds": meta.get("train_seconds"),
+        "epochs": meta.get("epochs"),
+        "parameters": meta.get("parameters"),
+        "threads": meta.get("threads"),
+    }
+    out["model_file_bytes"] = Path(a.model).stat().st_size
+    # shape generality: each model on its own shape and on the other shape (medium noise)
+    if Path(a.biexp_model).is_file():
+        bmodel = load_cbae(a.biexp_model)
+        bel = Electronics(bmodel.electronics)
+        shapes = {}
+        for name, m, e in (("lognormal", model, el), ("biexp", bmodel, bel)):
+            r = evaluate_level(m, e, "medium", a.n_test, a.n_oracle, seed=91000, oracle=True)
+            shapes[name] = {
+                k: r[k]
+                for k in ("decoder_fidelity", "denoise", "cbae", "oracle_ls", "ratio_cbae_to_oracle_ls")
+            }
+        cross = {}
+        for name, m, e in (
+            ("lognormal_model_on_biexp_data", model, bel),
+            ("biexp_model_on_lognormal_data", bmodel, el),
+        ):
+            r = evaluate_level(m, e, "medium", a.n_test, a.n_oracle, seed=91001, oracle=False)
+            cross[name] = {k: r[k] for k in ("decoder_fidelity", "denoise", "cbae")}
+        out["shapes"] = {
+            "own_shape": shapes,
+            "cross_shape": cross,
+            "biexp_training": {k: bmodel.metadata.get(k) for k in ("train_seconds", "epochs")},
+        }
+    # semi-supervised run (10% labelled training waveforms), medium noise, same test seed as "medium"
+    if Path(a.semisup_model).is_file():
+        smodel = load_cbae(a.semisup_model)
+        r = evaluate_level(smodel, el, "medium", a.n_test, a.n_oracle, seed=90001)
+        out["semisup_10pct"] = {
+            "model": a.semisup_model,
+            **{
+                k: r[k]
+                for k in ("cbae", "oracle_ls", "ratio_cbae_to_oracle_ls", "decoder_fidelity", "denoise")
+            },
+            "training": {k: smodel.metadata.get(k) for k in ("train_seconds", "epochs")},
+        }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(a.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, a.out)
+    print_table(out)
+    return out
+
+
+def print_table(out: dict) -> None:
+    print(
+        f"{'level':7s} {'method':13s} {'q bias':>8s} {'q rms':>8s} {'t bias':>8s} {'t rms':>8s}   [p.e., ns]"
+    )
+    for lvl, r in out["levels"].items():
+        for m in ("cbae", "oracle_ls", "oracle_ml", "conventional"):
+            if m in r:
+                c, t = r[m]["charge"], r[m]["time"]
+                print(f"{lvl:7s} {m:13s} {c['bias']:8.4f} {c['rms']:8.4f} {t['bias']:8.4f} {t['rms']:8.4f}")
+        f, d = r["decoder_fidelity"], r["denoise"]
+        print(
+            f"{lvl:7s} decoder rms/sigma {f['rms_over_sigma']:.3f}; denoise rms {d['rms_before_adc']:.3f} -> "
+            f"{d['rms_after_adc']:.3f} ADC; cbae/oracle rms ratio q "
+            f"{r.get('ratio_cbae_to_oracle_ls', {}).get('charge', float('nan')):.3f} "
+            f"t {r.get('ratio_cbae_to_oracle_ls', {}).get('time', float('nan')):.3f}"
+        )
+    print(
+        f"encoder: {out['encoder_waveforms_per_s']:.3g} waveforms/s; oracle: "
+        f"{out['levels']['medium'].get('oracle_fits_per_s', float('nan')):.3g} fits/s; training "
+        f"{out['training']['train_seconds']} s"
+    )
+    if "semisup_10pct" in out:
+        r = out["semisup_10pct"]
+        print(
+            f"semisup 10% labels (medium): q rms {r['cbae']['charge']['rms']:.4f} t rms "
+            f"{r['cbae']['time']['rms']:.4f}; ratio to oracle q {r['ratio_cbae_to_oracle_ls']['charge']:.3f} "
+            f"t {r['ratio_cbae_to_oracle_ls']['time']:.3f}; decoder rms/sigma "
+            f"{r['decoder_fidelity']['rms_over_sigma']:.3f}"
+        )
+    if "shapes" in out:
+        for k, v in {**out["shapes"]["own_shape"], **out["shapes"]["cross_shape"]}.items():
+            print(
+                f"shape {k:32s} decoder rms/sigma {v['decoder_fidelity']['rms_over_sigma']:.3f} "
+                f"denoise {v['denoise']['rms_before_adc']:.3f}->{v['denoise']['rms_after_adc']:.3f} "
+                f"q rms {v['cbae']['charge']['rms']:.4f} t rms {v['cbae']['time']['rms']:.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Constrained bottleneck autoencoder (CBAE) for PMT waveforms.
+
+After C. Jesús-Valls et al., "Data-driven detector signal
+characterization with constrained bottleneck autoencoders", JINST 17 (2022) P06028, arXiv:2203.04604:
+an autoencoder whose bottleneck is split into *constrained* units tied to the physical parameters of the
+signal (here charge [p.e.] and arrival time [ns]; supervised wherever labels exist) and a few *free* units
+(controlled by an L2 penalty). Trained on noisy waveforms (reconstruction target = the noisy input), the
+decoder learns E[waveform | parameters], i.e. the detector response, without any pulse shape built in.
+
+Architecture (no pulse shape anywhere; both halves generic MLPs with SiLU):
+
+* encoder ``aligned`` (default): the baseline-subtracted waveform is shifted so that its 3-tap-smoothed
+  maximum sits at sample ``align_pos`` and divided by its RMS amplitude a; the MLP sees [shifted/a, log a,
+  coarse time] and returns the charge, the time *residual* to the coarse time, log-variances and free units.
+  (Peak alignment removes the translation an MLP otherwise learns slowly; ``mlp`` = raw waveform input.)
+* decoder ``shift`` (default): x_k = g(t_k - t, q, free) with one small MLP g evaluated at every sample
+  time t_k: a learned response that is time-translation equivariant, as the physics is, but whose shape
+  is learned from the data; ``mlp`` = one MLP from the latent to all S samples.
+
+One network, three uses:
+
+* ``estimate(adc) -> (params, sigma)``: encoder = parameter estimator with Gaussian uncertainty heads;
+* ``expect(params) -> waveform``: decoder = learned electronics response (differentiable in params);
+* ``denoise(adc)``: encoder then decoder.
+
+Waveforms are in ADC counts (N, S) sampled at ``sample_times`` [ns] (relative to the channel trigger);
+params (N, 2) = [charge p.e., time ns]. Normalisations (baseline/scale of waveforms; mean/std of params)
+are buffers of the model, so a checkpoint is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from physics.config import ConfigError
+
+PARAM_NAMES = ("charge", "time")
+PARAM_UNITS = ("p.e.", "ns")
+FORMAT = "photonfit-cbae"
+FORMAT_VERSION = 1
+LOGVAR_MIN, LOGVAR_MAX = -12.0, 4.0
+ENCODERS = ("aligned", "mlp")
+DECODERS = ("shift", "mlp")
+
+
+def mlp(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Sequential:
+    """Fully connected net n_in -> hidden... -> n_out with SiLU activations (linear output)."""
+    layers: list[nn.Module] = []
+    last = n_in
+    for h in hidden:
+        layers += [nn.Linear(last, int(h)), nn.SiLU()]
+        last = int(h)
+    layers.append(nn.Linear(last, n_out))
+    return nn.Sequential(*layers)
+
+
+class CBAE(nn.Module):
+    """Encoder (S -> 2 means + 2 log-variances + F free) and decoder (2 + F -> S), both MLPs.
+
+    Args: n_samples S; sample_times (S,) [ns]; enc_hidden/dec_hidden widths; n_free F; wf_offset [ADC]
+    and wf_scale [ADC] (input/output normalisation); param_mean/param_std (2,) in physical units;
+    electronics: the electronics config (dict) the model was trained for (metadata only).
+    """
+
+    def __init__(
+        self,
+        n_samples: int,
+        sample_times: Sequence[float] | Tensor | None = None,
+        enc_hidden: Sequence[int] = (128, 128, 128),
+        dec_hidden: Sequence[int] = (256, 256, 256),
+        n_free: int = 1,
+        wf_offset: float = 0.0,
+        wf_scale: float = 1.0,
+        param_mean: Sequence[float] = (0.0, 0.0),
+        param_std: Sequence[float] = (1.0, 1.0),
+        electronics: Mapping[str, Any] | None = None,
+        encoder: str = "aligned",
+        decoder: str = "shift",
+        align_pos: int | None = None,
+    ):
+        super().__init__()
+        if int(n_samples) < 2:
+            raise ConfigError(f"cbae.n_samples: got {n_samples!r}, allowed: >= 2")
+        if int(n_free) < 0:
+            raise ConfigError(f"cbae.n_free: got {n_free!r}, allowed: >= 0")
+        if not float(wf_scale) > 0 or any(not float(s) > 0 for s in param_std):
+            raise ConfigError(
+                f"cbae normalisation: wf_scale={wf_scale!r}, param_std={list(param_std)!r}; allowed: > 0"
+            )
+        self.n_samples, self.n_free, self.n_params = int(n_samples), int(n_free), len(PARAM_NAMES)
+        self.enc_hidden, self.dec_hidden = [int(h) for h in enc_hidden], [int(h) for h in dec_hidden]
+        self.electronics = dict(electronics or {})
+        if encoder not in ENCODERS:
+            raise ConfigError(f"cbae.encoder: got {encoder!r}, allowed: {list(ENCODERS)}")
+        if decoder not in DECODERS:
+            raise ConfigError(f"cbae.decoder: got {decoder!r}, allowed: {list(DECODERS)}")
+        self.encoder_kind, self.decoder_kind = encoder, decoder
+        self.align_pos = self.n_samples // 4 if align_pos is None else int(align_pos)
+        n_in = self.n_samples + (2 if encoder == "aligned" else 0)
+        self.encoder = mlp(n_in, self.enc_hidden, self.n_params + self.n_free)
+        # separate small variance head: the Gaussian-NLL gradients never reach the mean network
+        self.var_head = mlp(n_in, [self.enc_hidden[-1] // 4], self.n_params)
+        if decoder == "shift":
+            self.decoder = mlp(1 + self.n_params - 1 + self.n_free, self.dec_hidden, 1)
+        else:
+            self.decoder = mlp(self.n_params + self.n_free, self.dec_hidden, self.n_samples)
+        st = (
+            torch.arange(self.n_samples, dtype=torch.float32)
+            if sample_times is None
+            else torch.as_tensor(sample_times, dtype=torch.float32)
+        )
+        if st.shape != (self.n_samples,):
+            raise ConfigError(f"cbae.sample_times: shape {tuple(st.shape)}, expected ({self.n_samples},)")
+        self.register_buffer("sample_times", st)
+        self.register_buffer("wf_offset", torch.tensor(float(wf_offset)))
+        self.register_buffer("wf_scale", torch.tensor(float(wf_scale)))
+        self.register_buffer("param_mean", torch.as_tensor(param_mean, dtype=torch.float32).clone())
+        self.register_buffer("param_std", torch.as_tensor(param_std, dtype=torch.float32).clone())
+
+    # -- hyper-parameters (what a checkpoint needs to rebuild the module)
+    def hparams(self) -> dict[str, Any]:
+        return {
+            "n_samples": self.n_samples,
+            "enc_hidden": self.enc_hidden,
+            "dec_hidden": self.dec_hidden,
+            "n_free": self.n_free,
+            "electronics": self.electronics,
+            "encoder": self.encoder_kind,
+            "decoder": self.decoder_kind,
+            "align_pos": self.align_pos,
+        }
+
+    # -- normalisation helpers
+    def _check_wf(self, adc: Tensor) -> Tensor:
+        if adc.dim() != 2 or adc.shape[1] != self.n_samples:
+            raise ConfigError(f"cbae: waveforms of shape {tuple(adc.shape)}, expected (N, {self.n_samples})")
+        return adc
+
+    def normalise_params(self, params: Tensor) -> Tensor:
+        return (params - self.param_mean.to(params)) / self.param_std.to(params)
+
+    def physical_params(self, z: Tensor) -> Tensor:
+        return z * self.param_std.to(z) + self.param_mean.to(z)
+
+    # -- the two halves
+    def encode(self, adc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """adc (N,S) [ADC] -> (mean (N,2), log-variance (N,2), free (N,F)), all in normalised units."""
+        x = (self._check_wf(adc).to(self.wf_scale.dtype) - self.wf_offset) / self.wf_scale
+        p = self.n_params
+        if self.encoder_kind == "aligned":
+            feats, t_coarse = self._aligned(x)
+            h = self.encoder(feats)
+            mu = torch.cat([h[:, :1], h[:, 1:2] + t_coarse[:, None]], 1)
+        else:
+            feats = x
+            h = self.encoder(x)
+            mu = h[:, :p]
+        logvar = self.var_head(feats).clamp(LOGVAR_MIN, LOGVAR_MAX)
+        return mu, logvar, h[:, p:]
+
+    def _aligned(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Shape-agnostic pre-alignment: shift the waveform so its (3-tap smoothed) maximum sits at sample
+        ``align_pos`` (zero padding = baseline), divide by its RMS amplitude a; features = [shifted / a,
+        log a, coarse time]; coarse time = normalised sample time of the maximum (the encoder regresses
+        the residual). Returns (features (N, S+2), coarse normalised time (N,))."""
+        S = self.n_samples
+        with torch.no_grad():
+            sm = x.clone()
+            sm[:, 1:-1] = 0.5 * x[:, 1:-1] + 0.25 * (x[:, :-2] + x[:, 2:])
+            k = sm.argmax(1)
+        xp = torch.nn.functional.pad(x, (S, S))
+        idx = k[:, None] + (S - self.align_pos) + torch.arange(S, device=x.device)[None, :]
+        xa = xp.gather(1, idx)
+        a = xa.pow(2).mean(1, keepdim=True).sqrt() + 0.05
+        tk = (self.sample_times.to(x)[k] - self.param_mean[1].to(x)) / self.param_std[1].to(x)
+        return torch.cat([xa / a, torch.log(a), tk[:, None]], 1), tk
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latent (N, 2+F) (normalised params then free units) -> clean waveform (N,S) [ADC]."""
+        if z.dim() != 2 or z.shape[1] != self.n_params + self.n_free:
+            raise ConfigError(
+                f"cbae.decode: latent of shape {tuple(z.shape)}, expected (N, {self.n_params + self.n_free})"
+            )
+        if self.decoder_kind == "shift":
+            # translation equivariant: one MLP g(s, q, free) at every sample, s = (t_k - t)/std_t
+            t = z[:, 1:2] * self.param_std[1].to(z) + self.param_mean[1].to(z)
+            s = (self.sample_times.to(z)[None, :] - t) / self.param_std[1].to(z)
+            rest = torch.cat([z[:, :1], z[:, 2:]], 1)
+            inp = torch.cat([s[:, :, None], rest[:, None, :].expand(-1, self.n_samples, -1)], 2)
+            out = self.decoder(inp)[..., 0]
+        else:
+            out = self.decoder(z)
+        return out * self.wf_scale.to(z) + self.wf_offset.to(z)
+
+    def forward(self, adc: Tensor) -> Tensor:
+        return self.denoise(adc)
+
+    # -- public faces
+    def expect(self, params: Tensor, free: Tensor | None = None) -> Tensor:
+        """Learned detector response: params (N,2) [charge p.e., time ns] -> expected waveform (N,S) [ADC].
+
+        Free units default to 0 (their trained prior mean). Differentiable in params (any float dtype).
+        """
+        if params.dim() != 2 or params.shape[1] != self.n_params:
+            raise ConfigError(
+                f"cbae.expect: params of shape {tuple(params.shape)}, expected (N, {self.n_params})"
+            )
+        if free is None:
+            free = params.new_zeros(params.shape[0], self.n_free)
+        return self.decode(torch.cat([self.normalise_params(params), free.to(params)], 1))
+
+    def expect_channels(
+        self, channel: Tensor, t: Tensor, charge: Tensor, n_channels: int, t_start: Tensor | None = None
+    ) -> Tensor:
+        """Electronics-stage interface (as ``physics.electronics.Electronics.expect``): (C,S) [ADC].
+
+        Sums the decoder's single-pulse responses (baseline removed) per channel: assumes the response
+        is linear in superposed p.e. (valid below saturation). channel (N,) long; t (N,) ns; charge (N,).
+        """
+        dtype = t.dtype
+        if t_start is None:
+            t_start = torch.zeros(int(n_channels), dtype=dtype, device=t.device)
+        rel = t - torch.as_tensor(t_start, dtype=dtype, device=t.device)[channel]
+        wf = self.expect(torch.stack([charge.to(dtype), rel], 1)) - self.wf_offset.to(dtype)
+        out = self.wf_offset.to(dtype).expand(int(n_channels), self.n_samples).clone()
+        return out.index_add(0, channel.long(), wf)
+
+    def estimate(self, adc: Tensor) -> tuple[Tensor, Tensor]:
+        """Waveforms (N,S) [ADC] -> (params (N,2) [p.e., ns], sigma (N,2) same units) from the encoder."""
+        mu, logvar, _ = self.encode(adc)
+        return self.physical_params(mu), torch.exp(0.5 * logvar) * self.param_std.to(mu)
+
+    def denoise(self, adc: Tensor) -> Tensor:
+        """Encode then decode: (N,S) [ADC] -> (N,S) clean-waveform estimate [ADC]."""
+        mu, _, free = self.encode(adc)
+        return self.decode(torch.cat([mu, free], 1))
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def save_cbae(model: CBAE, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{format, format_version, hparams, state_dict, metadata}`` atomically (tmp + os.replace)."""
+    from physics import __version__
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "hparams": model.hparams(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": json.loads(json.dumps(dict(metadata or {}), default=str)),
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_cbae(
+    path: str | os.PathLike, n_samples: int | None = None, map_location: str | torch.device = "cpu"
+) -> CBAE:
+    """Load a CBAE saved by :func:`save_cbae` (eval mode). ConfigError for a missing file, another
+    format or format version, a state dict that does not fit the declared architecture, or a model whose
+    waveform length differs from ``n_samples`` (when given)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"cbae checkpoint: {str(p)!r} does not exist")
+    try:
+        blob = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling error means "not our checkpoint"
+        raise ConfigError(f"cbae checkpoint {str(p)!r}: not a readable torch checkpoint ({exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ConfigError(
+            f"cbae checkpoint {str(p)!r}: format {blob.get('format') if isinstance(blob, dict) else None!r},"
+            f" expected {FORMAT!r}"
+        )
+    if blob.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(
+            f"cbae checkpoint {str(p)!r}: format_version {blob.get('format_version')!r}, "
+            f"this photonfit reads version {FORMAT_VERSION}"
+        )
+    hp = blob["hparams"]
+    if n_samples is not None and int(hp["n_samples"]) != int(n_samples):
+        raise ConfigError(
+            f"cbae checkpoint {str(p)!r}: n_samples {hp['n_samples']}, expected {n_samples} "
+            "(waveform length of the data)"
+        )
+    model = CBAE(**hp)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"cbae checkpoint {str(p)!r}: weights do not match the declared architecture "
+            f"{hp} ({str(exc).splitlines()[0]})"
+        ) from exc
+    model.metadata = blob.get("metadata", {})
+    return model.eval()
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata file beside a checkpoint (``<name>.json``), or {} if absent."""
+    j = Path(path).with_suffix(".json")
+    return json.loads(j.read_text()) if j.is_file() else {}
+
+
+def gaussian_nll(mu: Tensor, logvar: Tensor, target: Tensor) -> Tensor:
+    """Per-element Gaussian negative log-likelihood 0.5 (log var + (y - mu)^2 / var + log 2 pi)."""
+    return 0.5 * (logvar + (target - mu) ** 2 * torch.exp(-logvar) + math.log(2 * math.pi))

@@ -1,0 +1,171 @@
+"""Training: fast_dev_run for every config in configs/train/, data module, loggers, CLI entry points."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from physics.config import ConfigError
+from physics.waveforms import make_waveform_file, read_waveforms
+from surrogate import load_cbae
+from training.cli import add_train_parser, add_waveforms_parser, main
+from training.data import WaveformDataModule
+from training.module import CBAEModule
+from training.run import load_train_config, make_logger, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+TINY = ["data.n_train=600", "data.n_val=200", "data.batch_size=128", "logger.kind=csv"]
+
+
+def test_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"cbae", "cbae_semisup", "cbae_biexp"} <= names
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_fast_dev_run_every_config(cfg, tmp_path):
+    res = train(
+        cfg,
+        TINY + [f"data.dir={tmp_path / 'data'}", "output.export=null"],
+        fast_dev_run=True,
+        output_dir=tmp_path / "run",
+        progress=False,
+    )
+    run = Path(res["run_dir"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["data"]["n_train"] == 600 and resolved["output"]["dir"] == str(tmp_path / "run")
+    model = load_cbae(res["model"])
+    assert model.electronics["shape"] == {"cbae_biexp": "biexp", "cbae_ringing": "ringing"}.get(
+        cfg.stem, "lognormal"
+    )
+    assert np.isfinite(res["metrics"]["train/loss"])
+    assert not (ROOT / "checkpoints" / "should_not_exist.pt").exists()
+
+
+def test_label_fraction_masks_and_workers(tmp_path):
+    cfg = load_train_config(
+        ROOT / "configs/train/cbae_semisup.yaml",
+        TINY + [f"data.dir={tmp_path}", "data.n_train=4000", "data.num_workers=1"],
+    )
+    dm = WaveformDataModule(cfg["data"], electronics=cfg["electronics"])
+    dm.prepare_data()
+    dm.setup()
+    frac = float(dm.train_ds.label_mask.mean())
+    assert 0.08 < frac < 0.12  # 10% of 4000, binomial sd 0.5%
+    batches = list(dm.train_dataloader())  # one worker process opens its own h5 handle
+    assert sum(len(b["adc"]) for b in batches) == 4000
+    seen = torch.cat([b["params"][:, 1] for b in batches]).sort().values
+    data, _ = read_waveforms(dm.files()[0])
+    torch.testing.assert_close(seen, data["time"].sort().values)
+    # label loss is masked per sample: labels of unlabelled waveforms do not matter
+    norm = dm.normalisation()
+    mod = CBAEModule(cfg["model"], norm, cfg["loss"], cfg["optim"])
+    b = dm.train_ds.__getitems__(list(range(256)))
+    out1 = mod.losses(b)
+    b2 = dict(b)
+    b2["params"] = torch.where(b["labelled"][:, None], b["params"], b["params"] + 100.0)
+    out2 = mod.losses(b2)
+    assert float(out1["label"]) == pytest.approx(float(out2["label"]), rel=1e-6)
+    assert float(out1["teacher"]) == pytest.approx(float(out2["teacher"]), rel=1e-6)
+
+
+def test_bad_train_config(tmp_path):
+    with pytest.raises(ConfigError):
+        load_train_config(ROOT / "configs/train/cbae.yaml", ["bogus=1"])
+    with pytest.raises(ConfigError):
+        load_train_config(ROOT / "configs/train/cbae.yaml", ["logger.kind=tensorboard"])
+    cfg = load_train_config(ROOT / "configs/train/cbae.yaml", ["data.label_fraction=2"])
+    with pytest.raises(ConfigError):
+        WaveformDataModule(cfg["data"])
+
+
+def test_logger_choice(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    assert isinstance(make_logger({"logger": {"kind": "csv"}}, tmp_path), CSVLogger)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    lg = make_logger({"logger": {"kind": "wandb"}}, tmp_path)
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline"
+    assert type(lg).__name__ in ("WandbLogger", "CSVLogger")
+
+
+def test_parsers_set_func():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd")
+    add_waveforms_parser(sub)
+    add_train_parser(sub)
+    for argv in (
+        ["waveforms", "simulate", "-o", "x.h5"],
+        ["waveforms", "analyze", "x.h5", "-o", "y.h5"],
+        ["waveforms", "generate", "--charge", "1", "-o", "g.h5"],
+        ["train", "--config", "c.yaml"],
+    ):
+        assert callable(p.parse_args(argv).func)
+
+
+def test_cli_simulate_analyze_generate(tmp_path):
+    model = ROOT / "checkpoints" / "cbae_default.pt"
+    wf = tmp_path / "wf.h5"
+    assert (
+        main(
+            [
+                "waveforms",
+                "simulate",
+                "--shape",
+                "lognormal",
+                "--noise",
+                "medium",
+                "-n",
+                "500",
+                "--seed",
+                "3",
+                "-o",
+                str(wf),
+            ]
+        )
+        == 0
+    )
+    out = tmp_path / "out.h5"
+    assert main(["waveforms", "analyze", str(wf), "--model", str(model), "-o", str(out)]) == 0
+    res, _ = read_waveforms(out, group="analysis")
+    truth, _ = read_waveforms(wf)
+    assert res["denoised"].shape == (500, 64)
+    assert float((res["charge"] - truth["charge"]).abs().median()) < 0.3
+    gen = tmp_path / "gen.h5"
+    assert (
+        main(
+            [
+                "waveforms",
+                "generate",
+                "--model",
+                str(model),
+                "--charge",
+                "5",
+                "10",
+                "--time",
+                "10",
+                "--repeat",
+                "3",
+                "-o",
+                str(gen),
+            ]
+        )
+        == 0
+    )
+    g, _ = read_waveforms(gen)
+    assert g["adc"].shape == (6, 64)
+    # decoder output area ~ gain * charge (the model learned the pulse normalisation)
+    area = (g["clean"].double() - 200.0).sum(1) * 2.0 / 100.0
+    np.testing.assert_allclose(area.numpy(), g["charge"].double().numpy(), rtol=0.05)
+    assert main(["waveforms", "simulate", "--shape", "square", "-o", str(tmp_path / "z.h5")]) == 2
+    bad = tmp_path / "bad.h5"
+    make_waveform_file(bad, "default", n=10, seed=0)
+    assert main(["waveforms", "analyze", str(bad), "--model", str(tmp_path / "none.pt"), "-o", str(out)]) == 2

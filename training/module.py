@@ -1,0 +1,139 @@
+"""LightningModule for the constrained bottleneck autoencoder (arXiv:2203.04604).
+
+Loss per batch (waveforms normalised by the model's wf_scale, params by param_mean/std):
+
+* recon   : mean over samples of (decode(mu, free) - target)^2, target = the noisy input (the paper's
+            unsupervised objective; ``recon_target: clean`` uses simulation truth instead, off by default);
+* label   : on labelled waveforms only (masked per sample): (mu - y)^2 + Gaussian NLL of y given
+            (mu detached, log-variance head), so the constrained units are the physical parameters and the
+            variance head learns the per-waveform uncertainty;
+* teacher : on labelled waveforms, decode(y, free=0) vs the target: the decoder as a response model
+            params -> E[waveform] (what ``CBAE.expect`` uses);
+* free_l2 : mean free-unit activation squared (controlled use of the free latent units).
+``decoder_batch`` > 0 evaluates the two decoder terms on that many waveforms of each training batch (CPU
+cost; the encoder's label term always uses the whole batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from physics.config import ConfigError, check_choice, check_keys, check_number
+from surrogate.cbae import CBAE, gaussian_nll
+
+LOSS_KEYS = ["recon", "label", "teacher", "free_l2", "recon_target", "decoder_batch"]
+OPTIM_KEYS_REQ = ["lr", "max_epochs"]
+OPTIM_KEYS_OPT = ["weight_decay", "patience", "max_minutes", "min_lr_factor", "grad_clip"]
+
+
+class CBAEModule(L.LightningModule):
+    """Wraps a :class:`surrogate.cbae.CBAE`; ``model_cfg`` = architecture, ``norm`` = data normalisation."""
+
+    def __init__(
+        self,
+        model_cfg: Mapping[str, Any],
+        norm: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        optim: Mapping[str, Any],
+    ):
+        super().__init__()
+        check_keys(
+            model_cfg,
+            required=["enc_hidden", "dec_hidden", "n_free"],
+            optional=["encoder", "decoder", "align_pos"],
+            where="train.model",
+        )
+        check_keys(loss, required=[], optional=LOSS_KEYS, where="train.loss")
+        check_keys(optim, required=OPTIM_KEYS_REQ, optional=OPTIM_KEYS_OPT, where="train.optim")
+        self.save_hyperparameters()
+        self.w = {
+            k: check_number(loss.get(k, d), f"train.loss.{k}", minimum=0.0)
+            for k, d in (("recon", 1.0), ("label", 1.0), ("teacher", 1.0), ("free_l2", 0.1))
+        }
+        self.decoder_batch = check_number(
+            loss.get("decoder_batch", 0), "train.loss.decoder_batch", minimum=0, integer=True
+        )
+        self.recon_target = check_choice(
+            loss.get("recon_target", "noisy"), "train.loss.recon_target", ["noisy", "clean"]
+        )
+        self.lr = check_number(optim["lr"], "train.optim.lr", minimum=0.0, strict_min=True)
+        self.weight_decay = check_number(
+            optim.get("weight_decay", 0.0), "train.optim.weight_decay", minimum=0.0
+        )
+        self.max_epochs = check_number(optim["max_epochs"], "train.optim.max_epochs", minimum=1, integer=True)
+        self.min_lr_factor = check_number(
+            optim.get("min_lr_factor", 0.02), "train.optim.min_lr_factor", minimum=0.0, maximum=1.0
+        )
+        try:
+            self.model = CBAE(**dict(model_cfg), **dict(norm))
+        except TypeError as exc:
+            raise ConfigError(f"train.model: {exc}") from exc
+
+    def losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        m = self.model
+        adc, y, lab = batch["adc"], batch["params"], batch["labelled"].to(batch["adc"].dtype)
+        target = adc if self.recon_target == "noisy" else batch["clean"]
+        mu, logvar, free = m.encode(adc)
+        s = m.wf_scale
+        yn = m.normalise_params(y)
+        n_lab = lab.sum().clamp_min(1.0)
+        per = ((mu - yn) ** 2 + gaussian_nll(mu.detach(), logvar, yn)).sum(1)
+        l_lab = (per * lab).sum() / n_lab
+        # decoder terms on the first decoder_batch waveforms only (the decoder is the costly half)
+        k = self.decoder_batch if 0 < self.decoder_batch < adc.shape[0] and self.training else adc.shape[0]
+        rec = m.decode(torch.cat([mu[:k], free[:k]], 1))
+        l_rec = (((rec - target[:k]) / s) ** 2).mean()
+        if self.w["teacher"] > 0:
+            dec = m.decode(torch.cat([yn[:k], yn.new_zeros(k, m.n_free)], 1))
+            l_teach = ((((dec - target[:k]) / s) ** 2).mean(1) * lab[:k]).sum() / lab[:k].sum().clamp_min(1.0)
+        else:
+            l_teach = l_rec.new_zeros(())
+        l_free = (free**2).mean() if m.n_free else l_rec.new_zeros(())
+        total = (
+            self.w["recon"] * l_rec
+            + self.w["label"] * l_lab
+            + self.w["teacher"] * l_teach
+            + self.w["free_l2"] * l_free
+        )
+        out = {"loss": total, "recon": l_rec, "label": l_lab, "teacher": l_teach, "free_l2": l_free}
+        with torch.no_grad():
+            phys = m.physical_params(mu)
+            err = (phys - y)[lab > 0]
+            if err.numel():
+                out["charge_rms"] = err[:, 0].pow(2).mean().sqrt()
+                out["time_rms"] = err[:, 1].pow(2).mean().sqrt()
+            out["denoise_rms"] = (rec - batch["clean"][:k]).pow(2).mean().sqrt()
+        return out
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        self.log_dict(
+            {f"train/{k}": v for k, v in out.items()},
+            prog_bar=False,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch["adc"].shape[0],
+        )
+        return out["loss"]
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        out = self.losses(batch)
+        self.log_dict(
+            {f"val/{k}": v for k, v in out.items()},
+            prog_bar=True,
+            on_step=False,
+            on_epoch=True,
+            batch_size=batch["adc"].shape[0],
+        )
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=self.max_epochs, eta_min=self.lr * self.min_lr_factor
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
