@@ -186,7 +186,22 @@ class Simulator:
         return _merge(parts)
 
     def config_dict(self) -> dict:
-        return {"simulation": asdict(self.cfg), "version": __version__}
+        """Everything the run was made with: the request and the resolved configuration of every stage
+        (the PMT table itself is written beside it by :func:`physics.io.write_run`)."""
+        det = self.detector
+        return {
+            "simulation": asdict(self.cfg),
+            "version": __version__,
+            "detector": {"name": det.name, "shape": det.shape, "radius_m": det.radius, "height_m": det.height,
+                         "n_pmts": det.n_pmts, "photocoverage": det.photocoverage},
+            "medium": self.medium.config,
+            "optics": {"wall_reflectivity": float(self.optics.wall_reflectivity.detach()),
+                       "diffuse_fraction": float(self.optics.diffuse_fraction.detach()),
+                       "pmt_reflectivity": float(self.optics.pmt_reflectivity.detach()),
+                       "max_rounds": self.optics.max_rounds},
+            "sensors": self.sensors.config,
+            "electronics": None if self.electronics is None else self.electronics.config,
+        }
 
 
 def _merge(parts: list[dict]) -> dict:
