@@ -1,4 +1,4 @@
-"""The ``photonfit`` command.
+"""photonfit: simulate optical particle detectors, learn their waveform response, fit events.
 
 Subcommands: ``simulate`` (MC events → HDF5), ``detectors`` (list presets), ``show`` (summary and event
 display of a file), ``waveforms`` (labelled waveform sets, CBAE analysis and generation) and ``train``
