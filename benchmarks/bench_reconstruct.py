@@ -1,0 +1,231 @@
+"""Reconstruction benchmark: time per event (batched), L-BFGS vs Adam, iminuit MIGRAD side by side.
+
+Events: 500 MeV mu- from a fixed contained vertex/direction (WCTE: (0, 0, -1.2) m along (0.2, 0.1, 1);
+SK: (0, 0, -5) m along the same direction), direct light only (wall/PMT reflection and Rayleigh off) so the
+physics response is the truth. The same NLL (HitLikelihood on PhysicsResponse, folded wavelengths, K = 32)
+is minimised by (a) fitting.reconstruct with L-BFGS, (b) with Adam, (c) iminuit MIGRAD with numerical
+gradients (fiTQun-style) from the same pre-fit seeds. Also the expected-model cost before/after folding.
+Writes benchmarks/results/reconstruct.json.
+Usage: python benchmarks/bench_reconstruct.py [--events N] [--sk N] [--minuit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._util import write_json  # noqa: E402
+from fitting.likelihood import HitLikelihood, hits_to_dense  # noqa: E402
+from fitting.prefit import prefit  # noqa: E402
+from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
+from fitting.response import PhysicsResponse  # noqa: E402
+from physics.simulate import SimConfig, Simulator  # noqa: E402
+
+F64 = torch.float64
+
+
+def setup(detector: str, vertex, n: int, seed: int):
+    cfg = SimConfig(
+        detector=detector,
+        particle="mu-",
+        energy=500.0,
+        vertex=vertex,
+        direction=(0.2, 0.1, 1.0),
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
+    sim = Simulator(cfg)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    res = sim.run(n, seed=seed, batch_size=n)
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    return sim, res, resp, like
+
+
+def time_expected(sim, k: int, fold: bool, dtype) -> float:
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=k, fold_wavelength=fold
+    )
+    p = {
+        "vertex": torch.tensor([[0.0, 0.0, -1.2]], dtype=dtype, requires_grad=True),
+        "direction": torch.tensor([[0.2, 0.1, 1.0]], dtype=dtype, requires_grad=True),
+        "energy": torch.tensor([500.0], dtype=dtype, requires_grad=True),
+        "t0": torch.zeros(1, dtype=dtype, requires_grad=True),
+    }
+    best = math.inf
+    for _ in range(2):
+        t = time.perf_counter()
+        o = resp.expected(p)
+        (o["mu"].sum() + 1e-3 * o["t_mean"].sum() + 1e-3 * o["t_var"].sum()).backward()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def summary(fit, truth) -> dict:
+    r = resolutions(fit, truth, mask=torch.isfinite(fit["nll"]))
+    s = r["summary"]
+    return {
+        "vertex_68_m": s["vertex_68_m"],
+        "angle_68_deg": s["angle_68_deg"],
+        "energy_68_frac": s["energy_68_frac"],
+        "pull_std": s["pull_std"],
+        "bias": s["bias"],
+        "n_ok": int(fit["ok"].sum()),
+        "mean_nll": float(fit["nll"][torch.isfinite(fit["nll"])].mean()),
+    }
+
+
+def run_fit(res, resp, like, n, optimiser, dtype, max_iter, starts=1):
+    trace: list[float] = []
+    t = time.perf_counter()
+    fit = reconstruct(
+        res["hits"],
+        n,
+        resp,
+        like,
+        "mu-",
+        n_starts=starts,
+        optimiser=optimiser,
+        batch_size=n,
+        max_iter=max_iter,
+        dtype=dtype,
+        trace=trace,
+    )
+    dt = time.perf_counter() - t
+    return fit, dt, trace
+
+
+def minuit_fit(res, resp, like, n) -> tuple[dict, float]:
+    from iminuit import Minuit
+
+    obs = hits_to_dense(
+        res["hits"].pmt, res["hits"].charge, res["hits"].time, res["hits"].event, n, resp.n_pmts
+    )
+    t = time.perf_counter()
+    seed = prefit(obs, resp.detector.pmt_pos, resp, mu_dark=float(like.mu_dark))
+    out = {"vertex": [], "direction": [], "energy": [], "nfcn": []}
+    for i in range(n):
+        o = {k: v[i : i + 1] for k, v in obs.items()}
+
+        def nll(x, o=o):
+            vx, vy, vz, th, ph, loge, t0 = (float(xx) for xx in x)
+            d = torch.tensor(
+                [[math.sin(th) * math.cos(ph), math.sin(th) * math.sin(ph), math.cos(th)]], dtype=F64
+            )
+            p = {
+                "vertex": torch.tensor([[vx, vy, vz]], dtype=F64),
+                "direction": d,
+                "energy": torch.tensor([math.exp(loge)], dtype=F64),
+                "t0": torch.tensor([t0], dtype=F64),
+            }
+            with torch.no_grad():
+                return float(like(resp.expected(p), o))
+
+        d0 = seed["direction"][i]
+        start = [float(x) for x in seed["vertex"][i]] + [
+            math.acos(float(d0[2].clamp(-1, 1))),
+            math.atan2(float(d0[1]), float(d0[0])),
+            math.log(float(seed["energy"][i])),
+            float(seed["t0"][i]),
+        ]
+        m = Minuit(nll, start, name=("vx", "vy", "vz", "theta", "phi", "loge", "t0"))
+        m.errordef = Minuit.LIKELIHOOD
+        m.errors = (0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.5)
+        m.migrad()
+        v = m.values
+        out["vertex"].append([v[0], v[1], v[2]])
+        out["direction"].append(
+            [math.sin(v[3]) * math.cos(v[4]), math.sin(v[3]) * math.sin(v[4]), math.cos(v[3])]
+        )
+        out["energy"].append(math.exp(v[5]))
+        out["nfcn"].append(m.nfcn)
+    dt = time.perf_counter() - t
+    return {k: torch.tensor(v, dtype=F64) for k, v in out.items()}, dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=6)
+    ap.add_argument("--sk", type=int, default=2)
+    ap.add_argument("--minuit", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    out: dict = {
+        "config": vars(a),
+        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32; "
+        "times on a shared 2-core CPU, 1 torch thread",
+    }
+    n = a.events
+    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, seed=5)
+    out["expected_model_ms_mu_plus_grad_wcte"] = {
+        "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
+        "folded_K128_f64": 1e3 * time_expected(sim, 128, True, F64),
+        "folded_K32_f64": 1e3 * time_expected(sim, 32, True, F64),
+        "folded_K32_f32": 1e3 * time_expected(sim, 32, True, torch.float32),
+    }
+    print(out["expected_model_ms_mu_plus_grad_wcte"])
+    wc = {}
+    for name, opt, dt, it in (
+        ("lbfgs_f32", "lbfgs", torch.float32, 40),
+        ("adam_f32", "adam", torch.float32, 150),
+    ):
+        fit, sec, trace = run_fit(res, resp, like, n, opt, dt, it)
+        wc[name] = {
+            "seconds_per_event": sec / n,
+            "n_evals": len(trace),
+            "nll_trace": trace[::3],
+            **summary(fit, res["truth"]),
+        }
+        print(name, {k: v for k, v in wc[name].items() if k != "nll_trace"})
+    m = min(a.minuit, n)
+    if m > 0:
+        sub = {
+            "hits": res["hits"].select(res["hits"].event < m),
+            "truth": {k: v[:m] for k, v in res["truth"].items()},
+        }
+        fit_l, sec_l, _ = run_fit(sub, resp, like, m, "lbfgs", torch.float32, 40)
+        mf, sec_m = minuit_fit(sub, resp, like, m)
+        tr = sub["truth"]
+        dv = (mf["vertex"] - tr["vertex"].double()).norm(dim=-1)
+        ang = torch.rad2deg(torch.acos((mf["direction"] * tr["direction"].double()).sum(-1).clamp(-1, 1)))
+        de = mf["energy"] / tr["energy"].double() - 1
+        rl = resolutions(fit_l, tr, mask=torch.isfinite(fit_l["nll"]))
+        wc["minuit_vs_lbfgs"] = {
+            "events": m,
+            "minuit_seconds_per_event": sec_m / m,
+            "lbfgs_seconds_per_event": sec_l / m,
+            "speed_ratio": sec_m / sec_l,
+            "minuit_nfcn": mf["nfcn"].tolist(),
+            "minuit_dv_m": dv.tolist(),
+            "minuit_angle_deg": ang.tolist(),
+            "minuit_de_frac": de.tolist(),
+            "lbfgs_dv_m": rl["vertex_dist"].tolist(),
+            "lbfgs_angle_deg": torch.rad2deg(rl["angle"]).tolist(),
+            "lbfgs_de_frac": rl["de_frac"].tolist(),
+        }
+        print("minuit", wc["minuit_vs_lbfgs"])
+    out["wcte"] = wc
+    if a.sk > 0:
+        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6)
+        fit, sec, trace = run_fit(res, resp, like, a.sk, "lbfgs", torch.float32, 40)
+        out["sk"] = {
+            "lbfgs_f32": {
+                "seconds_per_event": sec / a.sk,
+                "n_evals": len(trace),
+                **summary(fit, res["truth"]),
+            }
+        }
+        print("sk", out["sk"])
+    write_json("reconstruct", out)
+
+
+if __name__ == "__main__":
+    main()

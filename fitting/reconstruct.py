@@ -1,0 +1,673 @@
+"""Maximum-likelihood event reconstruction: vertex, direction, energy, t0 per event, batched (design §5).
+
+The loop sees only a :class:`fitting.response.ResponseModel` (``expected(params) -> mu, t_mean, t_var``) and
+a likelihood module (``likelihood(pred, obs) -> (E,)`` per-event NLL, e.g. :class:`HitLikelihood`).
+
+Parameters per event (units m, ns, MeV): vertex v (3) [m], direction as an unnormalised 3-vector u (the
+model normalises it; the NLL is flat along |u|), log kinetic energy, t0 [ns]. The optimiser works on the
+scaled variables x / s with s = (0.1 m, 0.1 m, 0.1 m, 0.05, 0.05, 0.05, 0.05, 0.5 ns), so that one unit is
+about one typical uncertainty. Events are independent, so the gradient of the summed NLL is the stack of
+per-event gradients and one optimiser run fits the whole batch (L-BFGS's shared line search couples only
+the step length).
+
+Uncertainties: covariance = inverse Hessian of the per-event NLL (the observed Fisher information; Cramer-
+Rao, e.g. James, Statistical Methods in Experimental Physics, 2006, ch. 7) in the local coordinates
+(v (3), two tangent angles a, b of the direction d = normalise(d0 + a e1 + b e2), log E, t0), computed by
+batched double back-propagation (7 reverse passes for all events at once), in float64. After the
+optimiser, up to ``newton_steps`` Newton steps x <- x - H^-1 g (accepted only when the NLL decreases)
+polish the minimum; convergence is declared when the Newton decrement g^T H^-1 g < ``tol_decrement``
+(the predicted remaining NLL decrease is half of it; Boyd & Vandenberghe, Convex Optimization, 2004, 9.5.1).
+
+Status bits (``status`` (E,) int): see ``STATUS``; ``ok = converged and no failure bit``.
+Particle identification (e vs mu by likelihood ratio) needs an expected model for electron showers, which
+:class:`PhysicsResponse` does not provide yet: ``particle`` must be a track particle it supports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from physics.config import ConfigError, check_choice, check_number
+
+from .likelihood import hits_to_dense
+from .prefit import prefit
+
+__all__ = ["STATUS", "reconstruct", "status_names", "add_reconstruct_parser", "resolutions"]
+
+STATUS = {
+    "converged": 1,
+    "nonfinite": 2,  # NLL or gradient not finite at the end
+    "outside": 4,  # fitted vertex outside the detector
+    "max_iter": 8,  # optimiser hit its iteration cap without meeting the convergence criterion
+    "no_hits": 16,  # fewer than min_hits hit PMTs: not fitted
+    "bad_input": 32,  # NaN/inf charge or time in the event's hits: not fitted
+    "seed_outside": 64,  # a user seed vertex was outside the detector: replaced by the pre-fit seed
+    "hessian_not_pd": 128,  # Hessian not positive definite at the end: no uncertainties
+}
+FAILED = STATUS["nonfinite"] | STATUS["outside"] | STATUS["no_hits"] | STATUS["bad_input"]
+SCALE = (0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.5)
+TRACK_OK = ("mu-", "mu+", "pi-", "pi+")
+
+
+def status_names(code: int) -> list[str]:
+    """Names of the bits set in a status code."""
+    return [k for k, b in STATUS.items() if int(code) & b]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameter maps
+# ----------------------------------------------------------------------------------------------------------
+def _unpack(x: Tensor) -> dict[str, Tensor]:
+    """(N,8) physical parameters -> event-parameter dict (vertex, direction (unnormalised), energy, t0)."""
+    return {"vertex": x[:, 0:3], "direction": x[:, 3:6], "energy": torch.exp(x[:, 6]), "t0": x[:, 7]}
+
+
+def _tangent_basis(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Two unit vectors orthogonal to unit d (N,3) and to each other."""
+    helper = torch.zeros_like(d)
+    use_x = d[:, 0].abs() < 0.9
+    helper[use_x, 0] = 1.0
+    helper[~use_x, 1] = 1.0
+    e1 = torch.linalg.cross(d, helper)
+    e1 = e1 / e1.norm(dim=-1, keepdim=True)
+    e2 = torch.linalg.cross(d, e1)
+    return e1, e2
+
+
+def _local_to_params(y: Tensor, base: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Local coordinates y (N,7) = (dv (3), a, b, dlogE, dt0) about ``base`` -> event parameters."""
+    d = base["d"] + y[:, 3:4] * base["e1"] + y[:, 4:5] * base["e2"]
+    return {
+        "vertex": base["v"] + y[:, 0:3],
+        "direction": d / d.norm(dim=-1, keepdim=True),
+        "energy": torch.exp(base["loge"] + y[:, 5]),
+        "t0": base["t0"] + y[:, 6],
+    }
+
+
+def _select_obs(obs: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    return {k: v.index_select(0, idx) for k, v in obs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# core
+# ----------------------------------------------------------------------------------------------------------
+def _nll_fn(response, likelihood, obs: dict[str, Tensor]):
+    def f(params: dict[str, Tensor]) -> Tensor:
+        return likelihood(response.expected(params), obs)
+
+    return f
+
+
+def _hessian(f, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-event NLL (N,), gradient (N,7) and Hessian (N,7,7) at local coordinates y (N,7), batched."""
+    y = y.detach().requires_grad_()
+    nll = f(y)
+    (g,) = torch.autograd.grad(nll.sum(), y, create_graph=True)
+    rows = []
+    for j in range(y.shape[1]):
+        (h,) = torch.autograd.grad(g[:, j].sum(), y, retain_graph=j < y.shape[1] - 1)
+        rows.append(h)
+    hess = torch.stack(rows, 1)
+    return nll.detach(), g.detach(), 0.5 * (hess + hess.transpose(1, 2)).detach()
+
+
+def _optimise(
+    f, x0: Tensor, optimiser: str, max_iter: int, lr: float, trace: list[float] | None
+) -> tuple[Tensor, int]:
+    """Minimise sum f(x) over x (N,8) (physical units) on scaled variables; returns (x, iterations)."""
+    scale = torch.tensor(SCALE, dtype=x0.dtype, device=x0.device)
+    z = (x0 / scale).detach().clone().requires_grad_()
+    n_eval = 0
+
+    def total() -> Tensor:
+        nonlocal n_eval
+        n_eval += 1
+        val = f(z * scale).sum()
+        if trace is not None:
+            trace.append(float(val.detach()) / x0.shape[0])
+        return val
+
+    if optimiser == "lbfgs":
+        opt = torch.optim.LBFGS(
+            [z],
+            lr=1.0,
+            max_iter=max_iter,
+            max_eval=int(max_iter * 1.5),
+            history_size=20,
+            tolerance_grad=1e-6,
+            tolerance_change=1e-10,
+            line_search_fn="strong_wolfe",
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            val = total()
+            val.backward()
+            return val
+
+        opt.step(closure)
+        n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    else:
+        opt = torch.optim.Adam([z], lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_iter, eta_min=lr * 0.02)
+        for _ in range(max_iter):
+            opt.zero_grad()
+            total().backward()
+            opt.step()
+            sched.step()
+        n_iter = max_iter
+    return (z * scale).detach(), n_iter
+
+
+def _starts(seed: dict[str, Tensor], n_starts: int) -> list[Tensor]:
+    """Start points (each (E,8)): the seed; the vertex moved back along the direction by 30% of the
+    muon's CSDA range estimate R ~ T / (230 MeV/m) (the point fit sits near the track's light centroid);
+    the flipped direction; the vertex moved forward."""
+    v, d, e, t0 = seed["vertex"], seed["direction"], seed["energy"], seed["t0"]
+    loge = torch.log(e)[:, None]
+    rng = (e / 230.0).clamp(0.2, 5.0)[:, None]
+    cands = [
+        (v, d),
+        (v - 0.3 * rng * d, d),
+        (v, -d),
+        (v + 0.2 * rng * d, d),
+    ]
+    return [torch.cat([vv, dd, loge, t0[:, None]], 1) for vv, dd in cands[:n_starts]]
+
+
+def reconstruct(
+    hits: Any,
+    n_events: int,
+    response,
+    likelihood,
+    particle: str = "mu-",
+    seeds: dict[str, Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    n_starts: int = 2,
+    optimiser: str = "lbfgs",
+    *,
+    max_iter: int = 60,
+    adam_lr: float = 0.3,
+    newton_steps: int = 2,
+    tol_decrement: float = 0.1,
+    min_hits: int = 5,
+    batch_size: int = 16,
+    dtype: torch.dtype = torch.float64,
+    n_group: float = 1.38,
+    uncertainties: bool = True,
+    trace: list[float] | None = None,
+) -> dict[str, Tensor]:
+    """Fit every event; returns a dict of per-event results (E = n_events rows, NaN where not fitted).
+
+    hits: record with pmt (N,) long, charge (N,) [p.e.], time (N,) [ns], event (N,) long (physics.records.Hits
+    or anything with those attributes); response: ResponseModel for ``particle`` (its ``n_pmts``; optional
+    ``detector`` with ``inside(points)`` and ``pmt_pos`` (P,3) used for the containment flag and the pre-fit);
+    likelihood: per-event NLL module; seeds: optional dict vertex (E,3), direction (E,3), energy (E,), t0 (E,)
+    (default: :func:`fitting.prefit.prefit`); n_starts: 1-4 start points per event (see ``_starts``);
+    optimiser: 'lbfgs' (strong-Wolfe line search) or 'adam'; max_iter: optimiser iterations; dtype of the
+    fit (the Hessian is always float64); trace: list to which the mean NLL per evaluation is appended.
+
+    Returns: vertex (E,3) [m], direction (E,3) unit, energy (E,) [MeV], t0 (E,) [ns], nll (E,),
+    cov (E,7,7) in local coordinates (v, a, b, log E, t0), sigma_vertex (E,3) [m], sigma_dir (E,2) [rad]
+    (along
+    e1, e2), sigma_energy (E,) [MeV], sigma_t0 (E,) [ns], status (E,) int32, n_hits (E,), n_iter (E,),
+    start (E,) best start index, seed_* (the pre-fit seeds), e1/e2 (E,3) the tangent basis at the fit.
+    Raises ConfigError for n_events < 1, an unsupported particle or optimiser, or PMT indices out of range.
+    """
+    n_events = check_number(n_events, "n_events", minimum=1, integer=True)
+    check_choice(optimiser, "optimiser", ("lbfgs", "adam"))
+    check_number(n_starts, "n_starts", minimum=1, maximum=4, integer=True)
+    if particle not in TRACK_OK:
+        raise ConfigError(
+            f"particle: got {particle!r}, allowed: {list(TRACK_OK)} (electron/gamma showers are not in the "
+            "expected-response model yet, so e/mu identification by likelihood ratio is not available)"
+        )
+    rp = getattr(response, "particle", particle)
+    if rp != particle:
+        raise ConfigError(f"particle: got {particle!r} but the response model is for {rp!r}")
+    dev = torch.device(device)
+    n_pmts = int(response.n_pmts)
+    det = getattr(response, "detector", None)
+    pmt_pos = det.pmt_pos.to(dev, torch.float64) if det is not None else None
+    if pmt_pos is None:
+        raise ConfigError("response: needs a .detector with pmt_pos (P,3) for the pre-fit")
+
+    pmt = torch.as_tensor(hits.pmt, device=dev).long()
+    ev = torch.as_tensor(hits.event, device=dev).long()
+    q = torch.as_tensor(hits.charge, device=dev).to(torch.float64)
+    tt = torch.as_tensor(hits.time, device=dev).to(torch.float64)
+    status = torch.zeros(n_events, dtype=torch.int32, device=dev)
+    if ev.numel() and (int(ev.min()) < 0 or int(ev.max()) >= n_events):
+        raise ConfigError(
+            f"hits.event: values in [{int(ev.min())}, {int(ev.max())}], allowed [0, {n_events - 1}]"
+        )
+    bad_hit = ~(torch.isfinite(q) & torch.isfinite(tt))
+    bad_ev = torch.zeros(n_events, dtype=torch.bool, device=dev)
+    bad_ev[ev[bad_hit]] = True
+    status[bad_ev] |= STATUS["bad_input"]
+    keep = ~bad_ev[ev]
+    obs_all = hits_to_dense(pmt[keep], q[keep], tt[keep], ev[keep], n_events, n_pmts)
+    n_hits = obs_all["hit"].sum(1)
+    few = (n_hits < min_hits) & ~bad_ev
+    status[few] |= STATUS["no_hits"]
+    fit_idx = (~bad_ev & ~few).nonzero()[:, 0]
+
+    nan = float("nan")
+    out = {
+        "vertex": torch.full((n_events, 3), nan, dtype=torch.float64, device=dev),
+        "direction": torch.full((n_events, 3), nan, dtype=torch.float64, device=dev),
+        "energy": torch.full((n_events,), nan, dtype=torch.float64, device=dev),
+        "t0": torch.full((n_events,), nan, dtype=torch.float64, device=dev),
+        "nll": torch.full((n_events,), nan, dtype=torch.float64, device=dev),
+        "cov": torch.full((n_events, 7, 7), nan, dtype=torch.float64, device=dev),
+        "e1": torch.full((n_events, 3), nan, dtype=torch.float64, device=dev),
+        "e2": torch.full((n_events, 3), nan, dtype=torch.float64, device=dev),
+        "n_iter": torch.zeros(n_events, dtype=torch.int32, device=dev),
+        "start": torch.full((n_events,), -1, dtype=torch.int32, device=dev),
+        "n_hits": n_hits.to(torch.int32),
+    }
+    for k in ("vertex", "direction", "energy", "t0"):
+        out["seed_" + k] = out[k].clone()
+    if fit_idx.numel() == 0:
+        out["status"] = status
+        _sigmas(out)
+        return out
+
+    obs_fit = _select_obs(obs_all, fit_idx)
+    mu_dark = float(likelihood.mu_dark.mean()) if hasattr(likelihood, "mu_dark") else 0.0
+    seed = prefit(obs_fit, pmt_pos, response, n_group=n_group, mu_dark=mu_dark)
+    if seeds is not None:
+        user = {
+            k: torch.as_tensor(seeds[k], device=dev, dtype=torch.float64)[fit_idx] for k in seed if k in seeds
+        }
+        if "vertex" in user and det is not None:
+            inside = det.inside(user["vertex"].to(det.pmt_pos.dtype)).to(dev)
+            status[fit_idx[~inside]] |= STATUS["seed_outside"]
+            user["vertex"] = torch.where(inside[:, None], user["vertex"], seed["vertex"])
+        seed.update(user)
+    for k in ("vertex", "direction", "energy", "t0"):
+        out["seed_" + k][fit_idx] = seed[k]
+
+    for a in range(0, fit_idx.numel(), batch_size):
+        sl = slice(a, a + batch_size)
+        idx = fit_idx[sl]
+        _fit_batch(
+            out,
+            status,
+            idx,
+            _select_obs(obs_fit, torch.arange(a, a + idx.numel(), device=dev)),
+            {k: v[sl] for k, v in seed.items()},
+            response,
+            likelihood,
+            det,
+            optimiser,
+            n_starts,
+            max_iter,
+            adam_lr,
+            newton_steps,
+            tol_decrement,
+            dtype,
+            uncertainties,
+            trace,
+        )
+    out["status"] = status
+    _sigmas(out)
+    return out
+
+
+def _fit_batch(
+    out,
+    status,
+    idx,
+    obs,
+    seed,
+    response,
+    likelihood,
+    det,
+    optimiser,
+    n_starts,
+    max_iter,
+    adam_lr,
+    newton_steps,
+    tol_decrement,
+    dtype,
+    uncertainties,
+    trace,
+) -> None:
+    ne = idx.numel()
+    starts = _starts(seed, n_starts)
+    x0 = torch.cat(starts).to(dtype)
+    obs_rep = {k: torch.cat([v] * len(starts)) for k, v in obs.items()}
+    f = _nll_fn(response, likelihood, obs_rep)
+    x, n_iter = _optimise(lambda x: f(_unpack(x)), x0, optimiser, max_iter, adam_lr, trace)
+    with torch.no_grad():
+        nll = f(_unpack(x)).view(len(starts), ne)
+        nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
+        best = nll.argmin(0)
+    xb = x.view(len(starts), ne, 8)[best, torch.arange(ne, device=x.device)].to(torch.float64)
+    d = xb[:, 3:6] / xb[:, 3:6].norm(dim=-1, keepdim=True)
+    base = {"v": xb[:, 0:3], "d": d, "loge": xb[:, 6], "t0": xb[:, 7]}
+    base["e1"], base["e2"] = _tangent_basis(d)
+    f64 = _nll_fn(
+        response, likelihood, {k: (v.double() if v.is_floating_point() else v) for k, v in obs.items()}
+    )
+
+    def floc(y: Tensor) -> Tensor:
+        return f64(_local_to_params(y, base))
+
+    y = torch.zeros(ne, 7, dtype=torch.float64, device=x.device)
+    cov = torch.full((ne, 7, 7), float("nan"), dtype=torch.float64, device=x.device)
+    converged = torch.zeros(ne, dtype=torch.bool, device=x.device)
+    pd = torch.zeros(ne, dtype=torch.bool, device=x.device)
+    nll_b = floc(y).detach()
+    if uncertainties:
+        for it in range(newton_steps + 1):
+            nll_b, g, h = _hessian(floc, y)
+            chol, info = torch.linalg.cholesky_ex(h)
+            pd = info == 0
+            eye = torch.eye(7, dtype=h.dtype, device=h.device)
+            hinv = torch.where(
+                pd[:, None, None],
+                torch.cholesky_inverse(torch.where(pd[:, None, None], chol, eye)),
+                torch.full_like(h, float("nan")),
+            )
+            step = -(hinv @ g[..., None])[..., 0]
+            dec = (g * -step).sum(-1)
+            converged = pd & (dec < tol_decrement)
+            cov = hinv
+            if it == newton_steps or bool(converged.all()):
+                break
+            # Newton polish, accepted per event when the NLL decreases
+            todo = pd & ~converged & torch.isfinite(step).all(-1)
+            y_try = torch.where(todo[:, None], y + step, y)
+            with torch.no_grad():
+                nll_try = floc(y_try)
+            acc = todo & torch.isfinite(nll_try) & (nll_try < nll_b)
+            y = torch.where(acc[:, None], y_try, y)
+    with torch.no_grad():
+        p = _local_to_params(y, base)
+    if not uncertainties:  # no Hessian: trust the optimiser's own stopping rule (tolerance before the cap)
+        converged = torch.full((ne,), n_iter < max_iter, dtype=torch.bool, device=x.device)
+    st = torch.zeros(ne, dtype=torch.int32, device=x.device)
+    st[converged] |= STATUS["converged"]
+    if uncertainties:
+        st[~pd] |= STATUS["hessian_not_pd"]
+    st[~converged & (n_iter >= max_iter)] |= STATUS["max_iter"]
+    finite = torch.isfinite(nll_b) & torch.isfinite(p["vertex"]).all(-1) & torch.isfinite(p["energy"])
+    st[~finite] |= STATUS["nonfinite"]
+    if det is not None:
+        inside = det.inside(p["vertex"].to(det.pmt_pos.dtype)).to(x.device)
+        st[~inside] |= STATUS["outside"]
+    status[idx] |= st
+    out["vertex"][idx] = p["vertex"]
+    out["direction"][idx] = p["direction"]
+    out["energy"][idx] = p["energy"]
+    out["t0"][idx] = p["t0"]
+    out["nll"][idx] = nll_b
+    out["cov"][idx] = cov
+    out["e1"][idx] = base["e1"]
+    out["e2"][idx] = base["e2"]
+    out["n_iter"][idx] = int(n_iter)
+    out["start"][idx] = best.to(torch.int32)
+
+
+def _sigmas(out: dict[str, Tensor]) -> None:
+    var = torch.diagonal(out["cov"], dim1=1, dim2=2)
+    sd = torch.sqrt(var.clamp_min(0.0))
+    out["sigma_vertex"] = sd[:, 0:3]
+    out["sigma_dir"] = sd[:, 3:5]
+    out["sigma_energy"] = out["energy"] * sd[:, 5]
+    out["sigma_t0"] = sd[:, 6]
+    out["ok"] = ((out["status"] & STATUS["converged"]) > 0) & ((out["status"] & FAILED) == 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# residuals vs truth
+# ----------------------------------------------------------------------------------------------------------
+def resolutions(
+    fit: dict[str, Tensor], truth: dict[str, Tensor], mask: Tensor | None = None
+) -> dict[str, Any]:
+    """Residuals, pulls and 68% quantiles vs truth (vertex (E,3), direction (E,3), energy (E,)).
+
+    Returns dict with per-event arrays (dv (E,3), vertex_dist (E,), angle (E,) [rad], de_frac (E,),
+    pulls (E,7) in the fit's local coordinates: v (3), a, b, log E (t0 NaN: no true t0)) and the summary
+    numbers vertex_68 [m], angle_68 [deg], energy_68 (fractional), bias and pull mean/std per coordinate."""
+    dv = fit["vertex"] - truth["vertex"].to(fit["vertex"])
+    td = truth["direction"].to(fit["direction"])
+    td = td / td.norm(dim=-1, keepdim=True)
+    cosang = (fit["direction"] * td).sum(-1).clamp(-1.0, 1.0)
+    angle = torch.acos(cosang)
+    de = fit["energy"] / truth["energy"].to(fit["energy"]) - 1.0
+    # direction residual in the fit's tangent plane (small-angle: projections of the true direction)
+    ra = (td * fit["e1"]).sum(-1)
+    rb = (td * fit["e2"]).sum(-1)
+    dlog = torch.log(fit["energy"] / truth["energy"].to(fit["energy"]))
+    sd = torch.sqrt(torch.diagonal(fit["cov"], dim1=1, dim2=2).clamp_min(0.0))
+    res7 = torch.stack([dv[:, 0], dv[:, 1], dv[:, 2], -ra, -rb, dlog, torch.full_like(ra, float("nan"))], 1)
+    pulls = res7 / sd
+    m = fit["ok"] if mask is None else mask
+    m = m & torch.isfinite(pulls[:, :6]).all(-1)
+
+    def q68(x: Tensor) -> float:
+        return float(torch.quantile(x[m], 0.68)) if int(m.sum()) else float("nan")
+
+    names = ["x", "y", "z", "dir_a", "dir_b", "log_e"]
+    summ = {
+        "n_ok": int(m.sum()),
+        "vertex_68_m": q68(dv.norm(dim=-1)),
+        "angle_68_deg": math.degrees(q68(angle)) if int(m.sum()) else float("nan"),
+        "energy_68_frac": q68(de.abs()),
+        "bias": {n: float(res7[m, i].mean()) if int(m.sum()) else float("nan") for i, n in enumerate(names)},
+        "bias_err": {
+            n: float(res7[m, i].std() / math.sqrt(max(int(m.sum()), 1))) if int(m.sum()) > 1 else float("nan")
+            for i, n in enumerate(names)
+        },
+        "pull_mean": {
+            n: float(pulls[m, i].mean()) if int(m.sum()) else float("nan") for i, n in enumerate(names)
+        },
+        "pull_std": {
+            n: float(pulls[m, i].std()) if int(m.sum()) > 1 else float("nan") for i, n in enumerate(names)
+        },
+    }
+    return {
+        "dv": dv,
+        "vertex_dist": dv.norm(dim=-1),
+        "angle": angle,
+        "de_frac": de,
+        "pulls": pulls,
+        "mask": m,
+        "summary": summ,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def physics_response_for_run(config: dict[str, Any], *, n_track_nodes: int = 32, device: str = "cpu"):
+    """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation'])."""
+    from physics.geometry import Detector
+    from physics.medium import Medium
+    from physics.optics import Optics
+    from physics.sensors import PMTResponse
+    from physics.simulate import _sensor_config_for
+
+    from .likelihood import HitLikelihood
+    from .response import PhysicsResponse
+
+    sim = config.get("simulation", config)
+    particle = sim.get("particle", "mu-")
+    det = Detector.load(sim.get("detector", "wcte")).to(device)
+    med = Medium.load(sim.get("medium", "water")).to(device)
+    sname = sim.get("sensors", "auto")
+    sen = PMTResponse.load(_sensor_config_for(det) if sname == "auto" else sname, n_pmts=det.n_pmts).to(
+        device
+    )
+    opt = Optics.from_config(sim.get("optics", {}) or {})
+    resp = PhysicsResponse(
+        det,
+        med,
+        sen,
+        particle if particle in TRACK_OK else "mu-",
+        opt,
+        n_track_nodes=n_track_nodes,
+        fold_wavelength=True,
+    )
+    cfg = resp.likelihood_config()
+    window = tuple(sim.get("dark_window_ns", (-100.0, 400.0)))
+    like = HitLikelihood(**cfg, window=window).to(device)
+    return resp, like, particle
+
+
+def _write_h5(path: Path, fit: dict[str, Tensor], meta: dict[str, Any], overwrite: bool) -> None:
+    import json
+
+    import h5py
+
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"output {str(path)!r} exists; pass --overwrite")
+    units = {
+        "vertex": "m",
+        "direction": "1",
+        "energy": "MeV",
+        "t0": "ns",
+        "nll": "1",
+        "cov": "local",
+        "sigma_vertex": "m",
+        "sigma_dir": "rad",
+        "sigma_energy": "MeV",
+        "sigma_t0": "ns",
+        "status": "bits",
+        "ok": "1",
+        "n_hits": "1",
+        "n_iter": "1",
+        "start": "1",
+        "seed_vertex": "m",
+        "seed_direction": "1",
+        "seed_energy": "MeV",
+        "seed_t0": "ns",
+        "e1": "1",
+        "e2": "1",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".h5.tmp")
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            g = f.create_group("reco")
+            for k, u in units.items():
+                ds = g.create_dataset(k, data=fit[k].detach().cpu().numpy())
+                ds.attrs["unit"] = u
+            g.attrs["status_bits"] = json.dumps(STATUS)
+            g.attrs["cov_coordinates"] = "vx, vy, vz [m], a, b [rad] along e1, e2, log(E/MeV), t0 [ns]"
+            g.attrs["meta"] = json.dumps(meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _plots(res: dict[str, Any], png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = res["mask"].cpu().numpy()
+    fig, ax = plt.subplots(2, 3, figsize=(12, 7))
+    for i, n in enumerate("xyz"):
+        ax[0, i].hist(res["dv"][:, i].cpu().numpy()[m], bins=30)
+        ax[0, i].set_xlabel(f"{n}_fit - {n}_true [m]")
+    ax[1, 0].hist(res["angle"].cpu().numpy()[m] * 180 / math.pi, bins=30)
+    ax[1, 0].set_xlabel("direction error [deg]")
+    ax[1, 1].hist(res["de_frac"].cpu().numpy()[m], bins=30)
+    ax[1, 1].set_xlabel("E_fit / E_true - 1")
+    p = res["pulls"][:, :6].cpu().numpy()[m]
+    ax[1, 2].boxplot([p[:, i] for i in range(6)], tick_labels=["x", "y", "z", "a", "b", "logE"])
+    ax[1, 2].set_ylabel("pull")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    from physics.io import read_run
+
+    run = read_run(args.file, run=args.run)
+    resp, like, particle = physics_response_for_run(run.config, n_track_nodes=args.track_nodes)
+    if particle not in TRACK_OK:
+        raise ConfigError(
+            f"particle in {args.file!r}: {particle!r}; reconstruct supports {list(TRACK_OK)} "
+            "(no electron/shower expected model yet)"
+        )
+    t_start = time.perf_counter()
+    fit = reconstruct(
+        run.hits,
+        run.n_events,
+        resp,
+        like,
+        particle,
+        n_starts=args.starts,
+        optimiser=args.optimiser,
+        max_iter=args.max_iter,
+        batch_size=args.batch_size,
+        dtype=torch.float32 if args.float32 else torch.float64,
+    )
+    dt = time.perf_counter() - t_start
+    meta = {
+        "input": str(args.file),
+        "run": run.name,
+        "optimiser": args.optimiser,
+        "starts": args.starts,
+        "seconds": dt,
+        "particle": particle,
+    }
+    _write_h5(Path(args.output), fit, meta, args.overwrite)
+    st = fit["status"]
+    n_ok = int(fit["ok"].sum())
+    print(
+        f"reconstructed {run.n_events} events in {dt:.1f} s ({dt / run.n_events:.2f} s/event): {n_ok} ok, "
+        + ", ".join(f"{k} {int(((st & b) > 0).sum())}" for k, b in STATUS.items() if k != "converged")
+        + f" -> {args.output}"
+    )
+    truth = run.truth
+    if all(k in truth for k in ("vertex", "direction", "energy")):
+        res = resolutions(fit, {k: torch.as_tensor(truth[k]) for k in ("vertex", "direction", "energy")})
+        s = res["summary"]
+        print(
+            f"resolution (68%, {s['n_ok']} ok fits): vertex {100 * s['vertex_68_m']:.1f} cm, direction "
+            f"{s['angle_68_deg']:.2f} deg, energy {100 * s['energy_68_frac']:.1f}%"
+        )
+        print("pull std: " + ", ".join(f"{k} {v:.2f}" for k, v in s["pull_std"].items()))
+        if args.png:
+            _plots(res, args.png)
+            print(f"residual plots -> {args.png}")
+    return 0
+
+
+def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``photonfit reconstruct events.h5 -o reco.h5``."""
+    r = subparsers.add_parser("reconstruct", help="maximum-likelihood fit of vertex, direction, energy, t0")
+    r.add_argument("file", help="run file from photonfit simulate")
+    r.add_argument("-o", "--output", default="reco.h5", help="output HDF5 (written atomically)")
+    r.add_argument("--run", default=None)
+    r.add_argument("--optimiser", default="lbfgs", choices=["lbfgs", "adam"])
+    r.add_argument("--starts", type=int, default=2, help="start points per event (1-4)")
+    r.add_argument("--max-iter", type=int, default=60)
+    r.add_argument("--batch-size", type=int, default=8, help="events fitted together")
+    r.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the expected model")
+    r.add_argument("--float32", action="store_true", help="optimise in float32 (Hessian stays float64)")
+    r.add_argument("--png", default=None, help="write residual/pull plots to this PNG (needs truth)")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=_cmd_reconstruct)
+    return r

