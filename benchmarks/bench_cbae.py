@@ -11,7 +11,9 @@ used in training) of charge U(0.5, 30) p.e., time U(-5, 40) ns waveforms:
   waveform before (raw ADC) and after (encode -> decode).
 Shapes: the same for each shipped model on data of its own shape, and cross-shape (model of one shape on
 data of another) to show each model learned its own shape.
-Speed: encoder waveforms/s (float32, batch 65536, inference_mode), oracle fits/s.
+Speed: encoder waveforms/s (float32, batch 65536, inference_mode), oracle fits/s, CBAE+refine waveforms/s.
+CBAE+refine (``CBAE.refine``): Levenberg-Marquardt least-squares fit of the learned decoder to each waveform,
+started at the encoder estimate (plain LS, as oracle_ls), on the oracle subset.
 
 Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--quick]
 """
@@ -53,7 +55,14 @@ def test_set(el: Electronics, level: str, n: int, seed: int) -> dict[str, torch.
 
 
 def evaluate_level(
-    model: CBAE, el: Electronics, level: str, n_test: int, n_oracle: int, seed: int, oracle: bool = True
+    model: CBAE,
+    el: Electronics,
+    level: str,
+    n_test: int,
+    n_oracle: int,
+    seed: int,
+    oracle: bool = True,
+    refine_iter: int = 6,
 ) -> dict:
     d = test_set(el, level, n_test, seed)
     adc, clean, q, t = d["adc"], d["clean"].double(), d["charge"].double(), d["time"].double()
@@ -71,6 +80,17 @@ def evaluate_level(
     cb = {"charge": stats((p[sub, 0] - q[sub]).numpy()), "time": stats((p[sub, 1] - t[sub]).numpy())}
     cv = {"charge": stats((qc[sub] - q[sub]).numpy()), "time": stats((tc[sub] - t[sub]).numpy())}
     res["cbae"], res["conventional"] = cb, cv
+    # analysis by synthesis: LM fit of the learned decoder started at the encoder estimate (plain LS)
+    t0 = time.perf_counter()
+    pr, sr = model.refine(adc[sub].float(), n_iter=refine_iter)
+    res["cbae_refine_waveforms_per_s"] = k / (time.perf_counter() - t0)
+    pr = pr.double()
+    rf = {"charge": stats((pr[:, 0] - q[sub]).numpy()), "time": stats((pr[:, 1] - t[sub]).numpy())}
+    res["cbae_refine"], res["refine_iter"] = rf, refine_iter
+    res["cbae_refine_pull_rms"] = {
+        v: float(((pr[:, i] - (q, t)[i][sub]) / sr[:, i].double()).pow(2).mean().sqrt())
+        for i, v in enumerate(("charge", "time"))
+    }
     res["cbae_full"] = {"charge": stats((p[:, 0] - q).numpy()), "time": stats((p[:, 1] - t).numpy())}
     # calibration of the uncertainty heads: pull RMS
     res["cbae_pull_rms"] = {
@@ -88,6 +108,12 @@ def evaluate_level(
         res["ratio_cbae_to_oracle_ls"] = {
             v: cb[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
         }
+        res["ratio_cbae_refine_to_oracle_ls"] = {
+            v: rf[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
+        }
+        res["ratio_conventional_to_oracle_ls"] = {
+            v: cv[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
+        }
         res["n_oracle"] = k
         # resolution in charge bins (oracle subset)
         bins = [(0.5, 5.0), (5.0, 15.0), (15.0, 30.0)]
@@ -103,6 +129,10 @@ def evaluate_level(
                     "oracle_time_rms": float(np.sqrt(((ot - t[sub].numpy())[m] ** 2).mean())),
                     "cbae_charge_rms": float(np.sqrt(((p[sub, 0].numpy() - qs)[m] ** 2).mean())),
                     "oracle_charge_rms": float(np.sqrt(((oq - qs)[m] ** 2).mean())),
+                    "cbae_refine_time_rms": float(
+                        np.sqrt(((pr[:, 1].numpy() - t[sub].numpy())[m] ** 2).mean())
+                    ),
+                    "cbae_refine_charge_rms": float(np.sqrt(((pr[:, 0].numpy() - qs)[m] ** 2).mean())),
                 }
             )
     res["decoder_fidelity"] = {
@@ -134,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-test", type=int, default=20000)
     ap.add_argument("--n-oracle", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="small sets (smoke run)")
+    ap.add_argument("--refine-iter", type=int, default=6, help="LM iterations of CBAE.refine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
     a = ap.parse_args(argv)
     if a.quick:
@@ -149,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
         "levels": {},
     }
     for i, lvl in enumerate(LEVELS):
-        out["levels"][lvl] = evaluate_level(model, el, lvl, a.n_test, a.n_oracle, seed=90000 + i)
+        out["levels"][lvl] = evaluate_level(
+            model, el, lvl, a.n_test, a.n_oracle, seed=90000 + i, refine_iter=a.refine_iter
+        )
     out["encoder_waveforms_per_s"] = encoder_rate(model, el.n_samples)
     meta = getattr(model, "metadata", {})
     out["training"] = {
@@ -207,10 +240,24 @@ def print_table(out: dict) -> None:
         f"{'level':7s} {'method':13s} {'q bias':>8s} {'q rms':>8s} {'t bias':>8s} {'t rms':>8s}   [p.e., ns]"
     )
     for lvl, r in out["levels"].items():
-        for m in ("cbae", "oracle_ls", "oracle_ml", "conventional"):
+        o = r.get("oracle_ls")
+        for m in ("cbae", "cbae_refine", "oracle_ls", "oracle_ml", "conventional"):
             if m in r:
                 c, t = r[m]["charge"], r[m]["time"]
-                print(f"{lvl:7s} {m:13s} {c['bias']:8.4f} {c['rms']:8.4f} {t['bias']:8.4f} {t['rms']:8.4f}")
+                ratio = (
+                    f"   x oracle: q {c['rms'] / o['charge']['rms']:.3f} t {t['rms'] / o['time']['rms']:.3f}"
+                    if o
+                    else ""
+                )
+                cols = f"{c['bias']:8.4f} {c['rms']:8.4f} {t['bias']:8.4f} {t['rms']:8.4f}"
+                print(f"{lvl:7s} {m:13s} {cols}{ratio}")
+        for b in r.get("by_charge", []):
+            print(
+                f"{lvl:7s}   q in {b['charge_range']}: t rms cbae {b['cbae_time_rms']:.4f} refine "
+                f"{b['cbae_refine_time_rms']:.4f} oracle {b['oracle_time_rms']:.4f}; q rms cbae "
+                f"{b['cbae_charge_rms']:.4f} refine {b['cbae_refine_charge_rms']:.4f} oracle "
+                f"{b['oracle_charge_rms']:.4f}"
+            )
         f, d = r["decoder_fidelity"], r["denoise"]
         print(
             f"{lvl:7s} decoder rms/sigma {f['rms_over_sigma']:.3f}; denoise rms {d['rms_before_adc']:.3f} -> "
@@ -220,7 +267,8 @@ def print_table(out: dict) -> None:
         )
     print(
         f"encoder: {out['encoder_waveforms_per_s']:.3g} waveforms/s; oracle: "
-        f"{out['levels']['medium'].get('oracle_fits_per_s', float('nan')):.3g} fits/s; training "
+        f"{out['levels']['medium'].get('oracle_fits_per_s', float('nan')):.3g} fits/s; cbae+refine "
+        f"{out['levels']['medium']['cbae_refine_waveforms_per_s']:.3g} waveforms/s; training "
         f"{out['training']['train_seconds']} s"
     )
     if "semisup_10pct" in out:

@@ -71,6 +71,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         for i in range(0, adc.shape[0], args.batch):
             x = adc[i : i + args.batch].to(args.device).float()
             p, s = model.estimate(x)
+            if args.refine:
+                with torch.inference_mode(False):  # chunks of 8192: bounded forward-mode memory
+                    fits = [
+                        model.refine(x[j : j + 8192].clone(), p[j : j + 8192].clone(), args.refine_iter)
+                        for j in range(0, x.shape[0], 8192)
+                    ]
+                p, s = torch.cat([f[0] for f in fits]), torch.cat([f[1] for f in fits])
             out["charge"].append(p[:, 0])
             out["time"].append(p[:, 1])
             out["charge_sigma"].append(s[:, 0])
@@ -84,7 +91,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         args.output,
         res,
         el,
-        {"model": str(args.model), "input": str(args.input)},
+        {"model": str(args.model), "input": str(args.input), "refine": bool(args.refine)},
         None,
         extra,
         group="analysis",
@@ -182,6 +189,12 @@ def add_waveforms_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     a.add_argument("input")
     a.add_argument("--model", default="checkpoints/cbae_default.pt")
     a.add_argument("--batch", type=int, default=65536)
+    a.add_argument(
+        "--refine",
+        action="store_true",
+        help="refine the encoder estimate by a Levenberg-Marquardt fit of the learned decoder (slower)",
+    )
+    a.add_argument("--refine-iter", type=int, default=6, help="LM iterations for --refine")
     a.add_argument("--device", default="cpu")
     a.add_argument("-o", "--output", required=True)
     a.set_defaults(func=cmd_analyze)
