@@ -70,7 +70,8 @@ def muon_like_photons(det: Detector, med: Medium, n: int, gen: torch.Generator, 
 
 
 class TimedDetector:
-    """Forwards everything to a Detector, timing wall_intersect / pmt_intersect (synchronising on CUDA)."""
+    """Forwards everything to a Detector, timing its wall (wall_intersect, wall_distance, wall_normal) and
+    PMT (pmt_intersect) ray queries (synchronising on CUDA)."""
 
     def __init__(self, det: Detector, device: str) -> None:
         self._det, self._cuda = det, device.startswith("cuda")
@@ -91,6 +92,12 @@ class TimedDetector:
 
     def wall_intersect(self, pos, dir):
         return self._timed(self._det.wall_intersect, "t_wall", pos, dir)
+
+    def wall_distance(self, pos, dir):
+        return self._timed(self._det.wall_distance, "t_wall", pos, dir)
+
+    def wall_normal(self, pos, dir, t, surf):
+        return self._timed(self._det.wall_normal, "t_wall", pos, dir, t, surf)
 
     def pmt_intersect(self, pos, dir, wall_dist=None):
         return self._timed(self._det.pmt_intersect, "t_pmt", pos, dir, wall_dist)

@@ -313,27 +313,47 @@ def sample_cherenkov_wavelength(
     exact. Photons still rejected after ``max_rounds`` (only within ~1e-4 of threshold in beta) get the
     wavelength of maximum n, where the spectrum is concentrated at threshold.
     """
+    return _sample_cherenkov_wavelength_n(beta, medium, generator, max_rounds=max_rounds)[0]
+
+
+def _sample_cherenkov_wavelength_n(
+    beta: Tensor, medium: Medium, generator: torch.Generator | None, *, max_rounds: int = 64
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_cherenkov_wavelength` that also returns n(lambda) (N,) of the drawn wavelengths
+    (float64; the same values as ``medium.refractive_index(wl)``, evaluated once per proposal)."""
     b = beta.to(torch.float64)
     dev = b.device
     x = 1.0 / (b * b)
     bound = (1.0 - x / medium.n_max**2).clamp_min(1e-300)
     nu_lo, nu_hi = 1.0 / medium.wl_max, 1.0 / medium.wl_min
     out = torch.empty_like(b)
-    todo = torch.arange(b.numel(), device=dev)
+    n_out = torch.empty_like(b)
+    todo = None  # None: all photons (first round, no gathers needed)
     for _ in range(max_rounds):
-        if todo.numel() == 0:
+        m = b.numel() if todo is None else todo.numel()
+        if m == 0:
             break
-        u = torch.rand(2, todo.numel(), generator=generator, device=dev, dtype=torch.float64)
+        u = torch.rand(2, m, generator=generator, device=dev, dtype=torch.float64)
         wl = 1.0 / (nu_lo + (nu_hi - nu_lo) * u[0])
         n = medium.refractive_index(wl)
-        acc = (1.0 - x[todo] / (n * n)) / bound[todo]
+        if todo is None:
+            acc = (1.0 - x / (n * n)) / bound
+        else:
+            acc = (1.0 - x[todo] / (n * n)) / bound[todo]
         ok = u[1] < acc
-        out[todo[ok]] = wl[ok]
-        todo = todo[~ok]
-    if todo.numel():
+        if todo is None:
+            out = torch.where(ok, wl, out)
+            n_out = torch.where(ok, n, n_out)
+            todo = torch.nonzero(~ok).squeeze(1)
+        else:
+            out[todo[ok]] = wl[ok]
+            n_out[todo[ok]] = n[ok]
+            todo = todo[~ok]
+    if todo is not None and todo.numel():
         nu, inv_n2 = _nu_grid(medium, 513, dev)
         out[todo] = 1.0 / nu[torch.argmin(inv_n2)]
-    return out
+        n_out[todo] = medium.refractive_index(out[todo])
+    return out, n_out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,6 +569,10 @@ def iter_cherenkov_photons(
     interpolated; wavelength from the Frank-Tamm spectrum at that beta; direction on the cone
     cos theta = 1/(beta n(lambda)) around the segment with uniform azimuth; time t0 + int ds / (beta c)
     with beta linear along the step (exact log form).
+
+    Precision: beta, wavelength, n and time are always float64; position and direction are evaluated in
+    float64 for ``dtype=torch.float64`` and in float32 otherwise (the output precision). The random stream
+    does not depend on ``dtype``.
     """
     thin = check_number(thin, "thin", minimum=0.0, maximum=1.0)
     if len(steps) == 0:
@@ -573,28 +597,38 @@ def iter_cherenkov_photons(
         ns = int(cnt.sum())
         if ns == 0:
             continue
-        idx = torch.repeat_interleave(torch.arange(a, b, device=dev), cnt)
-        x0 = steps.x0[idx].to(torch.float64)
-        seg = steps.x1[idx].to(torch.float64) - x0
-        seg_len = seg.norm(dim=1).clamp_min(1e-15)
-        axis = seg / seg_len.unsqueeze(1)
-        b0 = steps.beta0[idx].to(torch.float64)
-        b1 = steps.beta1[idx].to(torch.float64)
+        # per-step quantities (float64), computed once per step and repeated per photon in one go. Beta,
+        # wavelength and time stay float64 (exact Frank-Tamm sampling; log form of the flight time); the
+        # geometry (position, cone rotation) is evaluated in float32 when the output is float32 or lower.
+        cd = torch.float64 if dtype == torch.float64 else torch.float32
+        x0s = steps.x0[a:b].to(torch.float64)
+        segs = steps.x1[a:b].to(torch.float64) - x0s
+        lens = segs.norm(dim=1).clamp_min(1e-15)
+        axes = segs / lens.unsqueeze(1)
+        e1s, e2s = _orthonormal_basis(axes)
+        geo = torch.repeat_interleave(torch.cat([x0s, segs, axes, e1s, e2s], 1).to(cd), cnt, dim=0)
+        cols = [steps.beta0[a:b].to(torch.float64), steps.beta1[a:b].to(torch.float64),
+                steps.t0[a:b].to(torch.float64), lens]
+        sc = torch.repeat_interleave(torch.stack(cols, 1), cnt, dim=0)  # (ns, 4)
+        x0, seg, axis, e1, e2 = geo[:, 0:3], geo[:, 3:6], geo[:, 6:9], geo[:, 9:12], geo[:, 12:15]
+        b0, b1, t0, seg_len = sc[:, 0], sc[:, 1], sc[:, 2], sc[:, 3]
         u = torch.rand(ns, generator=generator, device=dev, dtype=torch.float64)
         beta = b0 + u * (b1 - b0)
-        wl = sample_cherenkov_wavelength(beta, medium, generator)
-        n = medium.refractive_index(wl)
-        cos_t = (1.0 / (beta * n)).clamp(-1.0, 1.0)
-        phi = 2.0 * math.pi * torch.rand(ns, generator=generator, device=dev, dtype=torch.float64)
-        d = _rotate(axis, cos_t, phi)
-        s = u * seg_len
-        t = steps.t0[idx].to(torch.float64) + _time_linear_beta(s, b0, beta)
+        wl, n = _sample_cherenkov_wavelength_n(beta, medium, generator)
+        cos_t = (1.0 / (beta * n)).clamp(-1.0, 1.0).to(cd)
+        phi = (2.0 * math.pi * torch.rand(ns, generator=generator, device=dev, dtype=torch.float64)).to(cd)
+        sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(0.0))
+        d = cos_t.unsqueeze(1) * axis + (sin_t * torch.cos(phi)).unsqueeze(1) * e1
+        d += (sin_t * torch.sin(phi)).unsqueeze(1) * e2
+        d /= d.norm(dim=1, keepdim=True)
+        pos = x0 + u.to(cd).unsqueeze(1) * seg
+        t = t0 + _time_linear_beta(u * seg_len, b0, beta)
         yield Photons(
-            pos=(x0 + u.unsqueeze(1) * seg).to(dtype),
+            pos=pos.to(dtype),
             dir=d.to(dtype),
             t=t.to(dtype),
             wavelength=wl.to(dtype),
-            event=steps.event[idx],
+            event=torch.repeat_interleave(steps.event[a:b], cnt),
         )
 
 

@@ -59,9 +59,14 @@ def interp1d(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     fp = fp.to(device=x.device, dtype=x.dtype)
     xc = x.clamp(xp[0], xp[-1])
     i = torch.searchsorted(xp, xc.detach().contiguous(), right=True).clamp(1, xp.numel() - 1)
-    x0, x1 = xp[i - 1], xp[i]
+    if x.ndim == 1:  # 1-D look-ups with index_select (same values as advanced indexing, faster on CPU)
+        j = i - 1
+        x0, x1 = xp.index_select(0, j), xp.index_select(0, i)
+        f0, f1 = fp.index_select(0, j), fp.index_select(0, i)
+    else:
+        x0, x1, f0, f1 = xp[i - 1], xp[i], fp[i - 1], fp[i]
     w = (xc - x0) / (x1 - x0)
-    return fp[i - 1] + w * (fp[i] - fp[i - 1])
+    return f0 + w * (f1 - f0)
 
 
 def _hermite_tangents(x: Tensor, y: Tensor) -> Tensor:
@@ -317,6 +322,7 @@ class Medium(nn.Module):
                     )
             self.register_buffer("_sell_b", torch.tensor(b, dtype=torch.float64))
             self.register_buffer("_sell_c", torch.tensor(c, dtype=torch.float64))
+            self._sell_terms = tuple(zip((float(v) for v in b), (float(v) for v in c), strict=True))
         elif model == "table":
             check_keys(cfg, required=("model", "wavelength_nm", "n"), optional=("reference",), where=where)
             x, y = _table(cfg, where, "wavelength_nm", "n", ymin=1.0, strict=False)
@@ -482,19 +488,28 @@ class Medium(nn.Module):
             n = self._n_const.to(device=wl.device, dtype=wl.dtype).expand_as(wl)
             return n, torch.zeros_like(wl)
         if self.rindex_model == "sellmeier":
-            b = self._sell_b.to(device=wl.device, dtype=wl.dtype)
-            c = self._sell_c.to(device=wl.device, dtype=wl.dtype)
-            l2 = (wl * 1e-3).unsqueeze(-1) ** 2  # um^2
-            n2 = 1.0 + (b * l2 / (l2 - c)).sum(-1)
-            dn2_dl2 = (-b * c / (l2 - c) ** 2).sum(-1)
+            # n^2 = 1 + sum_k B_k l2 / (l2 - C_k), summed term by term (no (..., K) broadcast temporaries)
+            l2 = (wl * 1e-3) * (wl * 1e-3)  # um^2
+            n2 = torch.ones_like(l2)
+            dn2_dl2 = torch.zeros_like(l2)
+            for b, c in self._sell_terms:
+                inv = 1.0 / (l2 - c)
+                n2 = n2 + (b * l2) * inv
+                dn2_dl2 = dn2_dl2 - (b * c) * (inv * inv)
             n = torch.sqrt(n2)
             # lambda dn/dlambda = (l2 / n) d(n^2)/d(l2)
-            return n, l2.squeeze(-1) * dn2_dl2 / n
+            return n, l2 * dn2_dl2 / n
         n, dn = _hermite_eval(wl, self._n_wl, self._n_val, self._n_tan)
         return n, wl * dn
 
     def refractive_index(self, wl: Tensor) -> Tensor:
         """Phase refractive index n(lambda); wl [nm] any shape."""
+        if self.rindex_model == "sellmeier":  # n only (skips the dn/dlambda terms)
+            l2 = (wl * 1e-3) * (wl * 1e-3)  # um^2
+            n2 = torch.ones_like(l2)
+            for b, c in self._sell_terms:
+                n2 = n2 + (b * l2) / (l2 - c)
+            return torch.sqrt(n2)
         return self._n_and_lambda_dn(wl)[0]
 
     def group_index(self, wl: Tensor) -> Tensor:

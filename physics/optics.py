@@ -111,7 +111,9 @@ def project_polarization(pol: Tensor, d: Tensor, fallback: Tensor | Callable[[],
     """New linear polarisation after scattering into d: the old one projected perpendicular to d, normalised
     (Geant4 G4OpRayleigh convention); ``fallback`` (N,3) (or a callable making it, called only when needed)
     where the projection vanishes."""
-    p = pol - (pol * d).sum(-1, keepdim=True) * d
+    px, py, pz = pol.unbind(-1)
+    dx, dy, dz = d.unbind(-1)
+    p = pol - (px * dx + py * dy + pz * dz)[..., None] * d
     nrm = p.norm(dim=-1, keepdim=True)
     ok = nrm > 1e-6
     p = p / nrm.clamp_min(1e-30)
@@ -291,7 +293,11 @@ class Optics(nn.Module):
         u = torch.rand((m, 2), generator=generator, device=dev, dtype=dtype)
         # distance to the next volume interaction: -ln(u) in (0, inf], times 1/mu_tot (inf: never).
         d_int = -torch.log(u[:, 0]) * state.inv_mu
-        d_wall, n_wall = detector.wall_intersect(pos, d)
+        split_wall = hasattr(detector, "wall_distance") and hasattr(detector, "wall_normal")
+        if split_wall:  # normals are then evaluated for the reflected photons only
+            d_wall, surf = detector.wall_distance(pos, d)
+        else:
+            d_wall, n_wall = detector.wall_intersect(pos, d)
         d_wall = d_wall.to(dtype)
         have_pmts = use_pmts and int(detector.n_pmts) > 0
         if have_pmts:
@@ -306,7 +312,6 @@ class Optics(nn.Module):
         if not bool(torch.isfinite(step_len).all()):  # outside the detector / numerical failure: drop
             bad = ~torch.isfinite(step_len)
             step_len = torch.where(bad, torch.zeros_like(step_len), step_len)
-        new_pos = torch.addcmul(pos, d, step_len[:, None])
         new_t = torch.addcmul(state.t, step_len, state.inv_v)
         u1 = u[:, 1]
 
@@ -328,7 +333,9 @@ class Optics(nn.Module):
         wall_rec = None
         if record_wall:
             wi = torch.nonzero(at_wall).squeeze(1)
-            wall_rec = WallHits(pos=new_pos.index_select(0, wi), dir=d.index_select(0, wi),
+            d_wi = d.index_select(0, wi)
+            pos_wi = torch.addcmul(pos.index_select(0, wi), d_wi, step_len.index_select(0, wi)[:, None])
+            wall_rec = WallHits(pos=pos_wi, dir=d_wi,
                                 t=new_t.index_select(0, wi), wavelength=state.wavelength.index_select(0, wi),
                                 event=state.event.index_select(0, wi),
                                 n_scatter=state.n_scatter.index_select(0, wi).long(),
@@ -345,9 +352,11 @@ class Optics(nn.Module):
         # survivors: scattered or reflected photons, with their new direction
         keep = torch.nonzero(redirect).squeeze(1)
         k = keep.shape[0]
-        new = PhotonState(**{f.name: (getattr(state, f.name) if f.name not in ("pos", "t") else
-                                      (new_pos if f.name == "pos" else new_t)).index_select(0, keep)
-                             for f in fields(state)})
+        cols = {f.name: getattr(state, f.name) for f in fields(state)}
+        cols["t"] = new_t
+        new = PhotonState(**{name: x.index_select(0, keep) for name, x in cols.items()})
+        pos_k, len_k = new.pos, step_len.index_select(0, keep)
+        new.pos = torch.addcmul(pos_k, new.dir, len_k[:, None])  # moved to the interaction / surface point
         if k:
             dk, pk = new.dir, new.pol
             r = torch.rand((k, 4), generator=generator, device=dev, dtype=dtype)
@@ -363,7 +372,11 @@ class Optics(nn.Module):
                 new_dir = torch.where(k_mie[:, None], hg, new_dir)
             if not bool(k_scat.all()):
                 # reflections: wall (diffuse or specular about the wall normal) or PMT glass (specular)
-                nrm = n_wall.index_select(0, keep).to(dtype)
+                if split_wall:
+                    nrm = detector.wall_normal(pos_k, dk, d_wall.index_select(0, keep),
+                                               surf.index_select(0, keep)).to(dtype)
+                else:
+                    nrm = n_wall.index_select(0, keep).to(dtype)
                 if have_pmts:
                     k_pmt = pmt_refl.index_select(0, keep)
                     if bool(k_pmt.any()):
@@ -476,7 +489,10 @@ def _cat_sorted(cls, parts: list, empty):
     if not parts:
         return empty
     rec = cls.cat(parts) if len(parts) > 1 else parts[0]
-    order = torch.sort(rec.event, stable=True).indices
+    ev = rec.event
+    if ev.numel() < 2 or bool((ev[1:] >= ev[:-1]).all()):  # already sorted (e.g. one event): stable no-op
+        return rec
+    order = torch.sort(ev, stable=True).indices
     return rec.select(order)
 
 
