@@ -23,9 +23,16 @@ from . import __version__
 from .config import ConfigError, check_choice, check_number
 from .constants import SHOWER_PARTICLES, TRACK_PARTICLES
 from .electronics import Electronics
-from .emission import cherenkov_photons, isotropic_source, laser_source, shower_photons, track_steps
+from .emission import (
+    cherenkov_photons,
+    isotropic_source,
+    laser_source,
+    scintillation_photons,
+    shower_photons,
+    track_steps,
+)
 from .geometry import Detector
-from .medium import Medium
+from .medium import Medium, Scintillator
 from .optics import Optics
 from .records import Hits, PhotoElectrons, Photons
 
@@ -113,17 +120,22 @@ class Simulator:
         return vtx, d / d.norm(dim=1, keepdim=True)
 
     def _photons(self, vtx: Tensor, d: Tensor, thin: float, gen: torch.Generator) -> Photons:
-        cfg, n = self.cfg, vtx.shape[0]
-        t0 = torch.zeros(n, device=self.device)
+        cfg = self.cfg
         if cfg.particle in TRACK_PARTICLES:
+            if isinstance(self.medium, Scintillator):  # Cherenkov + Birks-quenched scintillation to rest
+                steps = track_steps(cfg.particle, cfg.energy, vtx, d, self.medium, gen, stop="rest")
+                return Photons.cat([cherenkov_photons(steps, self.medium, gen, thin=thin),
+                                    scintillation_photons(steps, self.medium, gen, cfg.particle, thin=thin)])
             steps = track_steps(cfg.particle, cfg.energy, vtx, d, self.medium, gen)
             return cherenkov_photons(steps, self.medium, gen, thin=thin)
         if cfg.particle in SHOWER_PARTICLES:
             return shower_photons(cfg.particle, cfg.energy, vtx, d, self.medium, gen, thin=thin)
-        wl = torch.full((n,), cfg.wavelength_nm, device=self.device)
+        # calibration sources: Poisson(n_photons * thin) photons per event at one wavelength, t = 0
+        mean, wl = cfg.n_photons * thin, cfg.wavelength_nm
         if cfg.particle == "isotropic":
-            return isotropic_source(cfg.n_photons * thin, vtx, t0, wl, gen)
-        return laser_source(cfg.n_photons * thin, vtx, d, math.radians(cfg.laser_divergence_deg), t0, wl, gen)
+            return isotropic_source(vtx, mean, gen, poisson=True, wavelength=wl)
+        div = math.radians(cfg.laser_divergence_deg)
+        return laser_source(vtx, d, mean, gen, divergence=div, poisson=True, wavelength=wl)
 
     @torch.no_grad()
     def run_batch(self, n_events: int, gen: torch.Generator) -> dict:
