@@ -45,7 +45,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
               n_events=args.events, photons=res.get("photons"), waveforms=res.get("waveforms"),
               detector=sim.detector, overwrite=args.overwrite)
     n_hits = len(res["hits"])
-    print(f"simulated {args.events} {args.particle} events ({args.energy:g} MeV) in {sim.detector.name}: "
+    what = f"{args.photons:g} photons" if args.particle in ("isotropic", "laser") else f"{args.energy:g} MeV"
+    print(f"simulated {args.events} {args.particle} events ({what}) in {sim.detector.name}: "
           f"{n_hits / args.events:.1f} hit PMTs/event, {float(res['hits'].charge.sum()) / args.events:.1f} "
           f"p.e./event, {dt:.2f} s → {args.output}")
     return 0
