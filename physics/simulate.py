@@ -149,7 +149,9 @@ class Simulator:
             pe = PhotoElectrons.cat([pe, self.sensors.dark_noise(n_events, self.cfg.dark_window_ns, gen)])
         hits, pe_digi = self.sensors.digitize(pe, n_events, gen)
         out = {
-            "truth": {"vertex": vtx, "direction": d, "energy": torch.full((n_events,), self.cfg.energy),
+            "truth": {"vertex": vtx, "direction": d,
+                      "energy": torch.full((n_events,), self.cfg.energy, device=self.device),
+                      # emitted photons (the thinned count scaled back: an unbiased estimate)
                       "n_photons": torch.bincount(photons.event, minlength=n_events) / thin,
                       "n_pe": torch.bincount(pe.event, minlength=n_events)},
             "hits": hits,
@@ -164,11 +166,14 @@ class Simulator:
         """One waveform per hit (event, PMT); sample k at t_start - pre_trigger + k * period [ns]."""
         key_hit = hits.event * self.detector.n_pmts + hits.pmt
         key_pe = pe_digi["event"] * self.detector.n_pmts + pe_digi["pmt"]
-        order = torch.argsort(key_hit)
-        pos = torch.searchsorted(key_hit[order], key_pe)
-        pos = pos.clamp(max=len(key_hit) - 1)
-        found = key_hit[order][pos] == key_pe
-        channel = order[pos][found]
+        if len(hits) == 0:  # no hit above threshold: no channel to digitise
+            found = torch.zeros_like(key_pe, dtype=torch.bool)
+            channel = key_pe[found]
+        else:  # p.e. of PMTs below threshold have no channel and are dropped
+            order = torch.argsort(key_hit)
+            pos = torch.searchsorted(key_hit[order], key_pe).clamp(max=len(key_hit) - 1)
+            found = key_hit[order][pos] == key_pe
+            channel = order[pos][found]
         t_start = hits.time  # the window opens pre_trigger before the first hit (electronics convention)
         samples = self.electronics.sample(channel, pe_digi["t"][found], pe_digi["charge"][found],
                                           len(hits), t_start, gen)
