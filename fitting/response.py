@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from physics import emission
 from physics import expected as px
 from physics.config import ConfigError, check_number
-from physics.constants import PARTICLE_MASS, TRACK_PARTICLES
+from physics.constants import PARTICLE_MASS, SHOWER_PARTICLES, TRACK_PARTICLES
 from physics.sensors import spe_moments
 
 __all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
@@ -93,9 +93,11 @@ class PhysicsResponse(ResponseModel):
     Args:
       detector: physics.geometry.Detector; medium: physics.medium.Medium;
       sensors: physics.sensors.PMTResponse;
-      particle: one of TRACK_PARTICLES ('mu-', 'mu+', 'pi-', 'pi+') or 'isotropic';
+      particle: one of TRACK_PARTICLES ('mu-', 'mu+', 'pi-', 'pi+'), SHOWER_PARTICLES ('e-', 'e+', 'gamma';
+      EM cascade, expected.shower_direct_light) or 'isotropic';
       optics: physics.optics.Optics (its pmt_reflectivity removes light from the photocathode) or None;
-      n_track_nodes: track quadrature cells K; nodes_per_segment: Gauss-Legendre nodes per wavelength segment
+      n_track_nodes: track quadrature cells K; n_depth_nodes: cascade longitudinal-profile cells;
+      nodes_per_segment: Gauss-Legendre nodes per wavelength segment
       (segments between the knots of the QE and absorption tables); source_wavelength [nm] (isotropic source,
       a single line) or None (source spectrum = the band, uniform in wavelength);
       max_elements: chunk events so that E_chunk * P * K * L stays below it (memory bound);
@@ -103,8 +105,7 @@ class PhysicsResponse(ResponseModel):
       O(E P K) instead of O(E P K L); agrees with the exact sum to ~1%, the fast path for reconstruction).
 
     Event parameters: vertex (E,3) [m], t0 (E,) [ns] (optional, default 0), and direction (E,3), energy (E,)
-    [MeV kinetic] for tracks or n_photons (E,) for the source. Returns mu, t_mean, t_var (E,P).
-    Electron/gamma showers are not implemented yet (ConfigError).
+    [MeV kinetic] for tracks and showers, or n_photons (E,) for the source. Returns mu, t_mean, t_var (E,P).
     """
 
     def __init__(
@@ -116,17 +117,16 @@ class PhysicsResponse(ResponseModel):
         optics: nn.Module | None = None,
         *,
         n_track_nodes: int = 128,
+        n_depth_nodes: int = 48,
         nodes_per_segment: int = 1,
         source_wavelength: float | None = None,
         max_elements: int = 20_000_000,
         fold_wavelength: bool = False,
     ) -> None:
         super().__init__()
-        if particle not in TRACK_PARTICLES + ("isotropic",):
-            raise ConfigError(
-                f"particle: got {particle!r}, allowed: {list(TRACK_PARTICLES) + ['isotropic']} "
-                "(showers e-/e+/gamma: not implemented in the expected response yet)"
-            )
+        allowed = TRACK_PARTICLES + SHOWER_PARTICLES + ("isotropic",)
+        if particle not in allowed:
+            raise ConfigError(f"particle: got {particle!r}, allowed: {list(allowed)}")
         self.detector = detector
         self.medium = medium
         self.sensors = sensors
@@ -137,6 +137,9 @@ class PhysicsResponse(ResponseModel):
         if int(sensors.n_pmts) != self.n_pmts:
             raise ConfigError(f"sensors.n_pmts: got {sensors.n_pmts}, expected the detector's {self.n_pmts}")
         self.n_track_nodes = check_number(n_track_nodes, "n_track_nodes", minimum=1, integer=True)
+        self.n_depth_nodes = check_number(n_depth_nodes, "n_depth_nodes", minimum=2, integer=True)
+        # R&W angular distribution centre, the same 1/n_eff as the simulator (physics.emission)
+        self._n_eff = emission._effective_index(medium) if particle in SHOWER_PARTICLES else None
         self.nodes_per_segment = check_number(nodes_per_segment, "nodes_per_segment", minimum=1, integer=True)
         self.max_elements = check_number(max_elements, "max_elements", minimum=1, integer=True)
         self.source_wavelength = (
@@ -197,12 +200,34 @@ class PhysicsResponse(ResponseModel):
             **self._pmt_terms(dtype, dev),
         )
         k = 1 if self.particle == "isotropic" else self.n_track_nodes
-        n_l = 12 if self.fold_wavelength else wl.numel()  # folded: (E,P,K,12) Hermite rows dominate
+        shower = self.particle in SHOWER_PARTICLES
+        if shower:
+            k = 3 * self.n_depth_nodes  # cell centre and both edges
+        n_l = (
+            12 if (self.fold_wavelength or shower) else wl.numel()
+        )  # folded: (E,P,K,12) Hermite rows dominate
         chunk = max(1, self.max_elements // max(1, self.n_pmts * k * n_l))
         outs = []
         for a in range(0, n_ev, chunk):
             sl = slice(a, a + chunk)
-            if self.particle == "isotropic":
+            if shower:
+                det = self.detector
+                o = px.shower_direct_light(
+                    vertex[sl],
+                    event_params["direction"][sl],
+                    event_params["energy"][sl].to(dtype),
+                    t0[sl],
+                    particle=self.particle,
+                    wl=wl,
+                    refr_index=m.refractive_index(wl).to(dtype),
+                    radiation_length=m.radiation_length,
+                    density=m.density,
+                    n_eff=self._n_eff,
+                    n_depth_nodes=self.n_depth_nodes,
+                    wall=(det.shape, det.radius, det.height),
+                    **common,
+                )
+            elif self.particle == "isotropic":
                 o = px.isotropic_direct_light(
                     vertex[sl], event_params["n_photons"][sl].to(dtype), t0[sl], **common
                 )
@@ -265,5 +290,6 @@ class PhysicsResponse(ResponseModel):
     def extra_repr(self) -> str:
         return (
             f"particle={self.particle!r}, n_pmts={self.n_pmts}, n_track_nodes={self.n_track_nodes}, "
+            f"n_depth_nodes={self.n_depth_nodes}, "
             f"nodes_per_segment={self.nodes_per_segment}, fold_wavelength={self.fold_wavelength}"
         )

@@ -46,7 +46,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .constants import ALPHA, C_M_PER_NS
+from .config import ConfigError
+from .constants import ALPHA, C_M_PER_NS, SHOWER_PARTICLES
+from .emission import RW_ANGULAR_EM, RW_ICE_DENSITY, RW_LONGITUDINAL, RW_TRACK_LENGTH
 
 __all__ = [
     "gauss_legendre",
@@ -60,6 +62,9 @@ __all__ = [
     "attenuation_table",
     "track_direct_light",
     "isotropic_direct_light",
+    "cascade_angular_cdf",
+    "shower_depth_nodes",
+    "shower_direct_light",
 ]
 
 TWO_PI = 2.0 * math.pi
@@ -580,3 +585,236 @@ def isotropic_direct_light(
         time_offset,
         isotropic=n_photons,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# electromagnetic cascades (e-, e+, gamma)
+# ----------------------------------------------------------------------------------------------------------
+GAMMA_CONVERSION_X0 = 9.0 / 7.0  # mean pair-conversion depth [X0] (Rossi & Greisen 1941; PDG eq. 34.31)
+
+
+def cascade_angular_cdf(
+    x: Tensor, n: float, params: tuple[float, float, float, float] = RW_ANGULAR_EM
+) -> Tensor:
+    """Primitive in cos(theta) of the Raedel & Wiebusch cascade angular distribution (unnormalised).
+
+    pdf(x) = A exp(B |x - 1/n|^C) + D (Raedel & Wiebusch, Astropart. Phys. 38 (2012) 53, eq. 4.5; the same
+    function as physics.emission.cascade_angular_pdf). With y = x - 1/n and k = -B > 0:
+    G(x) = sign(y) A Gamma(1/C) P(1/C, k |y|^C) / (C k^(1/C)) + D y, P the regularised lower incomplete gamma
+    function (substitution z = k |y|^C). G' = pdf; smooth through the cusp at y = 0 (G ~ pdf(1/n) y there).
+    x any shape (dimensionless); returns the same shape.
+    """
+    a, b, c, d = params
+    k = -b
+    y = x - 1.0 / n
+    ay = y.abs().clamp_min(1e-12)  # |y|^C has an infinite slope at 0; P ~ z^(1/C) makes G linear there
+    z = k * ay**c
+    s = torch.full_like(z, 1.0 / c)
+    amp = a * math.gamma(1.0 / c) / (c * k ** (1.0 / c))
+    return torch.sign(y) * amp * torch.special.gammainc(s, z) + d * y
+
+
+def _shower_profile(particle: str, energy: Tensor) -> tuple[Tensor, Tensor]:
+    """R&W gamma-profile shape a (floored at 1, as physics.emission.shower_params) and rate b [1/X0]."""
+    key = "e-" if particle == "gamma" else particle
+    alpha, beta, b = RW_LONGITUDINAL[key]
+    a = (alpha + beta * torch.log10((energy * 1e-3).clamp_min(1e-6))).clamp_min(1.0)
+    return a, torch.full_like(a, b)
+
+
+def shower_depth_nodes(
+    particle: str, energy: Tensor, n_nodes: int = 48, n_series: int = 48
+) -> dict[str, Tensor]:
+    """Midpoint quadrature of the longitudinal Cherenkov profile of an EM cascade, in radiation lengths.
+
+    Electrons/positrons: dP/dt = b^a t^(a-1) exp(-b t) / Gamma(a) (Longo & Sestili, NIM 128 (1975) 283; R&W
+    2012 eq. 4.1-4.3 for a(E), b). Gammas: the electron profile delayed by the pair-conversion depth,
+    exponential with rate lambda = 7/9 per X0 (PDG eq. 34.31), i.e. the convolution
+    dP/dt = lambda b^a / Gamma(a) exp(-lambda t) sum_n c^n t^(a+n) / (n! (a+n)),  c = lambda - b
+    (termwise integration of int_0^t v^(a-1) exp(c v) dv; all terms positive). This is the depth
+    distribution sampled by physics.emission.shower_photons. K cells uniform on [0, t_max],
+    t_max = (a + 6 sqrt(a) + 6) / b (+ 10 * 9/7 for gammas), weights pdf(t_k) dt normalised to 1 -- smooth
+    in the energy through a (nodes and weights). energy (E,) [MeV]; returns (E,K) tensors t [X0],
+    dt [X0], w (sum 1).
+    """
+    a, b = _shower_profile(particle, energy)
+    t_max = (a + 6.0 * torch.sqrt(a) + 6.0) / b
+    if particle == "gamma":
+        t_max = t_max + 10.0 * GAMMA_CONVERSION_X0
+    u = (torch.arange(n_nodes, dtype=energy.dtype, device=energy.device) + 0.5) / n_nodes
+    t = t_max[:, None] * u  # (E,K)
+    dt = (t_max / n_nodes)[:, None].expand_as(t)
+    a2, b2 = a[:, None], b[:, None]
+    log_t = torch.log(t)
+    if particle == "gamma":
+        lam = 1.0 / GAMMA_CONVERSION_X0
+        c = lam - b2[..., None]  # (E,1,1) > 0 for the R&W b = 0.632
+        nn_ = torch.arange(n_series, dtype=energy.dtype, device=energy.device)
+        terms = (
+            nn_ * torch.log(c)
+            + (a2[..., None] + nn_) * log_t[..., None]
+            - torch.lgamma(nn_ + 1.0)
+            - torch.log(a2[..., None] + nn_)
+        )
+        logpdf = math.log(lam) + a2 * torch.log(b2) - torch.lgamma(a2) - lam * t + torch.logsumexp(terms, -1)
+    else:
+        logpdf = a2 * torch.log(b2) + (a2 - 1.0) * log_t - b2 * t - torch.lgamma(a2)
+    w = torch.exp(logpdf) * dt
+    return {"t": t, "dt": dt, "w": w / w.sum(-1, keepdim=True)}
+
+
+def shower_direct_light(
+    vertex: Tensor,
+    direction: Tensor,
+    energy: Tensor,
+    t0: Tensor,
+    *,
+    particle: str,
+    pmt_pos: Tensor,
+    pmt_normal: Tensor,
+    pmt_radius: Tensor,
+    wl: Tensor,
+    wl_weight: Tensor,
+    refr_index: Tensor,
+    inv_att: Tensor,
+    n_group: Tensor,
+    det_wl: Tensor,
+    acceptance: Callable[[Tensor], Tensor],
+    det_pmt: Tensor,
+    time_offset: Tensor,
+    radiation_length: float,
+    density: float,
+    n_eff: float,
+    n_depth_nodes: int = 48,
+    wall: tuple[str, float, float | None] | None = None,
+    n_grid: int = 257,
+) -> dict[str, Tensor]:
+    """Direct Cherenkov light of an electromagnetic cascade (e-, e+, gamma): expected p.e. and time moments.
+
+    Same physics as :func:`physics.emission.shower_photons` (Raedel & Wiebusch, Astropart. Phys. 38 (2012)
+    53):
+
+        mu_i = l(E) sum_k w_k f_k sum_l Y_l QE_l CE exp(-d_ik / L_att,l) * rho_ik * Omega_ik A(cos_inc) D_i
+
+    * l(E) = alpha (E/GeV)^beta [cm in ice] * rho_ice / rho_medium: total Cherenkov track length
+      (R&W eq. 4.2);
+      Y_l = wl_weight_l 2 pi alpha_em / lambda_l^2 (1 - 1/n_l^2): beta = 1 Frank-Tamm photons per metre and nm
+      (PDG eq. 34.45);
+    * w_k: longitudinal profile nodes, :func:`shower_depth_nodes` (gamma profile; gammas convolved with the
+      exponential conversion depth); emission point x_k = vertex + X0 t_k axis; f_k the fraction of the cell
+      inside the detector (cells beyond the wall do not radiate);
+    * rho_ik = pdf(cos alpha_ik) / (2 pi Z) [1/sr]: the R&W angular distribution (Z = its integral over
+      cos in [-1, 1], centred on 1/n_eff with the same n_eff as the simulator). The distribution has a cusp at
+      the Cherenkov angle, so it is averaged, with :func:`cascade_angular_cdf`, over the range of cos alpha
+      that cell k and the photocathode disk subtend: a box of the same variance as the cell's cos range
+      (uniform) plus the disk (angular variance a^2 (1 + cos^2 theta_inc) / (8 d^2), times sin^2 alpha);
+    * Omega (:func:`disk_solid_angle`), A, QE, CE, D_i = qe_scale_i (1 - R_pmt) and the attenuation
+      (absorption + Rayleigh + Mie) exactly as the track kernel; the wavelength sum is folded into the
+      tabulated S_m(d) of :func:`attenuation_table` (exact up to Hermite interpolation, since the R&W angular
+      distribution does not depend on wavelength).
+    * time t = t0 + X0 t_k / c + d_ik n_g(lambda) / c (the cascade front moves at c; group velocity of light),
+      mu-weighted mean and variance over cells, wavelengths, the cell width and the photocathode.
+
+    Shapes/units: vertex (E,3) [m], direction (E,3) (normalised here), energy (E,) [MeV], t0 (E,) [ns];
+    wl, wl_weight, refr_index, inv_att [1/m], n_group, det_wl (L,); pmt_* (P,...); radiation_length [m],
+    density [g/cm^3]; wall = (shape, radius [m], height [m]). Returns mu, t_mean [ns], t_var [ns^2] (E,P) and
+    the depth nodes.
+    """
+    if particle not in SHOWER_PARTICLES:
+        raise ConfigError(f"particle: got {particle!r}, allowed: {list(SHOWER_PARTICLES)}")
+    dt_ = vertex.dtype
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    nodes = shower_depth_nodes(particle, energy, n_depth_nodes)
+    x0 = float(radiation_length)
+    s = nodes["t"] * x0  # (E,K) [m]
+    ds = nodes["dt"] * x0
+    al, be, _, _ = RW_TRACK_LENGTH[particle]
+    length = 0.01 * RW_ICE_DENSITY / float(density) * al * (energy * 1e-3).clamp_min(0.0) ** be  # (E,) [m]
+    weight = nodes["w"] * length[:, None]  # (E,K) track length per cell [m]
+    if wall is not None:
+        exit_d = wall_exit_distance(vertex, direction, wall[0], wall[1], wall[2])
+        frac = ((exit_d[:, None] - (s - 0.5 * ds)) / ds).clamp(0.0, 1.0)
+        weight = weight * frac
+
+    # spectrum (beta = 1 Frank-Tamm) x QE x CE, folded with attenuation and group index into S_m(d)
+    n = refr_index.to(dt_)
+    spec = wl_weight.to(dt_) * TWO_PI * ALPHA * 1e9 / wl.to(dt_) ** 2 * (1.0 - 1.0 / (n * n)) * det_wl.to(dt_)
+    wsum = spec.sum()
+    ng = n_group.to(dt_)
+    ng_ref = ng.detach().mean()
+    dng = ng - ng_ref
+
+    q = pmt_pos.to(dt_)[None] - vertex[:, None, :]  # (E,P,3)
+    nrm = pmt_normal.to(dt_)
+    q2 = (q * q).sum(-1)
+    qn = (q * nrm[None]).sum(-1)
+    proj = (q * direction[:, None, :]).sum(-1)
+    dn = direction @ nrm.T
+    d_max = float(torch.sqrt(q2.detach().max())) + float(s.detach().max()) + 1.0
+    table, h = attenuation_table(spec / wsum, inv_att.to(dt_), dng, d_max, n_grid)
+
+    def geom(depth: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d2 = (q2[..., None] - 2.0 * depth[:, None, :] * proj[..., None] + depth[:, None, :] ** 2).clamp_min(
+            1e-12
+        )
+        d = torch.sqrt(d2)
+        return d, d2, ((proj[..., None] - depth[:, None, :]) / d).clamp(-1.0, 1.0)
+
+    dist, dist2, cos_a = geom(s)  # (E,P,K)
+    _, _, cos_lo = geom(s - 0.5 * ds)
+    _, _, cos_hi = geom(s + 0.5 * ds)
+    cos_inc = (s[:, None, :] * dn[..., None] - qn[..., None]) / dist
+    a = pmt_radius.to(dt_)[None, :, None]
+    geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
+
+    # angular density averaged over the cos range of cell x photocathode (box of equal variance)
+    sin2_a = (1.0 - cos_a * cos_a).clamp_min(0.0)
+    var_c = (cos_hi - cos_lo) ** 2 / 12.0 + sin2_a * a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2)
+    width = torch.sqrt(12.0 * var_c + 1e-30)
+    thr = 1e-6 if dt_ == torch.float64 else 1e-3
+    wide = width > thr
+    w_s = torch.where(wide, width, torch.ones_like(width))
+    avg = (
+        cascade_angular_cdf(cos_a + 0.5 * w_s, n_eff) - cascade_angular_cdf(cos_a - 0.5 * w_s, n_eff)
+    ) / w_s
+    pa, pb, pc, pd = RW_ANGULAR_EM
+    point = pa * torch.exp(pb * (cos_a - 1.0 / n_eff).abs().clamp_min(1e-12) ** pc) + pd
+    z = float(cascade_angular_cdf(torch.tensor(1.0, dtype=torch.float64), n_eff)) - float(
+        cascade_angular_cdf(torch.tensor(-1.0, dtype=torch.float64), n_eff)
+    )
+    rho = torch.where(wide, avg, point).clamp_min(0.0) / (TWO_PI * z)  # [1/sr]
+
+    # the 1/d^2 of the solid angle peaks sharply for PMTs near the axis (the cascade tail ends at the wall
+    # next to them): replace its node value by the exact cell average of 1/(d^2 + a^2/2) along the axis,
+    # int ds / (B^2 + (s - s_p)^2) = [atan((s - s_p)/B)] / B, B^2 = b^2 + a^2/2 (b: impact distance, s_p:
+    # projection of the PMT on the axis; a^2/2 regularises to the on-axis disk limit 2 pi), over the part of
+    # the cell inside the detector
+    s_lo = (s - 0.5 * ds)[:, None, :]
+    s_hi = s_lo + ds[:, None, :]
+    if wall is not None:
+        s_hi = torch.minimum(s_hi, exit_d[:, None, None]).clamp_min(s_lo)
+    b2 = (q2 - proj * proj).clamp_min(0.0)[..., None] + 0.5 * a * a
+    bb = torch.sqrt(b2)
+    sp = proj[..., None]
+    span = (s_hi - s_lo).clamp_min(1e-9)
+    cell_avg = (torch.atan((s_hi - sp) / bb) - torch.atan((s_lo - sp) / bb)) / (bb * span)
+    ratio = cell_avg * (dist2 + 0.5 * a * a)
+    w_ep = rho * geo * ratio * (weight * wsum)[:, None, :] * det_pmt.to(dt_)[None, :, None]
+    mom = _hermite_lookup(table, h, dist) * w_ep[..., None]  # (E,P,K,3)
+    mu_k, m1_k, m2_k = mom.unbind(-1)
+    mu = mu_k.sum(-1)
+    tau_g = dist / C_M_PER_NS
+    ref = torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS
+    sin2_inc = (1.0 - cos_inc * cos_inc).clamp_min(0.0)
+    disk_dt = ng_ref / C_M_PER_NS * a * a * (2.0 - 7.0 * sin2_inc) / (8.0 * dist)
+    a_k = s[:, None, :] / C_M_PER_NS + tau_g * ng_ref + disk_dt - ref[..., None]
+    s1 = (mu_k * a_k + m1_k * tau_g).sum(-1)
+    disk_var = (ng_ref / (2.0 * C_M_PER_NS)) ** 2 * a * a * sin2_inc
+    # spread within a cell: dt/ds = (1 - n_g cos alpha) / c, uniform over the cell width
+    cell_var = (ds[:, None, :] * (1.0 - ng_ref * cos_a) / C_M_PER_NS) ** 2 / 12.0
+    s2 = (mu_k * (a_k * a_k + disk_var + cell_var) + 2.0 * a_k * tau_g * m1_k + tau_g * tau_g * m2_k).sum(-1)
+    denom = mu + MU_EPS
+    mean_rel = s1 / denom
+    var = (s2 / denom - mean_rel * mean_rel).clamp_min(0.0)
+    t_mean = t0[:, None] + ref + mean_rel + time_offset.to(dt_)[None]
+    return {"mu": mu, "t_mean": t_mean, "t_var": var, "nodes": nodes}
