@@ -273,7 +273,6 @@ def direct_light(
         cos_inc = -qn[..., None] / dist
     a = pmt_radius.to(dt)[None, :, None]
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)  # (E,P,K)
-    tau_g = dist / C_M_PER_NS  # [ns] per unit group index
 
     ng = n_group.to(dt)
     ng_ref = ng.detach().mean()
@@ -311,26 +310,7 @@ def direct_light(
         pref = isotropic[:, None, None] * geo * det_pmt.to(dt)[None, :, None] / (4.0 * math.pi)
         mom_k = att @ moments * pref[..., None]
         t_track = torch.zeros_like(dist)
-    mu_k, m1_k, m2_k = mom_k.unbind(-1)  # (E,P,K): sum_l mu, sum_l mu dn_g, sum_l mu dn_g^2
-    mu = mu_k.sum(-1)  # (E,P)
-    # time relative to ref = |PMT - vertex| n_g_ref / c: tau = a_k + tau_g dn_g,
-    # a_k = t_k + tau_g n_g_ref - ref
-    ref = torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS  # (E,P)
-    # finite photocathode, mean path: r averaged over the disk with the point-source flux cos/r^2 ~ 1/r^3
-    # source gives <r> = d + a^2 (2 - 7 sin^2 theta_inc) / (8 d) to second order in a/d
-    sin2_inc = (1.0 - cos_inc * cos_inc).clamp_min(0.0)
-    disk_dt = ng_ref / C_M_PER_NS * a * a * (2.0 - 7.0 * sin2_inc) / (8.0 * dist)
-    a_k = t_track + tau_g * ng_ref + disk_dt - ref[..., None]  # (E,P,K)
-    s1 = (mu_k * a_k + m1_k * tau_g).sum(-1)
-    # finite photocathode: arrival points spread over the disk (variance a^2/4 per in-plane axis) shift the
-    # path by the in-plane component of the ray, sin(theta_inc): Var_t = (n_g a sin(theta_inc) / 2c)^2
-    disk_var = (ng_ref / (2.0 * C_M_PER_NS)) ** 2 * a * a * sin2_inc
-    s2 = (mu_k * (a_k * a_k + disk_var) + 2.0 * a_k * tau_g * m1_k + tau_g * tau_g * m2_k).sum(-1)
-    denom = mu + MU_EPS
-    mean_rel = s1 / denom
-    var = (s2 / denom - mean_rel * mean_rel).clamp_min(0.0)
-    t_mean = t0[:, None] + ref + mean_rel + time_offset.to(dt)[None]
-    return {"mu": mu, "t_mean": t_mean, "t_var": var}
+    return _arrival_moments(mom_k, t_track, dist, cos_inc, a, q2, ng_ref, t0, time_offset)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,6 +335,49 @@ def attenuation_table(
     der = (e * (-inv_att)[None, :]) @ coef * h  # (N,3), already times h
     table = torch.cat([val[:-1], der[:-1], val[1:], der[1:]], -1)  # (N-1,12)
     return table, h
+
+
+def _arrival_moments(
+    mom_k: Tensor,
+    t_emit: Tensor,
+    dist: Tensor,
+    cos_inc: Tensor,
+    a: Tensor,
+    q2: Tensor,
+    ng_ref: Tensor,
+    t0: Tensor,
+    time_offset: Tensor,
+    extra_var: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Expected p.e. and mu-weighted arrival-time mean/variance per PMT from per-node moments.
+
+    mom_k (E,P,K,3): per node sum_l mu, sum_l mu dn_g, sum_l mu dn_g^2 (dn_g = n_g - ng_ref); t_emit
+    (E,1|P,K) [ns] emission time of each node; dist, cos_inc (E,P,K) node -> PMT path [m] and incidence
+    cosine; a (1,P,1) photocathode radius [m]; q2 (E,P) |PMT - vertex|^2 [m^2]; extra_var (E,P,K) [ns^2]
+    optional spread within a node. Times are accumulated relative to ref = |PMT - vertex| ng_ref / c
+    (centred moments, accurate in float32): tau = a_k + tau_g dn_g with a_k = t_emit + tau_g ng_ref - ref.
+    Finite photocathode: the mean path over the disk for a 1/r^3 point-source flux is
+    d + a^2 (2 - 7 sin^2 theta_inc) / (8 d) (second order in a/d), and arrival points spread over the disk
+    (variance a^2/4 per in-plane axis) add Var_t = (n_g a sin(theta_inc) / 2c)^2.
+    Returns mu (E,P) [p.e.], t_mean (E,P) [ns] (t0 and per-PMT time_offset included), t_var (E,P) [ns^2].
+    """
+    mu_k, m1_k, m2_k = mom_k.unbind(-1)
+    mu = mu_k.sum(-1)
+    tau_g = dist / C_M_PER_NS
+    ref = torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS  # (E,P)
+    sin2_inc = (1.0 - cos_inc * cos_inc).clamp_min(0.0)
+    disk_dt = ng_ref / C_M_PER_NS * a * a * (2.0 - 7.0 * sin2_inc) / (8.0 * dist)
+    a_k = t_emit + tau_g * ng_ref + disk_dt - ref[..., None]  # (E,P,K)
+    s1 = (mu_k * a_k + m1_k * tau_g).sum(-1)
+    node_var = (ng_ref / (2.0 * C_M_PER_NS)) ** 2 * a * a * sin2_inc
+    if extra_var is not None:
+        node_var = node_var + extra_var
+    s2 = (mu_k * (a_k * a_k + node_var) + 2.0 * a_k * tau_g * m1_k + tau_g * tau_g * m2_k).sum(-1)
+    denom = mu + MU_EPS
+    mean_rel = s1 / denom
+    var = (s2 / denom - mean_rel * mean_rel).clamp_min(0.0)
+    t_mean = t0[:, None] + ref + mean_rel + time_offset.to(dist.dtype)[None]
+    return {"mu": mu, "t_mean": t_mean, "t_var": var}
 
 
 def _hermite_lookup(table: Tensor, h: float, d: Tensor) -> Tensor:
@@ -419,7 +442,6 @@ def direct_light_folded(
     cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
     a = pmt_radius.to(dt)[None, :, None]
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
-    tau_g = dist / C_M_PER_NS
 
     n = refr_index.to(dt)
     spec = (wl_weight * det_wl).to(dt)  # (L,)
@@ -460,20 +482,7 @@ def direct_light_folded(
     w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2)
     w = w * emit[:, None, :] * det_pmt.to(dt)[None, :, None]
     mom = _hermite_lookup(table, h, dist) * w[..., None]  # (E,P,K,3)
-    mu_k, m1_k, m2_k = mom.unbind(-1)
-    mu = mu_k.sum(-1)
-    ref = torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS
-    sin2_inc = (1.0 - cos_inc * cos_inc).clamp_min(0.0)
-    disk_dt = ng_ref / C_M_PER_NS * a * a * (2.0 - 7.0 * sin2_inc) / (8.0 * dist)
-    a_k = nodes["t"][:, None, :] + tau_g * ng_ref + disk_dt - ref[..., None]
-    s1 = (mu_k * a_k + m1_k * tau_g).sum(-1)
-    disk_var = (ng_ref / (2.0 * C_M_PER_NS)) ** 2 * a * a * sin2_inc
-    s2 = (mu_k * (a_k * a_k + disk_var) + 2.0 * a_k * tau_g * m1_k + tau_g * tau_g * m2_k).sum(-1)
-    denom = mu + MU_EPS
-    mean_rel = s1 / denom
-    var = (s2 / denom - mean_rel * mean_rel).clamp_min(0.0)
-    t_mean = t0[:, None] + ref + mean_rel + time_offset.to(dt)[None]
-    return {"mu": mu, "t_mean": t_mean, "t_var": var}
+    return _arrival_moments(mom, nodes["t"][:, None, :], dist, cos_inc, a, q2, ng_ref, t0, time_offset)
 
 
 def track_direct_light(
@@ -801,20 +810,9 @@ def shower_direct_light(
     ratio = cell_avg * (dist2 + 0.5 * a * a)
     w_ep = rho * geo * ratio * (weight * wsum)[:, None, :] * det_pmt.to(dt_)[None, :, None]
     mom = _hermite_lookup(table, h, dist) * w_ep[..., None]  # (E,P,K,3)
-    mu_k, m1_k, m2_k = mom.unbind(-1)
-    mu = mu_k.sum(-1)
-    tau_g = dist / C_M_PER_NS
-    ref = torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS
-    sin2_inc = (1.0 - cos_inc * cos_inc).clamp_min(0.0)
-    disk_dt = ng_ref / C_M_PER_NS * a * a * (2.0 - 7.0 * sin2_inc) / (8.0 * dist)
-    a_k = s[:, None, :] / C_M_PER_NS + tau_g * ng_ref + disk_dt - ref[..., None]
-    s1 = (mu_k * a_k + m1_k * tau_g).sum(-1)
-    disk_var = (ng_ref / (2.0 * C_M_PER_NS)) ** 2 * a * a * sin2_inc
     # spread within a cell: dt/ds = (1 - n_g cos alpha) / c, uniform over the cell width
     cell_var = (ds[:, None, :] * (1.0 - ng_ref * cos_a) / C_M_PER_NS) ** 2 / 12.0
-    s2 = (mu_k * (a_k * a_k + disk_var + cell_var) + 2.0 * a_k * tau_g * m1_k + tau_g * tau_g * m2_k).sum(-1)
-    denom = mu + MU_EPS
-    mean_rel = s1 / denom
-    var = (s2 / denom - mean_rel * mean_rel).clamp_min(0.0)
-    t_mean = t0[:, None] + ref + mean_rel + time_offset.to(dt_)[None]
-    return {"mu": mu, "t_mean": t_mean, "t_var": var, "nodes": nodes}
+    out = _arrival_moments(mom, s[:, None, :] / C_M_PER_NS, dist, cos_inc, a, q2, ng_ref, t0, time_offset,
+                           extra_var=cell_var)
+    out["nodes"] = nodes
+    return out
