@@ -37,6 +37,10 @@ _F64 = torch.float64
 _TINY = 1e-30
 _AX1 = torch.tensor([1, 0, 0])  # cube-map in-face axes for faces normal to x, y, z
 _AX2 = torch.tensor([2, 2, 1])
+# rays per chunk of the PMT look-up: the float64 wall geometry and the ray-disk kernel work on bounded
+# temporaries (0.5-1 MB per array) instead of 1e6-row ones; 2^17 was the fastest of 2^13..2^20 on a 2-core
+# CPU (smaller chunks lose to per-op overhead). Results are per ray, independent of the chunking.
+_RAY_CHUNK = 1 << 17
 
 
 class PresetRow(NamedTuple):
@@ -709,6 +713,13 @@ class Detector:
             self._cache[key] = (packed, table.reshape(-1).contiguous())
         return self._cache[key]
 
+    def _counts(self, device: torch.device) -> Tensor:
+        """Number of real (non-padding) candidate PMTs per wall cell (C,) long."""
+        key = ("counts", str(device))
+        if key not in self._cache:
+            self._cache[key] = (self._table(device) < self.n_pmts).sum(1)
+        return self._cache[key]
+
     def _geom(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
         """PMT (pos, normal, radius) in the query dtype/device with one null disk appended (radius 0)."""
         key = ("geom", dtype, str(device))
@@ -755,31 +766,83 @@ class Detector:
 
     @staticmethod
     def _grid_hits(
-        p: Tensor, d: Tensor, lim: Tensor, packed: Tensor, cell: Tensor, K: int
+        p: Tensor, d: Tensor, lim: Tensor, packed: Tensor, cell: Tensor, k0: int, k1: int,
+        best: Tensor, best_dn: Tensor, slot: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Nearest front-face disk hit among the K candidates of each ray's cell, structure of arrays (no
-        autograd).
+        """Nearest front-face disk hit among candidate slots k0 <= k < k1 of each ray's cell, structure of
+        arrays (no autograd), updating the running minimum (best, best_dn, slot).
 
         p, d (3, N) ray origins / unit directions, lim (N,) [m], packed (7 K, C) candidate rows from
-        :meth:`_soa`, cell (N,) long. Same arithmetic as :meth:`_disk_hits`: t = (c - p).n / (d.n) for
-        d.n < 0, hit if 0 < t <= lim and |p + t d - c|^2 <= r^2. Returns (t (N,) inf = none, d.n (N,),
-        slot (N,) long).
+        :meth:`_soa`, cell (N,) long; best (N,) [m] (inf = none yet), best_dn (N,), slot (N,) long. Same
+        arithmetic as :meth:`_disk_hits`: t = (c - p).n / (d.n) for d.n < 0, hit if 0 < t <= lim and
+        |p + t d - c|^2 <= r^2. Returns the updated (t (N,) inf = none, d.n (N,), slot (N,) long).
         """
         px, py, pz = p[0], p[1], p[2]
         dx, dy, dz = d[0], d[1], d[2]
-        best = torch.full_like(lim, math.inf)
-        best_dn = torch.zeros_like(lim)
-        slot = torch.zeros(lim.shape, dtype=torch.long, device=lim.device)
-        for k in range(K):
+        for k in range(k0, k1):
             cx, cy, cz, nx, ny, nz, r2 = (torch.take(packed[7 * k + j], cell) for j in range(7))
-            dn = dx * nx + dy * ny + dz * nz
+            # in-place form of dn = dx nx + dy ny + dz nz, t = ((cx - px) nx + (cy - py) ny + (cz - pz) nz)
+            # / dn, q = p + t d - c: the same roundings in the same order (bit-identical), fewer temporaries
+            dn = dx * nx
+            dn += dy * ny
+            dn += dz * nz
             front = dn < 0
-            t = ((cx - px) * nx + (cy - py) * ny + (cz - pz) * nz) / torch.where(front, dn, -1.0)
-            qx, qy, qz = px + t * dx - cx, py + t * dy - cy, pz + t * dz - cz
-            ok = front & (t > 0) & (t <= lim) & (qx * qx + qy * qy + qz * qz <= r2) & (t < best)
+            t = cx - px
+            t *= nx
+            tmp = cy - py
+            tmp *= ny
+            t += tmp
+            tmp = cz - pz
+            tmp *= nz
+            t += tmp
+            t /= torch.where(front, dn, -1.0)
+            q2 = torch.zeros_like(t)
+            for pj, dj, cj in ((px, dx, cx), (py, dy, cy), (pz, dz, cz)):
+                qj = t * dj
+                qj += pj
+                qj -= cj
+                qj *= qj
+                q2 += qj
+            ok = q2 <= r2
+            ok &= front
+            ok &= t > 0
+            ok &= t <= lim
+            ok &= t < best
             best = torch.where(ok, t, best)
             best_dn = torch.where(ok, dn, best_dn)
             slot = torch.where(ok, k, slot)
+        return best, best_dn, slot
+
+    def _grid_search(
+        self, grid_hits: Any, p: Tensor, d: Tensor, lim: Tensor, packed: Tensor, cell: Tensor, K: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_grid_hits` over all K slots with per-slot compaction: slot k is evaluated only for rays
+        whose cell lists more than k PMTs (the other rays would meet the null disk there, which is never
+        hit), on the full arrays while most rays need it and on the gathered subset otherwise. Results
+        are identical to the uncompacted loop (same per-pair arithmetic, same slot order)."""
+        n = lim.shape[0]
+        best = torch.full_like(lim, math.inf)
+        best_dn = torch.zeros_like(lim)
+        slot = torch.zeros(lim.shape, dtype=torch.long, device=lim.device)
+        cnt = self._counts(lim.device).take(cell)
+        k = 0
+        while k < K:
+            act = cnt > k
+            n_act = int(act.sum())
+            if n_act == 0:
+                break
+            if n_act > 0.6 * n:
+                best, best_dn, slot = grid_hits(p, d, lim, packed, cell, k, k + 1, best, best_dn, slot)
+            else:
+                i = act.nonzero()[:, 0]
+                b, bd, s = grid_hits(
+                    p.index_select(1, i), d.index_select(1, i), lim.index_select(0, i), packed,
+                    cell.index_select(0, i), k, k + 1, best.index_select(0, i), best_dn.index_select(0, i),
+                    slot.index_select(0, i),
+                )
+                best, best_dn = best.index_copy(0, i, b), best_dn.index_copy(0, i, bd)
+                slot = slot.index_copy(0, i, s)
+            k += 1
         return best, best_dn, slot
 
     def _grid_prep(self, pt: Tensor, dtr: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -797,7 +860,7 @@ class Detector:
 
     def _first_pmt(
         self, pt: Tensor, dtr: Tensor, limit: Tensor, start_in: Tensor, fast: Tensor, cell_h: Tensor,
-        chunk: int = 1 << 17,
+        chunk: int = 1 << 17, short: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """First PMT disk hit (index (N,) long, n_pmts = none; distance t (N,) [m], inf = none; d.n (N,)),
         exact, grid accelerated (no autograd), for rays given as components pt, dtr (3, N).
@@ -805,7 +868,11 @@ class Detector:
         start_in, fast, cell_h from :meth:`_grid_prep`. A ray is handled by the grid when the points at
         t_wall - pad (and, for starts inside the shell, at pad - D) lie in the convex inner volume: then
         the whole stretch between them contains no disk point, and any hit lies within pad of the exit
-        point h or of the wall point w under the start, whose cells list every such disk.
+        point h or of the wall point w under the start, whose cells list every such disk. ``short`` (N,)
+        bool marks rays whose wall distance is <= pad (e.g. reflections in a cylinder's cap-barrel
+        corner): the whole path, and so every hit q, then lies within pad of h (|q - h| <= t_wall, and
+        the limit exceeds t_wall by only 2 tol, covered by the table's slack), so h's cell alone is exact
+        wherever the ray starts.
         """
         P = self.n_pmts
         dev, dt = pt.device, pt.dtype
@@ -822,13 +889,15 @@ class Detector:
             pn, dn_ = pt.index_select(1, need).to(_F64), dtr.index_select(1, need).to(_F64)
             deep = self._in_inner(tuple(pn[i] + (self.pad - self.shell) * dn_[i] for i in range(3)))
             fast[need] &= deep
+        if short is not None:
+            fast |= short
         for s in range(0, n_all, chunk):
             sl = slice(s, s + chunk)
             cell = cell_h[sl]
             pc, dc = pt[:, sl], dtr[:, sl]
             if compile_enabled():  # contiguous chunks: one compiled graph for every chunk (no stride guards)
                 pc, dc = pc.contiguous(), dc.contiguous()
-            t, dn, k = grid_hits(pc, dc, limit[sl], packed, cell, K)
+            t, dn, k = self._grid_search(grid_hits, pc, dc, limit[sl], packed, cell, K)
             out[sl] = torch.where(torch.isfinite(t), flat.index_select(0, cell * K + k), P)
             t_out[sl], dn_out[sl] = t, dn
         for s in range(0, len(need), chunk):  # starts inside the PMT shell: also test the start cell
@@ -836,7 +905,7 @@ class Detector:
             w, ws = self._nearest_wall_point(pt.index_select(1, idx).t().to(_F64))
             cell = self._cell_index(w, ws)
             pi, di = pt.index_select(1, idx), dtr.index_select(1, idx)
-            t, dn, k = grid_hits(pi, di, limit.index_select(0, idx), packed, cell, K)
+            t, dn, k = self._grid_search(grid_hits, pi, di, limit.index_select(0, idx), packed, cell, K)
             better = t < t_out.index_select(0, idx)
             sel = idx[better]
             out[sel] = flat.index_select(0, cell[better] * K + k[better])
@@ -869,22 +938,33 @@ class Detector:
         lies on the ray's path through that shell; when that path ends at the wall exit point h and is
         shorter than ``pad`` (almost all rays), |q - h| <= pad, so the PMTs listed for h's wall cell
         (all disks within pad of the cell, see ``_table``) contain the answer. Rays that start inside the
-        shell also test the cell under their start point; the rare rays whose shell path is longer
-        (skimming the wall) are tested against all PMTs. Both paths use the same ray-disk test.
+        shell also test the cell under their start point. Rays whose whole path to the wall is shorter
+        than ``pad`` (e.g. reflections in a cylinder's cap-barrel corner) lie entirely within pad of h and
+        use h's cell alone. The rare remaining rays whose shell path is longer (skimming the wall) are
+        tested against all PMTs. Both paths use the same ray-disk test; rays are processed in chunks of
+        ``_RAY_CHUNK`` (per-ray results, independent of the chunking).
         """
         with torch.no_grad():
             pd, dd = pos.detach(), dir.detach()
             pt, dtr = pd.t().contiguous(), dd.t().contiguous()  # (3, N) components, transposed once
             self._table(pos.device)  # builds the grid (and its metadata) on first use
             # (not compiled: torch.compile of _grid_prep gave wrong cells/flags for 'sk' with torch 2.13)
-            t64, _, start_in, fast, cell = self._grid_prep(pt, dtr)
-            t_wall = t64.to(pos.dtype)
-            wd = (
-                t_wall
-                if wall_dist is None
-                else torch.minimum(wall_dist.detach().to(pos.dtype), t_wall + self.tol)
-            )
-            idx, t_hit, dn_hit = self._first_pmt(pt, dtr, wd + self.tol, start_in, fast, cell)
+            wdd = None if wall_dist is None else wall_dist.detach().to(pos.dtype)
+            n_all = pt.shape[1]
+            idx = torch.empty(n_all, dtype=torch.long, device=pos.device)
+            t_hit, dn_hit = torch.empty(n_all, dtype=pt.dtype, device=pos.device), torch.empty_like(pt[0])
+            n_slow = 0.0
+            for s in range(0, n_all, _RAY_CHUNK):  # cache-sized chunks (see _RAY_CHUNK)
+                sl = slice(s, s + _RAY_CHUNK)
+                pc, dc = pt[:, sl], dtr[:, sl]
+                t64, _, start_in, fast, cell = self._grid_prep(pc, dc)
+                t_wall = t64.to(pos.dtype)
+                wd = t_wall if wdd is None else torch.minimum(wdd[sl], t_wall + self.tol)
+                idx[sl], t_hit[sl], dn_hit[sl] = self._first_pmt(
+                    pc, dc, wd + self.tol, start_in, fast, cell, short=t64 <= self.pad
+                )
+                n_slow += self.last_fallback_fraction * pc.shape[1]
+            self.last_fallback_fraction = n_slow / max(n_all, 1)
         hit = idx < self.n_pmts
         pmt = torch.where(hit, idx, -1)
         if not (torch.is_grad_enabled() and (pos.requires_grad or dir.requires_grad)):

@@ -101,10 +101,25 @@ def dipole_cos_psi(u: Tensor) -> Tensor:
 
 def random_perpendicular(d: Tensor, u: Tensor) -> Tensor:
     """Unit vectors (N,3) perpendicular to unit d (N,3) at azimuth 2 pi u (u (N,) uniforms): a random linear
-    polarisation, i.e. unpolarised light on average."""
-    e1, e2 = orthonormal_basis(d)
+    polarisation, i.e. unpolarised light on average.
+
+    cos(a) e1 + sin(a) e2 with (e1, e2) = :func:`orthonormal_basis` (d), evaluated component by component
+    (same operations in the same order, hence bit-identical, without the (N,3) temporaries)."""
     a = (2.0 * math.pi) * u
-    return torch.cos(a)[:, None] * e1 + torch.sin(a)[:, None] * e2
+    c, s = torch.cos(a), torch.sin(a)
+    e1, e2 = _basis_components(d)
+    return torch.stack([c * e1[j] + s * e2[j] for j in range(3)], -1)
+
+
+def _basis_components(d: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`orthonormal_basis` of d (N,3) as component lists [e1x, e1y, e1z], [e2x, e2y, e2z] (each (N,)),
+    with the same operations in the same order (bit-identical)."""
+    x, y, z = d.unbind(-1)
+    sign = torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    k = -1.0 / (sign + z)
+    b = x * y * k
+    sx = sign * x
+    return [1.0 + sx * x * k, sign * b, -sx], [b, sign + y * y * k, -y]
 
 
 def project_polarization(pol: Tensor, d: Tensor, fallback: Tensor | Callable[[], Tensor]) -> Tensor:
@@ -147,10 +162,11 @@ def rotate_direction(axis: Tensor, cos_t: Tensor, phi: Tensor) -> Tensor:
 
     axis (N,3), cos_t (N,), phi (N,) [rad] -> (N,3) = cos_t axis + sin_t (cos phi e1 + sin phi e2).
     """
-    e1, e2 = orthonormal_basis(axis)
+    e1, e2 = _basis_components(axis)
     sin_t = torch.sqrt((1.0 - cos_t * cos_t).clamp_min(0.0))
-    out = (cos_t[:, None] * axis + (sin_t * torch.cos(phi))[:, None] * e1
-           + (sin_t * torch.sin(phi))[:, None] * e2)
+    sc, ss = sin_t * torch.cos(phi), sin_t * torch.sin(phi)
+    a = axis.unbind(-1)
+    out = torch.stack([cos_t * a[j] + sc * e1[j] + ss * e2[j] for j in range(3)], -1)  # component-wise
     return out / out.norm(dim=-1, keepdim=True)
 
 
