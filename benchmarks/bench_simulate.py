@@ -10,8 +10,8 @@ import argparse
 import time
 
 import torch
-
 from _util import write_json
+
 from physics.simulate import SimConfig, Simulator
 
 
@@ -45,7 +45,8 @@ def main() -> None:
     rows = [time_chain("sk", "mu-", 1000.0, a.events, a.device),
             time_chain("wcte", "mu-", 500.0, a.events, a.device),
             time_chain("sk", "e-", 1000.0, a.events, a.device)]
-    write_json(f"simulate_{a.device}", {"target": "SK-like 1 GeV muon with hits+waveforms < 1 s", "rows": rows})
+    target = "SK-like 1 GeV muon with hits+waveforms < 1 s"
+    write_json(f"simulate_{a.device}", {"target": target, "rows": rows})
 
 
 if __name__ == "__main__":

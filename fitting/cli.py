@@ -1,10 +1,10 @@
 """photonfit: simulate optical particle detectors, learn their waveform response, fit events.
 
 Subcommands: ``simulate`` (MC events → HDF5), ``detectors`` (list presets), ``show`` (summary and event
-display of a file), ``reconstruct`` (likelihood fits of events), ``waveforms`` (labelled waveform sets,
-CBAE analysis and generation) and ``train`` (Lightning training of learned components). Every subcommand
-returns an exit status; bad arguments and configs exit with status 2 and a one-line message naming the
-field, the value and what is allowed.
+display of a file), ``reconstruct`` (likelihood fits of events), ``pid`` (e/μ by likelihood ratio),
+``waveforms`` (labelled waveform sets, CBAE analysis and generation) and ``train`` (Lightning training of
+learned components). Every subcommand returns an exit status; bad arguments and configs exit with status 2
+and a one-line message naming the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -113,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from training.cli import add_train_parser, add_waveforms_parser
 
+    from .pid import add_pid_parser
     from .reconstruct import add_reconstruct_parser
 
     add_reconstruct_parser(sub)
+    add_pid_parser(sub)
     add_waveforms_parser(sub)
     add_train_parser(sub)
     return p

@@ -19,8 +19,8 @@ polish the minimum; convergence is declared when the Newton decrement g^T H^-1 g
 (the predicted remaining NLL decrease is half of it; Boyd & Vandenberghe, Convex Optimization, 2004, 9.5.1).
 
 Status bits (``status`` (E,) int): see ``STATUS``; ``ok = converged and no failure bit``.
-Particle identification (e vs mu by likelihood ratio) needs an expected model for electron showers, which
-:class:`PhysicsResponse` does not provide yet: ``particle`` must be a track particle it supports.
+``particle`` may be a track (mu, pi) or an EM shower (e-, e+, gamma); particle identification (e vs mu by
+the likelihood ratio of fits under both hypotheses) is :func:`fitting.pid.identify`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ STATUS = {
 FAILED = STATUS["nonfinite"] | STATUS["outside"] | STATUS["no_hits"] | STATUS["bad_input"]
 SCALE = (0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.5)
 TRACK_OK = ("mu-", "mu+", "pi-", "pi+")
+FIT_OK = TRACK_OK + ("e-", "e+", "gamma")  # tracks and EM showers (PhysicsResponse supports both)
 
 
 def status_names(code: int) -> list[str]:
@@ -227,14 +228,14 @@ def reconstruct(
     n_events = check_number(n_events, "n_events", minimum=1, integer=True)
     check_choice(optimiser, "optimiser", ("lbfgs", "adam"))
     check_number(n_starts, "n_starts", minimum=1, maximum=4, integer=True)
-    if particle not in TRACK_OK:
-        raise ConfigError(
-            f"particle: got {particle!r}, allowed: {list(TRACK_OK)} (electron/gamma showers are not in the "
-            "expected-response model yet, so e/mu identification by likelihood ratio is not available)"
-        )
+    if particle not in FIT_OK:
+        raise ConfigError(f"particle: got {particle!r}, allowed: {list(FIT_OK)}")
     rp = getattr(response, "particle", particle)
     if rp != particle:
-        raise ConfigError(f"particle: got {particle!r} but the response model is for {rp!r}")
+        raise ConfigError(
+            f"particle: got {particle!r} but the response model is for {rp!r} (e/mu identification fits each "
+            "hypothesis with its own response: fitting.pid.identify)"
+        )
     dev = torch.device(device)
     n_pmts = int(response.n_pmts)
     det = getattr(response, "detector", None)
@@ -285,16 +286,24 @@ def reconstruct(
 
     obs_fit = _select_obs(obs_all, fit_idx)
     mu_dark = float(likelihood.mu_dark.mean()) if hasattr(likelihood, "mu_dark") else 0.0
-    seed = prefit(obs_fit, pmt_pos, response, n_group=n_group, mu_dark=mu_dark)
+    keys = ("vertex", "direction", "energy", "t0")
+    user = {}
     if seeds is not None:
         user = {
-            k: torch.as_tensor(seeds[k], device=dev, dtype=torch.float64)[fit_idx] for k in seed if k in seeds
+            k: torch.as_tensor(seeds[k], device=dev, dtype=torch.float64)[fit_idx] for k in keys if k in seeds
         }
-        if "vertex" in user and det is not None:
-            inside = det.inside(user["vertex"].to(det.pmt_pos.dtype)).to(dev)
-            status[fit_idx[~inside]] |= STATUS["seed_outside"]
-            user["vertex"] = torch.where(inside[:, None], user["vertex"], seed["vertex"])
-        seed.update(user)
+    need_prefit = len(user) < len(keys)  # complete user seeds (e.g. from fitting.pid): no second pre-fit
+    if "vertex" in user and det is not None:
+        inside = det.inside(user["vertex"].to(det.pmt_pos.dtype)).to(dev)
+        status[fit_idx[~inside]] |= STATUS["seed_outside"]
+        need_prefit = need_prefit or not bool(inside.all())
+    if need_prefit:
+        seed = prefit(obs_fit, pmt_pos, response, n_group=n_group, mu_dark=mu_dark)
+    else:
+        seed = {k: user[k].clone() for k in keys}
+    if "vertex" in user and det is not None:
+        user["vertex"] = torch.where(inside[:, None], user["vertex"], seed["vertex"])
+    seed.update(user)
     for k in ("vertex", "direction", "energy", "t0"):
         out["seed_" + k][fit_idx] = seed[k]
 

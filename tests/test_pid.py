@@ -1,0 +1,206 @@
+"""e/mu identification by likelihood ratio (fitting.pid).
+
+Independent expectation: the Monte-Carlo truth of physics.simulate (the particle type that made the event,
+its vertex and energy). Events: 500 MeV e- and mu- in the WCTE-like detector, contained (vertex near one
+end cap, direction within 30 deg of the axis towards the far end; a 500 MeV muon's CSDA range is ~2.3 m),
+DIRECT LIGHT ONLY (wall/PMT reflection and Rayleigh scattering switched off) because the physics response
+models direct light only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import h5py
+import pytest
+import torch
+from scipy.stats import binom
+
+from fitting.likelihood import HitLikelihood
+from fitting.pid import add_pid_parser, binomial_upper_limit, identify
+from fitting.response import PhysicsResponse
+from physics.config import ConfigError
+from physics.records import Hits
+from physics.simulate import SimConfig, Simulator
+
+MARGIN = 50.0  # |Delta| well above this: a likelihood ratio of e^50 against the wrong type
+
+
+class _PresetKinematics(Simulator):
+    """Simulator whose per-event vertices/directions come from preset (E,3) tensors (one batch)."""
+
+    def _kinematics(self, n, gen):
+        v, d = self._vtx[self._at : self._at + n], self._dir[self._at : self._at + n]
+        self._at += n
+        return v, d / d.norm(dim=1, keepdim=True)
+
+
+def _contained(particle: str, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed + 7919)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    xy = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.4
+    z = -sign * (0.9 + 0.3 * torch.rand(n, generator=g))
+    cth = 1 - torch.rand(n, generator=g) * (1 - math.cos(math.radians(30.0)))
+    ph = torch.rand(n, generator=g) * 2 * math.pi
+    sth = (1 - cth**2).sqrt()
+    d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
+    cfg = SimConfig(
+        detector="wcte",
+        particle=particle,
+        energy=500.0,
+        vertex=(0.0, 0.0, 0.0),
+        direction=(0.0, 0.0, 1.0),
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
+    sim = _PresetKinematics(cfg)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    sim._vtx, sim._dir, sim._at = torch.cat([xy, z[:, None]], 1), d, 0
+    return sim, sim.run(n, seed=seed, batch_size=n)
+
+
+def _models(sim):
+    resp = {
+        "e-": PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=24),
+        "mu-": PhysicsResponse(
+            sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+        ),
+    }
+    return resp, HitLikelihood(**resp["mu-"].likelihood_config(), window=sim.cfg.dark_window_ns)
+
+
+@pytest.fixture(scope="module")
+def mu_events():
+    torch.set_num_threads(1)
+    return _contained("mu-", 3, seed=31)
+
+
+@pytest.fixture(scope="module")
+def e_events():
+    torch.set_num_threads(1)
+    return _contained("e-", 3, seed=30)
+
+
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("particle", ["e-", "mu-"])
+def test_contained_events_identified(particle, e_events, mu_events):
+    """3 contained 500 MeV events per type: all fits ok, every event's type right with |Delta| > 50 of the
+    right sign; the true hypothesis' fit is within 0.3 m and 10% of the MC vertex and energy; the muon
+    hypothesis always needs more energy than the electron one for the same light (a muon radiates less
+    Cherenkov light per MeV: no light below its ~160 MeV threshold, ionisation losses only)."""
+    sim, res = e_events if particle == "e-" else mu_events
+    resp, like = _models(sim)
+    r = identify(res["hits"], 3, resp, like, max_iter=30)
+    tr = res["truth"]
+    fit = r["fits"][particle]
+    dv = (fit["vertex"] - tr["vertex"].double()).norm(dim=-1)
+    de = fit["energy"] / tr["energy"].double() - 1
+    print(f"{particle}: delta {r['delta'].tolist()} dv {dv.tolist()} de {de.tolist()} {r['seconds']:.1f} s")
+    assert bool(r["ok"].all())
+    assert r["particle"] == [particle] * 3
+    sign = 1.0 if particle == "e-" else -1.0
+    assert float((sign * r["delta"]).min()) > MARGIN
+    assert float(dv.max()) < 0.3 and float(de.abs().max()) < 0.10
+    assert bool((r["fits"]["mu-"]["energy"] > r["fits"]["e-"]["energy"]).all())
+    # Delta is the difference of the reported per-hypothesis NLLs
+    i_mu, i_e = r["hypotheses"].index("mu-"), r["hypotheses"].index("e-")
+    assert torch.allclose(r["delta"], r["nll"][:, i_mu] - r["nll"][:, i_e])
+
+
+def test_bad_input_flagged(mu_events):
+    """A good event next to one with a NaN charge and one without hits: the bad ones are flagged (ok False,
+    choice -1, Delta NaN) and the good one is still identified; bad hypothesis sets raise ConfigError."""
+    sim, res = mu_events
+    resp, like = _models(sim)
+    h = res["hits"]
+    m = h.event == 0
+    n0 = int(m.sum())
+    q = torch.cat([h.charge[m], h.charge[m]]).clone()
+    q[n0 + 3] = float("nan")
+    hits = Hits(
+        pmt=torch.cat([h.pmt[m], h.pmt[m]]),
+        charge=q,
+        time=torch.cat([h.time[m], h.time[m]]),
+        event=torch.cat([torch.zeros(n0), torch.ones(n0)]).long(),
+    )
+    r = identify(hits, 3, resp, like, max_iter=15)
+    print(r["particle"], r["delta"].tolist(), r["status"].tolist())
+    assert r["ok"].tolist() == [True, False, False]
+    assert r["choice"].tolist()[1:] == [-1, -1] and r["particle"] == ["mu-", "", ""]
+    assert bool(torch.isnan(r["delta"][1:]).all()) and float(r["delta"][0]) < -MARGIN
+    with pytest.raises(ConfigError, match="responses"):
+        identify(hits, 3, {"mu-": resp["mu-"]}, like)
+    with pytest.raises(ConfigError, match="shower"):
+        identify(hits, 3, {"a": resp["mu-"], "b": resp["mu-"]}, like)
+    with pytest.raises(ConfigError, match="hits.event"):
+        identify(hits, 1, resp, like)
+
+
+def test_binomial_upper_limit():
+    """Clopper-Pearson: k = 0 closed form 1 - (1-CL)^(1/n); for k > 0 P(X <= k | n, p_up) = 1 - CL."""
+    assert binomial_upper_limit(0, 230) == pytest.approx(1 - 0.1 ** (1 / 230), rel=1e-9)
+    assert binomial_upper_limit(0, 230) < 0.01  # zero misID in 230 events: < 1% at 90% CL
+    for k, n in ((1, 10), (3, 200)):
+        assert float(binom.cdf(k, n, binomial_upper_limit(k, n))) == pytest.approx(0.1, abs=1e-9)
+    with pytest.raises(ConfigError):
+        binomial_upper_limit(5, 3)
+
+
+def test_cli_pid(tmp_path):
+    """photonfit pid on a 1-event electron run file (coarse, short fits to keep it quick): writes /pid with
+    both hypotheses' fits, the event identified as e- (Delta > 0)."""
+    from physics.io import write_run
+
+    sim2, res = _contained("e-", 1, seed=40)
+    path = write_run(
+        tmp_path / "ev.h5",
+        config=sim2.config_dict(),
+        seed=40,
+        truth=res["truth"],
+        hits=res["hits"],
+        n_events=1,
+        detector=sim2.detector,
+    )
+    ap = argparse.ArgumentParser()
+    add_pid_parser(ap.add_subparsers())
+    args = ap.parse_args(
+        [
+            "pid",
+            str(path),
+            "-o",
+            str(tmp_path / "pid.h5"),
+            "--max-iter",
+            "10",
+            "--depth-nodes",
+            "12",
+            "--track-nodes",
+            "16",
+        ]
+    )
+    assert args.func(args) == 0
+    with h5py.File(tmp_path / "pid.h5") as f:
+        g = f["pid"]
+        assert g["delta"].shape == (1,) and g["nll"].shape == (1, 2)
+        assert (g["delta"][:] > 0).all() and g["ok"][:].all()
+        assert "fit_e-" in g and "fit_mu-" in g
+
+
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_misid_rate_slow():
+    """32 e- and 32 mu- contained 500 MeV events: no misidentification either way (the 90% CL upper limit
+    from 0/32 is 7%; benchmarks/bench_pid.py runs more events), all |Delta| > 50."""
+    torch.set_num_threads(1)
+    for particle, seed, sign in (("e-", 50, 1.0), ("mu-", 51, -1.0)):
+        sim, res = _contained(particle, 32, seed=seed)
+        resp, like = _models(sim)
+        r = identify(res["hits"], 32, resp, like, max_iter=30, batch_size=8)
+        ok = r["ok"]
+        wrong = int((sign * r["delta"][ok] < 0).sum())
+        print(
+            f"{particle}: ok {int(ok.sum())}/32, misID {wrong}, 90% UL "
+            f"{binomial_upper_limit(wrong, int(ok.sum())):.3f}, "
+            f"min |Delta| {float((sign * r['delta'][ok]).min()):.0f}"
+        )
+        assert int(ok.sum()) >= 31 and wrong == 0
+        assert float((sign * r["delta"][ok]).min()) > MARGIN
