@@ -34,15 +34,6 @@ from fitting.response import PhysicsResponse  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 
-class _PresetKinematics(Simulator):
-    """Simulator whose per-event vertices/directions come from preset (E,3) tensors (one batch)."""
-
-    def _kinematics(self, n, gen):
-        v, d = self._vtx[self._at : self._at + n], self._dir[self._at : self._at + n]
-        self._at += n
-        return v, d / d.norm(dim=1, keepdim=True)
-
-
 def contained_events(particle: str, n: int, seed: int, energy: float = 500.0):
     """n contained events (see module docstring), direct light only; returns (simulator, run result)."""
     g = torch.Generator().manual_seed(seed + 7919)
@@ -61,10 +52,9 @@ def contained_events(particle: str, n: int, seed: int, energy: float = 500.0):
         direction=(0.0, 0.0, 1.0),
         optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
     )
-    sim = _PresetKinematics(cfg)
+    sim = Simulator(cfg)
     sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
-    sim._vtx, sim._dir, sim._at = torch.cat([xy, z[:, None]], 1), d, 0
-    return sim, sim.run(n, seed=seed, batch_size=n)
+    return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
 
 
 def models(sim):

@@ -101,6 +101,7 @@ class Simulator:
         sensors = cfg.sensors if cfg.sensors != "auto" else _sensor_config_for(self.detector)
         self.sensors = PMTResponse.load(sensors, n_pmts=self.detector.n_pmts).to(self.device)
         self.electronics = Electronics.load(cfg.electronics).to(self.device) if cfg.waveforms else None
+        self._given: tuple[Tensor, Tensor] | None = None
         if cfg.vertex is not None and not bool(
             self.detector.inside(torch.tensor([cfg.vertex], dtype=torch.float32, device=self.device))[0]
         ):
@@ -109,6 +110,10 @@ class Simulator:
 
     def _kinematics(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         dev, cfg = self.device, self.cfg
+        if self._given is not None:  # per-event kinematics passed to run()
+            v, d = self._given
+            self._given = (v[n:], d[n:])
+            return v[:n].to(dev), d[:n].to(dev) / d[:n].to(dev).norm(dim=1, keepdim=True)
         if cfg.vertex is None:
             vtx = self.detector.sample_fiducial(n, gen, margin=cfg.fiducial_margin)
         else:
@@ -180,11 +185,29 @@ class Simulator:
         return {"samples": samples, "event": hits.event, "pmt": hits.pmt, "t_start": t_start,
                 "sampling_ns": self.electronics.sampling_period}
 
-    def run(self, n_events: int, seed: int, batch_size: int = 16, progress: bool = False) -> dict:
-        """Simulate ``n_events`` events in batches; returns concatenated truth, hits and extras."""
+    def run(self, n_events: int, seed: int, batch_size: int = 16, progress: bool = False,
+            vertices: Tensor | None = None, directions: Tensor | None = None) -> dict:
+        """Simulate ``n_events`` events in batches; returns concatenated truth, hits and extras.
+
+        vertices, directions: optional per-event (n_events, 3) kinematics [m] / (any norm), used instead of
+        the config's fixed or random ones (both must be given together).
+        """
         check_number(n_events, "events", minimum=1, integer=True)
         check_number(seed, "seed", minimum=0, integer=True)
         check_number(batch_size, "batch_size", minimum=1, integer=True)
+        self._given = None
+        if (vertices is None) != (directions is None):
+            raise ConfigError("vertices/directions: give both per-event tensors or neither")
+        if vertices is not None:
+            for name, t in (("vertices", vertices), ("directions", directions)):
+                if tuple(t.shape) != (n_events, 3):
+                    raise ConfigError(f"{name}: got shape {tuple(t.shape)}, expected ({n_events}, 3)")
+            if not bool(self.detector.inside(vertices.to(self.device, torch.float32)).all()):
+                raise ConfigError("vertices: some lie outside detector "
+                                  f"{self.detector.name!r}; allowed: points inside it")
+            if bool((directions.norm(dim=1) == 0).any()):
+                raise ConfigError("directions: got a zero vector, expected non-zero directions")
+            self._given = (vertices.float(), directions.float())
         gen = torch.Generator(device=self.device).manual_seed(seed)
         parts = []
         starts = range(0, n_events, batch_size)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fitting.cli import main
+from physics.config import ConfigError
 from physics.io import read_run
 from physics.simulate import SimConfig, Simulator
 
@@ -104,3 +105,19 @@ def test_scintillator_medium_adds_scintillation_light():
     water = Simulator(SimConfig(medium="water", **kw)).run(1, seed=1)
     ls = Simulator(SimConfig(medium="juno_ls", **kw)).run(1, seed=1)
     assert float(ls["hits"].charge.sum()) > 10 * float(water["hits"].charge.sum())
+
+
+def test_per_event_kinematics_and_their_errors():
+    """run(vertices=, directions=) simulates exactly the given events; bad shapes or points are refused."""
+    sim = Simulator(SimConfig(particle="mu-", energy=300.0))
+    v = torch.tensor([[0.5, 0.0, 0.0], [-0.5, 0.2, 1.0], [0.0, 0.0, -1.0]])
+    d = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    res = sim.run(3, seed=1, batch_size=2, vertices=v, directions=d)
+    assert torch.equal(res["truth"]["vertex"], v)
+    assert torch.allclose(res["truth"]["direction"], d / d.norm(dim=1, keepdim=True))
+    with pytest.raises(ConfigError, match="vertices"):
+        sim.run(3, seed=1, vertices=v[:2], directions=d[:2])
+    with pytest.raises(ConfigError, match="outside"):
+        sim.run(1, seed=1, vertices=torch.tensor([[0.0, 0.0, 9.0]]), directions=d[:1])
+    with pytest.raises(ConfigError, match="both"):
+        sim.run(3, seed=1, vertices=v)

@@ -27,15 +27,6 @@ from physics.simulate import SimConfig, Simulator
 MARGIN = 50.0  # |Delta| well above this: a likelihood ratio of e^50 against the wrong type
 
 
-class _PresetKinematics(Simulator):
-    """Simulator whose per-event vertices/directions come from preset (E,3) tensors (one batch)."""
-
-    def _kinematics(self, n, gen):
-        v, d = self._vtx[self._at : self._at + n], self._dir[self._at : self._at + n]
-        self._at += n
-        return v, d / d.norm(dim=1, keepdim=True)
-
-
 def _contained(particle: str, n: int, seed: int):
     g = torch.Generator().manual_seed(seed + 7919)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
@@ -53,10 +44,9 @@ def _contained(particle: str, n: int, seed: int):
         direction=(0.0, 0.0, 1.0),
         optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
     )
-    sim = _PresetKinematics(cfg)
+    sim = Simulator(cfg)
     sim.medium.rayleigh_scale.data.fill_(math.inf)
-    sim._vtx, sim._dir, sim._at = torch.cat([xy, z[:, None]], 1), d, 0
-    return sim, sim.run(n, seed=seed, batch_size=n)
+    return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
 
 
 def _models(sim):
