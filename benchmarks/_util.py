@@ -22,15 +22,26 @@ def machine() -> dict:
     return info
 
 
+def atomic_write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (unique temporary file in the same folder, then
+    rename), creating the folder; an interrupted run never leaves a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` atomically and print it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """Write ``benchmarks/results/<name>.json`` atomically, with the machine description, and print it."""
     payload = {"machine": machine(), **payload}
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    path = atomic_write_json(RESULTS / f"{name}.json", payload)
     print(json.dumps(payload, indent=2))
     return path

@@ -21,7 +21,6 @@ Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--qui
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.electronics import Electronics  # noqa: E402
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms  # noqa: E402
 from surrogate.baselines import conventional, oracle_fit  # noqa: E402
@@ -227,10 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "training": {k: smodel.metadata.get(k) for k in ("train_seconds", "epochs")},
         }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(a.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, a.out)
+    atomic_write_json(a.out, out)
     print_table(out)
     return out
 

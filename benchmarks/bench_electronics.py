@@ -6,7 +6,6 @@ Writes benchmarks/results/electronics.json (atomic). Usage: python benchmarks/be
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.electronics import Electronics  # noqa: E402
 
 
@@ -57,11 +57,7 @@ def main() -> dict:
             f"{name:8s} expect {r_exp:.3g} p.e./s  expect+backward {r_grad:.3g} p.e./s  "
             f"sample {r_smp:.3g} waveforms/s ({per} p.e. each, {el.n_samples} samples)"
         )
-    path = ROOT / "benchmarks" / "results" / "electronics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(ROOT / "benchmarks" / "results" / "electronics.json", out)
     return out
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics import emission as em  # noqa: E402
 from physics.medium import Medium  # noqa: E402
 
@@ -76,11 +76,7 @@ def main() -> None:
             best = cur
     res.update(best)
     print(json.dumps(res, indent=1))
-    out = Path(__file__).resolve().parent / "results" / "emission.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    os.replace(tmp, out)
+    atomic_write_json(Path(__file__).resolve().parent / "results" / "emission.json", res)
 
 
 if __name__ == "__main__":

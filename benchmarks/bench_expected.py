@@ -8,8 +8,6 @@ Prints a table and writes benchmarks/results/expected.json (atomically). Usage:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
@@ -19,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._util import atomic_write_json  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.geometry import Detector  # noqa: E402
 from physics.medium import Medium  # noqa: E402
@@ -112,12 +111,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "results": rows,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    print(f"wrote {atomic_write_json(a.out, res)}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.emission import cherenkov_photons, track_steps  # noqa: E402
 from physics.geometry import Detector  # noqa: E402
 from physics.medium import Medium  # noqa: E402
@@ -121,12 +122,7 @@ def main() -> None:
           f"(Geant4 {out['geant4_photons_per_event']:.0f}, "
           f"{out['geant4_wall_hits_per_event']:.0f}); Geant4 {G4_README_S_PER_EVENT} s/event -> speed-up "
           f"{out['speedup_vs_geant4']:.1f}x (batched {out['speedup_vs_geant4_batched']:.1f}x)")
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {atomic_write_json(a.out, out)}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.geometry import Detector  # noqa: E402
 
 
@@ -82,12 +82,7 @@ def main() -> None:
         "dtype": "float32",
         "results": rows,
     }
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {atomic_write_json(a.out, out)}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.constants import C_M_PER_NS  # noqa: E402
 from physics.geometry import Detector  # noqa: E402
 from physics.medium import Medium  # noqa: E402
@@ -180,12 +181,7 @@ def main() -> None:
                cpu_count=os.cpu_count(), load_average=os.getloadavg(), chunk_size=int(a.chunk),
                source="muon-like Cherenkov cones (beta = 1), see module doc", runs=results, memory=mem,
                target_photon_steps_per_s=1e7, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    path = Path(a.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    print(f"wrote {atomic_write_json(a.out, out)}")
 
 
 if __name__ == "__main__":
