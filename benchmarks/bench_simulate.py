@@ -7,12 +7,15 @@ Issue target: a 1 GeV muon in the SK-like detector, hits and waveforms included,
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
-from _util import write_json
 
-from physics.simulate import SimConfig, Simulator
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs without an installed package too
+from benchmarks._util import write_json  # noqa: E402
+from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 
 def time_chain(detector: str, particle: str, energy: float, events: int, device: str) -> dict:
