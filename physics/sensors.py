@@ -248,8 +248,18 @@ class PMTResponse(nn.Module):
 
         Differentiable in qe_scale."""
         scale = self.qe_scale.to(device=wavelength.device, dtype=wavelength.dtype)[pmt]
-        p = (self.quantum_efficiency(wavelength) * scale * self.collection_efficiency
-             * self.acceptance(cos_incidence))
+        return self._combine(self.quantum_efficiency(wavelength), scale, cos_incidence)
+
+    def detection_matrix(self, wavelength: Tensor, cos_incidence: Tensor) -> Tensor:
+        """detection_probability of M photons (wavelength (M,) nm) at P PMTs: cos_incidence (M, P) -> (M, P).
+
+        QE(lambda) is interpolated once per photon rather than once per (photon, PMT) pair."""
+        scale = self.qe_scale.to(device=wavelength.device, dtype=wavelength.dtype)
+        return self._combine(self.quantum_efficiency(wavelength)[:, None], scale[None, :], cos_incidence)
+
+    def _combine(self, qe: Tensor, scale: Tensor, cos_incidence: Tensor) -> Tensor:
+        """QE * qe_scale * CE * A(cos), clipped to [0, 1] (the one place this product is formed)."""
+        p = qe * scale * self.collection_efficiency * self.acceptance(cos_incidence)
         return p.clamp(0.0, 1.0)
 
     def _max_acceptance(self) -> float:
