@@ -25,11 +25,16 @@ from torch import Tensor, nn
 
 from physics import emission
 from physics import expected as px
+from physics import indirect as pind
 from physics.config import ConfigError, check_number
 from physics.constants import PARTICLE_MASS, SHOWER_PARTICLES, TRACK_PARTICLES
+from physics.optics import orthonormal_basis
 from physics.sensors import spe_moments
 
+from .uncertainty import track_ms_covariance
+
 __all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
+
 
 
 def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> int:
@@ -86,6 +91,14 @@ class ResponseModel(nn.Module, ABC):
         dark_rate_hz, tts); empty when the model does not know them."""
         return {}
 
+    def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
+        """Covariance (E,8,8) of event fluctuations that the expectation averages over and the likelihood's
+        Hessian therefore cannot see, in Cartesian coordinates (vertex x, y, z [m], change of the unit
+        direction dx, dy, dz [rad], log E, t0 [ns]); reconstruction adds it to H^-1 for the reported
+        uncertainty (:func:`fitting.uncertainty.cartesian_to_local`). Default: zeros (none modelled)."""
+        v = event_params["vertex"]
+        return torch.zeros(v.shape[0], 8, 8, dtype=v.dtype, device=v.device)
+
 
 class PhysicsResponse(ResponseModel):
     """Exact direct-light expectation (physics.expected) for a track particle or an isotropic source.
@@ -102,7 +115,18 @@ class PhysicsResponse(ResponseModel):
       a single line) or None (source spectrum = the band, uniform in wavelength);
       max_elements: chunk events so that E_chunk * P * K * L stays below it (memory bound);
       fold_wavelength: tracks only -- fold the wavelength sum analytically (expected.direct_light_folded,
-      O(E P K) instead of O(E P K L); agrees with the exact sum to ~1%, the fast path for reconstruction).
+      O(E P K) instead of O(E P K L); agrees with the exact sum to ~1%, the fast path for reconstruction);
+      ms_covariance: tracks only -- report the multiple-scattering covariance in
+      :meth:`irreducible_covariance` (False: zeros, i.e. pure-Hessian uncertainties);
+      indirect: None (direct light only) or a mapping with optional keys n_trace (traced photons per event,
+      default 2000), seed (default 0), max_rounds (default 4): then ``expected`` also returns
+      ``mu_indirect`` (E,P), the scattered and reflected light of :func:`physics.indirect.indirect_light`
+      (needs ``optics``). The traced photons come from the simulator's emission in the event frame with fixed
+      random numbers and move rigidly with vertex/direction (differentiable); their weights scale with the
+      photon yield (tracks: :func:`physics.indirect.track_photon_yield`, showers: energy, source: n_photons).
+      :meth:`freeze_indirect` fixes the traced photons for a fit (the reconstruction does this at its seed),
+      so that the expectation is a smooth function of the parameters; without it each call draws them anew
+      at the current energies (same seed, so equal inputs give equal outputs).
 
     Event parameters: vertex (E,3) [m], t0 (E,) [ns] (optional, default 0), and direction (E,3), energy (E,)
     [MeV kinetic] for tracks and showers, or n_photons (E,) for the source. Returns mu, t_mean, t_var (E,P).
@@ -122,6 +146,8 @@ class PhysicsResponse(ResponseModel):
         source_wavelength: float | None = None,
         max_elements: int = 20_000_000,
         fold_wavelength: bool = False,
+        ms_covariance: bool = True,
+        indirect: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         allowed = TRACK_PARTICLES + SHOWER_PARTICLES + ("isotropic",)
@@ -133,6 +159,7 @@ class PhysicsResponse(ResponseModel):
         self.optics = optics
         self.particle = particle
         self.fold_wavelength = bool(fold_wavelength)
+        self.ms_covariance = bool(ms_covariance)
         self.n_pmts = int(detector.n_pmts)
         if int(sensors.n_pmts) != self.n_pmts:
             raise ConfigError(f"sensors.n_pmts: got {sensors.n_pmts}, expected the detector's {self.n_pmts}")
@@ -153,6 +180,22 @@ class PhysicsResponse(ResponseModel):
             self.event_keys = ("vertex", "n_photons")
         else:
             self.event_keys = ("vertex", "direction", "energy")
+        self.indirect = None
+        if indirect is not None:
+            unknown = set(indirect) - {"n_trace", "seed", "max_rounds"}
+            if unknown:
+                raise ConfigError(f"indirect: unknown keys {sorted(unknown)}, allowed: n_trace, seed, "
+                                  "max_rounds")
+            if optics is None:
+                raise ConfigError("indirect: needs optics (wall and PMT reflectivities), got optics=None")
+            self.indirect = {
+                "n_trace": check_number(indirect.get("n_trace", 2000), "indirect.n_trace", minimum=1,
+                                        integer=True),
+                "seed": check_number(indirect.get("seed", 0), "indirect.seed", minimum=0, integer=True),
+                "max_rounds": check_number(indirect.get("max_rounds", 4), "indirect.max_rounds", minimum=1,
+                                           integer=True),
+            }
+        self._frozen: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------------
     def _wavelength_nodes(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -242,7 +285,68 @@ class PhysicsResponse(ResponseModel):
                     common,
                 )
             outs.append(o)
-        return {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
+        out = {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
+        if self.indirect is not None:
+            out["mu_indirect"] = self._indirect(event_params, t0)
+        return out
+
+    # ------------------------------------------------------------------------------------------------------
+    def _yield(self, event_params: dict[str, Tensor]) -> Tensor:
+        """Emitted photons per event (E,), differentiable: the weight scale of the traced photons."""
+        if self.particle == "isotropic":
+            return event_params["n_photons"]
+        e = event_params["energy"]
+        if self.particle in SHOWER_PARTICLES:
+            return e  # Raedel-Wiebusch: the Cherenkov track length of a cascade is proportional to E
+        return pind.track_photon_yield(self.particle, e, self.medium).to(e.dtype)
+
+    def _indirect_state(self, event_params: dict[str, Tensor]) -> dict[str, Any]:
+        v = event_params["vertex"]
+        n_ev = v.shape[0]
+        with torch.no_grad():
+            key = event_params["n_photons"] if self.particle == "isotropic" else event_params["energy"]
+            gen = torch.Generator().manual_seed(self.indirect["seed"])
+            ph, w, pol = pind.canonical_photons(self.particle, key.detach().double().cpu(), self.medium,
+                                                self.indirect["n_trace"], gen,
+                                                source_wavelength=self.source_wavelength, dtype=v.dtype)
+            if self.particle == "isotropic":
+                w = w / self.indirect["n_trace"]  # times n_photons (differentiable) in _indirect
+                d0 = torch.tensor([[0.0, 0.0, 1.0]], dtype=v.dtype, device=v.device).expand(n_ev, 3)
+                y0 = torch.ones(n_ev, dtype=v.dtype, device=v.device)
+            else:
+                d0 = event_params["direction"].detach()
+                y0 = self._yield({k: x.detach() for k, x in event_params.items()}).to(v.dtype)
+            ref = orthonormal_basis(d0 / d0.norm(dim=-1, keepdim=True))[0]  # any vector perpendicular to d0
+        dev = v.device
+        return {"n": n_ev, "photons": ph.to(dev), "w": w.to(dev), "pol": None if pol is None else pol.to(dev),
+                "ref": ref, "y0": y0}
+
+    def freeze_indirect(self, event_params: dict[str, Tensor]) -> None:
+        """Fix the traced photons of the indirect light at these parameters (for the duration of a fit)."""
+        if self.indirect is not None:
+            check_event_params(event_params, self.event_keys)
+            self._frozen = self._indirect_state(event_params)
+
+    def release_indirect(self) -> None:
+        """Forget the frozen traced photons (the next call draws them at its own parameters)."""
+        self._frozen = None
+
+    def _indirect(self, event_params: dict[str, Tensor], t0: Tensor) -> Tensor:
+        v = event_params["vertex"]
+        st = self._frozen
+        if st is None or st["n"] != v.shape[0]:
+            st = self._indirect_state(event_params)
+        if self.particle == "isotropic":
+            d = torch.tensor([[0.0, 0.0, 1.0]], dtype=v.dtype, device=v.device).expand_as(v)
+            scale = event_params["n_photons"].to(v.dtype)
+        else:
+            d = event_params["direction"]
+            scale = self._yield(event_params).to(v.dtype) / st["y0"]
+        ph, pol = pind.place_photons(st["photons"], st["pol"], v, d, st["ref"], t0)
+        gen = torch.Generator(device=v.device).manual_seed(self.indirect["seed"] + 1)
+        return pind.indirect_light(ph, self.detector, self.medium, self.optics, self.sensors, v.shape[0], gen,
+                                   weight=st["w"] * scale[ph.event], polarization=pol,
+                                   max_rounds=self.indirect["max_rounds"])["mu"]
 
     def _track(
         self,
@@ -275,6 +379,30 @@ class PhysicsResponse(ResponseModel):
             wall=(det.shape, det.radius, det.height),
             fold_wavelength=self.fold_wavelength,
             **common,
+        )
+
+    def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
+        """Multiple-scattering covariance (E,8,8) of the straight-track fit (see ResponseModel and
+        :func:`fitting.uncertainty.track_ms_covariance`: Highland kinks, PDG eq. 34.16, propagated through the
+        photon-weighted line fit of the Cherenkov image) for muons and pions.
+
+        Zeros for e-/e+/gamma (not modelled: the shower-to-shower fluctuations of the cascade's longitudinal
+        profile and of its lateral/angular spread, which the mean Raedel-Wiebusch profile averages over) and
+        for the isotropic source (a point source has no such fluctuation)."""
+        n_ev = check_event_params(event_params, self.event_keys)
+        v = event_params["vertex"]
+        if self.particle not in TRACK_PARTICLES or not self.ms_covariance:
+            return torch.zeros(n_ev, 8, 8, dtype=v.dtype, device=v.device)
+        det = self.detector
+        return track_ms_covariance(
+            v,
+            event_params["direction"],
+            event_params["energy"],
+            particle=self.particle,
+            medium=self.medium,
+            wall=(det.shape, det.radius, det.height),
+            pmt_radius=float(det.pmt_radius.double().mean()),
+            detection=self.sensors.quantum_efficiency,
         )
 
     def likelihood_config(self) -> dict[str, Any]:

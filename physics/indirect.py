@@ -47,9 +47,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import ConfigError, check_number
-from .constants import C_M_PER_NS
-from .expected import disk_solid_angle
+from . import emission
+from .config import ConfigError, check_choice, check_number
+from .constants import C_M_PER_NS, PARTICLE_MASS, SHOWER_PARTICLES, TRACK_PARTICLES
+from .expected import disk_solid_angle, gauss_legendre
 from .optics import (
     dipole_cos_psi,
     henyey_greenstein_cos_theta,
@@ -61,7 +62,7 @@ from .optics import (
 )
 from .records import Photons
 
-__all__ = ["indirect_light"]
+__all__ = ["indirect_light", "track_photon_yield", "canonical_photons", "place_photons"]
 
 _INV_PI = 1.0 / math.pi
 _DIPOLE = 3.0 / (8.0 * math.pi)
@@ -261,3 +262,89 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         spec, idx = spec[keep], idx[keep]
     t_mean = torch.where(mu > 0, wt / torch.where(mu > 0, mu, torch.ones_like(mu)), torch.zeros_like(mu))
     return {"mu": mu, "t_mean": t_mean, "w_t": wt}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# traced photons for an event hypothesis (used by fitting.response.PhysicsResponse)
+# ----------------------------------------------------------------------------------------------------------
+def track_photon_yield(particle: str, energy: Tensor, medium: Any, n_nodes: int = 48) -> Tensor:
+    """Mean Cherenkov photons (band of ``medium``) of a stopping track of kinetic energy ``energy`` (E,) MeV:
+
+    Y(E) = int_{T_th}^{E} (dN/dx)(beta(T)) / S(T) dT (Frank-Tamm photons per metre over the mean stopping
+    power, continuous slowing down; PDG RPP "Passage of particles through matter" eqs. 34.5 and 34.45),
+    Gauss-Legendre in T. Differentiable in ``energy``; 0 below threshold."""
+    check_choice(particle, "particle", TRACK_PARTICLES)
+    mass = PARTICLE_MASS[particle]
+    e = torch.as_tensor(energy).to(torch.float64)
+    b_th = emission.cherenkov_threshold_beta(medium)
+    t_th = mass * (1.0 / math.sqrt(1.0 - b_th * b_th) - 1.0)
+    x, w = gauss_legendre(n_nodes, 0.0, 1.0, device=e.device)
+    span = (e - t_th).clamp_min(0.0)
+    t = t_th + span[..., None] * x  # (E, n)
+    gamma = 1.0 + t / mass
+    beta = torch.sqrt((1.0 - 1.0 / (gamma * gamma)).clamp_min(0.0))
+    rate = emission.frank_tamm_yield(beta, medium) / emission.bethe_dedx(t, mass, medium,
+                                                                        spin_half=particle.startswith("mu"))
+    return span * (rate * w).sum(-1)
+
+
+def canonical_photons(particle: str, energy: Tensor, medium: Any, n_trace: int, generator: torch.Generator,
+                      *, source_wavelength: float | None = None, dtype: torch.dtype = torch.float64
+                      ) -> tuple[Photons, Tensor, Tensor | None]:
+    """Photons of E events in the event frame (vertex at the origin, direction +z, t0 = 0), about ``n_trace``
+    per event, from the simulator's own emission (physics.emission, with ``generator``): tracks
+    (track_steps + cherenkov_photons, multiple scattering included), showers (shower_photons) or the
+    isotropic source (n_trace photons, wavelength ``source_wavelength`` or uniform in the band). energy: (E,)
+    kinetic energies [MeV] (for the source only its length E is used).
+
+    Returns (photons, weight (M,) = emitted photons each stands for (1 for the source: scale by N / n_trace),
+    polarization (M,3) or None). Cherenkov light is polarised in the plane of the photon and the track
+    (Jelley 1958): e = -(u - (u.k) k) with u the initial track direction (+z)."""
+    n_trace = check_number(n_trace, "n_trace", minimum=1, integer=True)
+    e = torch.as_tensor(energy, dtype=torch.float64).reshape(-1)
+    n_ev = e.shape[0]
+    zeros = torch.zeros(n_ev, 3)
+    ez = torch.tensor([[0.0, 0.0, 1.0]]).expand(n_ev, 3)
+    if particle == "isotropic":
+        wl = 0.5 * (medium.wl_min + medium.wl_max) if source_wavelength is None else source_wavelength
+        spec = (medium.wl_min, medium.wl_max) if source_wavelength is None else float(wl)
+        ph = emission.isotropic_source(zeros.to(dtype), n_trace, generator, wavelength=spec, dtype=dtype)
+        return ph, torch.ones(len(ph), dtype=dtype), None
+    if particle in TRACK_PARTICLES:
+        expect = track_photon_yield(particle, e, medium)
+        thin = float((n_trace / expect.clamp_min(1.0)).clamp(max=1.0).min())
+        steps = emission.track_steps(particle, e, zeros, ez, medium, generator)
+        ph = emission.cherenkov_photons(steps, medium, generator, thin=thin)
+    elif particle in SHOWER_PARTICLES:
+        pilot = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=1e-3)
+        per_ev = torch.bincount(pilot.event, minlength=n_ev).double() / 1e-3
+        thin = float((n_trace / per_ev.clamp_min(1.0)).clamp(max=1.0).min())
+        ph = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=thin)
+    else:
+        raise ConfigError(f"particle: got {particle!r}, allowed: {TRACK_PARTICLES + SHOWER_PARTICLES} or "
+                          "'isotropic'")
+    ph = Photons(pos=ph.pos.to(dtype), dir=ph.dir.to(dtype), t=ph.t.to(dtype),
+                 wavelength=ph.wavelength.to(dtype), event=ph.event)
+    k = ph.dir
+    pol = torch.stack([-(0.0 - k[:, 2] * k[:, 0]), -(0.0 - k[:, 2] * k[:, 1]), -(1.0 - k[:, 2] * k[:, 2])], 1)
+    return ph, torch.full((len(ph),), 1.0 / thin, dtype=dtype), pol
+
+
+def place_photons(photons: Photons, polarization: Tensor | None, vertex: Tensor, direction: Tensor,
+                  reference: Tensor, t0: Tensor | None = None) -> tuple[Photons, Tensor | None]:
+    """Rigid motion of event-frame photons to the event: x = v + R k_local, R = [e1 e2 d] with
+    e1 = normalise(r - (r.d) d), e2 = d x e1 for the event's ``reference`` vector r (E,3) (fixed during a fit,
+    so the frame turns continuously with d; any r not parallel to d). Differentiable in vertex (E,3),
+    direction (E,3) (normalised here) and t0 (E,)."""
+    d = direction / direction.norm(dim=-1, keepdim=True)
+    r = reference.to(d)
+    e1 = r - (r * d).sum(-1, keepdim=True) * d
+    e1 = e1 / e1.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    e2 = torch.cross(d, e1, dim=-1)
+    ev = photons.event
+    basis = torch.stack([e1, e2, d], 1)[ev]  # (M, 3 local axes, 3 xyz)
+    pos = vertex[ev] + (photons.pos.to(d)[:, :, None] * basis).sum(1)
+    dirn = (photons.dir.to(d)[:, :, None] * basis).sum(1)
+    t = photons.t.to(d) + (0.0 if t0 is None else t0[ev])
+    pol = None if polarization is None else (polarization.to(d)[:, :, None] * basis).sum(1)
+    return Photons(pos=pos, dir=dirn, t=t, wavelength=photons.wavelength.to(d), event=ev), pol

@@ -1,0 +1,392 @@
+"""Irreducible (not-in-the-likelihood) uncertainty of a track fit: the muon's multiple scattering (MS).
+
+A charged track scatters many times on its way (Highland / Lynch-Dahl; PDG Review of Particle Physics,
+"Passage of particles through matter", §34.3, eq. 34.16), so its light comes from a wandering line. The
+straight-track likelihood can only find the light-weighted *mean* line, while the truth of a closure test
+(and of physics) is the *initial* vertex and direction. The difference is a fluctuation of the event itself,
+absent from the likelihood's Hessian. This module computes its covariance from physics (nothing fitted):
+
+* Kinks. A kink at path length s' deflects the track by dtheta in each transverse axis, with variance
+  v(s') per cell = (13.6 MeV / (beta c p))^2 [h(s'+ds/2) - h(s'-ds/2)], h(x) = (x/X0) (1 + 0.038 ln(x /
+  (X0 beta^2)))^2 -- the increment of Highland's theta0^2 along the accumulated path, the convention of
+  :func:`physics.emission.track_steps` (so that the total deflection follows Highland for the whole path).
+  The transverse offset and direction of the track at s > s' change by ((s - s') dtheta, dtheta).
+* What the fit sees. A photon emitted at s along unit k, travelling D to the wall, lands displaced in the
+  plane transverse to k by r = P_k dx + D dk, where dx is the track's transverse offset at s and
+  dk = dd (d.k) - d (dd.k) the rotation of k by the track's direction change dd (first order). The straight
+  fit (vertex offset a, angle b: offset a + b s, direction b) is taken as the photon-weighted least-squares
+  fit of these image displacements, i.e. with per-cell metric W(s) = < Phi^T Phi >_azimuth (4x4 over the
+  transverse (offset_1, offset_2, angle_1, angle_2)), Phi = [P_k u1, P_k u2, D dk(u1), D dk(u2)]. With D = 0
+  this is the straight-line fit of the displacement d(t) = int_0^t (t - s) dtheta(s) with weight rho(t).
+* Propagation. p = (a1, a2, b1, b2) = N^-1 sum_i w_i J_i^T W_i q_i with q_i the true transverse (offset,
+  angle) at cell i, J_i = [[I, s_i I], [0, I]], N = sum_i w_i J_i^T W_i J_i and w_i the Cherenkov photons of
+  cell i (Frank-Tamm). A kink at cell k along axis m gives the influence g_k^m = N^-1 sum_{i>k} w_i J_i^T W_i
+  ((s_i - s_k) E_m + F_m) (E_m, F_m the offset / angle unit vectors), and Cov(p) = sum_k v_k sum_m g g^T
+  (independent kinks, both axes). Reverse cumulative sums make it O(E K).
+
+Not modelled: delta rays, the MS shortening of the projected track (second order, ~<theta^2>/2), and the
+timing information's own view of the bend.
+
+Status (measured, 500 MeV muons in WCTE, direct light; benchmarks/ms_fit_study.py, ms_kink_probe.py): the
+quadrature reproduces the least-squares fit of sampled scattered tracks exactly (tests/test_uncertainty.py),
+and adding it brings the transverse vertex pull widths from ~2.2 to ~1.1-1.2 (256 events), but the
+likelihood fit does NOT respond to a kink as this least-squares picture says: it translates the vertex
+towards the bend (~ the photon-weighted mean displacement) and keeps the direction nearly fixed, so the
+direction uncertainty is over-estimated ~2.5x (direction pulls ~0.4). A per-PMT influence-function
+(Fisher) calculation from the response model did not reproduce the measured response either. Treat the
+direction block as conservative; ``PhysicsResponse(ms_covariance=False)`` switches the whole term off.
+Units: m, rad, MeV.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from physics import emission
+from physics import expected as px
+from physics.config import ConfigError, check_choice, check_number
+from physics.constants import PARTICLE_MASS, TRACK_PARTICLES
+
+__all__ = [
+    "highland_kink_variance",
+    "image_metric",
+    "line_fit_kink_covariance",
+    "track_fit_weights",
+    "track_ms_covariance",
+    "cartesian_to_local",
+    "transverse_basis",
+]
+
+#: Highland's logarithmic coefficient (PDG eq. 34.16)
+HIGHLAND_LOG = 0.038
+HIGHLAND_MEV = 13.6
+
+
+def transverse_basis(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Two unit vectors (E,3) orthogonal to unit d (E,3) and to each other (any fixed choice)."""
+    helper = torch.zeros_like(d)
+    use_x = d[:, 0].abs() < 0.9
+    helper[use_x, 0] = 1.0
+    helper[~use_x, 1] = 1.0
+    u1 = torch.linalg.cross(d, helper)
+    u1 = u1 / u1.norm(dim=-1, keepdim=True)
+    return u1, torch.linalg.cross(d, u1)
+
+
+def highland_kink_variance(s_lo: Tensor, s_hi: Tensor, kinetic: Tensor, mass: float, x0: float) -> Tensor:
+    """Projected (one transverse axis) scattering-angle variance [rad^2] accumulated between path lengths
+    s_lo and s_hi [m] (any shape) at kinetic energy ``kinetic`` [MeV] (same shape), radiation length x0 [m].
+
+    v = (13.6 MeV / (beta c p))^2 [h(s_hi) - h(s_lo)], h(x) = r (1 + 0.038 ln(r / beta^2))_+^2, r = x / X0
+    (Highland, PDG eq. 34.16; increments of theta0^2 along the accumulated path as in
+    physics.emission.track_steps)."""
+    e = kinetic + mass
+    p2 = (kinetic * (kinetic + 2.0 * mass)).clamp_min(1e-12)
+    beta2 = p2 / (e * e)
+    beta_p = p2 / e
+
+    def h(x: Tensor) -> Tensor:
+        r = (x / x0).clamp_min(1e-12)
+        return r * (1.0 + HIGHLAND_LOG * torch.log(r / beta2)).clamp_min(0.0) ** 2
+
+    return (HIGHLAND_MEV / beta_p) ** 2 * (h(s_hi) - h(s_lo)).clamp_min(0.0)
+
+
+def image_metric(
+    d: Tensor, cos_c: Tensor, dist: Tensor, u1: Tensor, u2: Tensor, weight: Tensor | None = None
+) -> Tensor:
+    """Per-photon least-squares metric Phi^T Phi (..., 4, 4) over (offset_1, offset_2, angle_1, angle_2).
+
+    d, u1, u2 (..., 3) track direction and transverse basis; cos_c (...) cos of the Cherenkov angle;
+    dist (..., F) photon path to the wall [m] at F azimuths (uniform); weight (..., F) optional per-photon
+    weight (e.g. 1 / image variance); returns the (weighted) mean over the azimuths.
+    Phi (3x4) = [P_k u1, P_k u2, D dk(u1), D dk(u2)], P_k = I - k k^T, dk(u) = u (d.k) - d (u.k)."""
+    n_phi = dist.shape[-1]
+    phi = torch.arange(n_phi, dtype=d.dtype, device=d.device) * (2.0 * math.pi / n_phi)
+    sin_c = torch.sqrt((1.0 - cos_c * cos_c).clamp_min(0.0))
+    c, s = sin_c[..., None] * torch.cos(phi), sin_c[..., None] * torch.sin(phi)  # (..., F)
+    k = (
+        cos_c[..., None, None] * d[..., None, :]
+        + c[..., None] * u1[..., None, :]
+        + s[..., None] * u2[..., None, :]
+    )
+    cols = []
+    for u in (u1, u2):
+        uk = (u[..., None, :] * k).sum(-1, keepdim=True)  # (..., F, 1)
+        cols.append(u[..., None, :] - uk * k)
+    for u, uk_comp in ((u1, c), (u2, s)):
+        dk = u[..., None, :] * cos_c[..., None, None] - d[..., None, :] * uk_comp[..., None]
+        cols.append(dist[..., None] * dk)
+    phi_m = torch.stack(cols, -1)  # (..., F, 3, 4)
+    m = phi_m.transpose(-1, -2) @ phi_m
+    if weight is not None:
+        m = m * weight[..., None, None]
+    return m.mean(-3)
+
+
+def line_fit_kink_covariance(s: Tensor, w: Tensor, metric: Tensor, kink_var: Tensor) -> Tensor:
+    """Covariance (E,4,4) of the weighted straight-line fit p = (a1, a2, b1, b2) [m, m, rad, rad] of a track
+    with independent kinks.
+
+    s (E,K) [m] cell centres (ascending), w (E,K) photon weights (>= 0), metric (E,K,4,4) per-photon metric
+    over the transverse (offset_1, offset_2, angle_1, angle_2), kink_var (E,K) [rad^2] per-axis variance of
+    the kink at s_k (acting on cells i > k). See the module docstring for the formulas."""
+    e, k = s.shape
+    eye2 = torch.eye(2, dtype=s.dtype, device=s.device)
+    jac = torch.zeros(e, k, 4, 4, dtype=s.dtype, device=s.device)
+    jac[..., :2, :2] = eye2
+    jac[..., 2:, 2:] = eye2
+    jac[..., 0, 2] = s
+    jac[..., 1, 3] = s
+    a = w[..., None, None] * (jac.transpose(-1, -2) @ metric)  # (E,K,4,4) = w J^T W
+    n_mat = (a @ jac).sum(1)  # (E,4,4)
+    # sum over i > k (exclusive reverse cumulative sums)
+
+    def rev_excl(x: Tensor) -> Tensor:
+        return x.flip(1).cumsum(1).flip(1) - x
+
+    cov = torch.zeros(e, 4, 4, dtype=s.dtype, device=s.device)
+    for m in range(2):
+        y_s = a[..., :, m] * s[..., None] + a[..., :, 2 + m]  # A (s E_m + F_m)  (E,K,4)
+        y_0 = a[..., :, m]  # A E_m
+        rhs = rev_excl(y_s) - s[..., None] * rev_excl(y_0)  # (E,K,4)
+        g = torch.linalg.solve(n_mat[:, None], rhs[..., None])[..., 0]  # (E,K,4)
+        cov = cov + (kink_var[..., None, None] * g[..., :, None] * g[..., None, :]).sum(1)
+    return 0.5 * (cov + cov.transpose(-1, -2))
+
+
+def _wall_normal_cos(hit: Tensor, k: Tensor, wall: tuple[str, float, float | None]) -> Tensor:
+    """|cos| of the incidence angle of rays k (...,3) hitting the wall at ``hit`` (...,3)."""
+    shape, radius, height = wall
+    if shape == "sphere":
+        nrm = hit / hit.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    else:
+        rad = torch.cat([hit[..., :2], torch.zeros_like(hit[..., 2:])], -1) / radius
+        cap = torch.zeros_like(hit)
+        cap[..., 2] = torch.sign(hit[..., 2])
+        on_cap = hit[..., 2].abs() >= 0.5 * float(height) - 1e-6
+        nrm = torch.where(on_cap[..., None], cap, rad)
+    return (nrm * k).sum(-1).abs().clamp(0.0, 1.0)
+
+
+def track_fit_weights(
+    vertex: Tensor,
+    direction: Tensor,
+    energy: Tensor,
+    *,
+    particle: str,
+    medium: Any,
+    wall: tuple[str, float, float | None] | None,
+    n_nodes: int = 96,
+    n_azimuth: int = 16,
+    weighting: str = "likelihood",
+    pmt_radius: float = 0.0,
+    detection: Any = None,
+    min_sigma: float = 1e-3,
+) -> dict[str, Tensor]:
+    """Cells of the expected straight track and the straight-line fit's weights (all float64, no grad).
+
+    Returns dict: s, ds (E,K) [m] cell centres / widths (physics.expected.muon_track_nodes, uniform in
+    kinetic energy), kin (E,K) [MeV], w (E,K) Cherenkov photons per cell (Frank-Tamm, truncated at the wall),
+    metric (E,K,4,4) per-photon least-squares metric over (offset_1, offset_2, angle_1, angle_2),
+    kink_var (E,K) [rad^2] (:func:`highland_kink_variance` over the cell), u1, u2 (E,3) transverse basis.
+
+    weighting:
+    * 'likelihood' (default): what the straight-track likelihood does. Its expected ring (physics.expected)
+      blurs each cell's light by an angular variance sigma^2(s, D) = theta2(s) (1 + r + r^2/3) + a^2 (1 +
+      cos^2 inc) / (8 D^2) + Var(theta_c) + min_sigma^2 (r = s cos theta_c / D; MS, photocathode of radius
+      ``pmt_radius`` a, chromatic spread with the ``detection(wl)``-weighted Frank-Tamm spectrum), so the fit
+      is the generalised least-squares fit of the photons' angular displacements Phi q / D with weights
+      1 / sigma^2: metric = < Phi^T Phi / (D^2 sigma^2) >_azimuth (needs ``wall``);
+    * 'positional': the photon-weighted straight-line fit of the transverse displacement d(t) (metric =
+      diag(1, 1, 0, 0)), the simplest picture (PDG §34.3 lever-arm fit)."""
+    if particle not in TRACK_PARTICLES:
+        raise ConfigError(f"particle: got {particle!r}, allowed: {list(TRACK_PARTICLES)}")
+    check_number(n_nodes, "n_nodes", minimum=2, integer=True)
+    check_number(n_azimuth, "n_azimuth", minimum=3, integer=True)
+    check_choice(weighting, "weighting", ("likelihood", "positional"))
+    if weighting == "likelihood" and wall is None:
+        raise ConfigError("wall: None, but weighting='likelihood' needs the detector wall (shape, r, h)")
+    with torch.no_grad():
+        v = vertex.detach().to(torch.float64)
+        d = direction.detach().to(torch.float64)
+        d = d / d.norm(dim=-1, keepdim=True)
+        t = energy.detach().to(torch.float64)
+        mass = PARTICLE_MASS[particle]
+        spin_half = particle.startswith("mu")
+
+        def dedx(kin: Tensor) -> Tensor:
+            return emission.bethe_dedx(kin, mass, medium, spin_half=spin_half)
+
+        x0 = float(medium.radiation_length)
+        nodes = px.muon_track_nodes(t, mass, float(medium.n_max), n_nodes, dedx, x0)
+        s, ds, beta = nodes["s"], nodes["ds"], nodes["beta"]
+        kin = mass * (1.0 / torch.sqrt((1.0 - beta * beta).clamp_min(1e-12)) - 1.0)
+        w = emission.frank_tamm_yield(beta, medium) * ds
+        if wall is not None:  # cells beyond the wall do not radiate (as in physics.expected.direct_light)
+            exit_d = px.wall_exit_distance(v, d, wall[0], wall[1], wall[2])
+            w = w * ((exit_d[:, None] - (s - 0.5 * ds)) / ds.clamp_min(1e-30)).clamp(0.0, 1.0)
+        kv = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, kin, mass, x0)
+        u1, u2 = transverse_basis(d)
+        e, k = s.shape
+        if weighting == "likelihood":
+            # spectrum seen by the sensors: Frank-Tamm 1/lambda^2 times the detection weight
+            wl = torch.linspace(medium.wl_min, medium.wl_max, 129, dtype=torch.float64, device=v.device)
+            spec = 1.0 / wl**2
+            if detection is not None:
+                spec = spec * detection(wl).to(torch.float64)
+            n_wl = medium.refractive_index(wl).to(torch.float64)
+            n_eff = float(torch.rsqrt((spec / n_wl**2).sum() / spec.sum()))
+            n_mean = float((spec * n_wl).sum() / spec.sum())
+            var_n = float((spec * (n_wl - n_mean) ** 2).sum() / spec.sum())
+            cos_c = (1.0 / (beta * n_eff)).clamp(max=1.0)  # (E,K)
+            sin2_c = (1.0 - cos_c * cos_c).clamp_min(0.0)
+            var_th = cos_c**2 * var_n / (n_mean**2 * (sin2_c + 1e-4))  # delta method, as physics.expected
+            sin_c = torch.sqrt(sin2_c)
+            phi = torch.arange(n_azimuth, dtype=torch.float64, device=v.device) * (2.0 * math.pi / n_azimuth)
+            kdir = (
+                cos_c[..., None, None] * d[:, None, None, :]
+                + (sin_c[..., None] * torch.cos(phi))[..., None] * u1[:, None, None, :]
+                + (sin_c[..., None] * torch.sin(phi))[..., None] * u2[:, None, None, :]
+            )  # (E,K,F,3)
+            pos = (v[:, None, :] + s[..., None] * d[:, None, :])[:, :, None, :].expand_as(kdir)
+            dist = px.wall_exit_distance(pos.reshape(-1, 3), kdir.reshape(-1, 3), wall[0], wall[1], wall[2])
+            dist = dist.reshape(e, k, n_azimuth)
+            dist = torch.where(torch.isfinite(dist), dist, torch.zeros_like(dist)).clamp_min(1e-3)
+            cos_inc = _wall_normal_cos(pos + dist[..., None] * kdir, kdir, wall)
+            r = s[..., None] * cos_c[..., None] / dist
+            sig2 = (
+                nodes["theta2"][..., None] * (1.0 + r + r * r / 3.0)
+                + pmt_radius**2 * (1.0 + cos_inc**2) / (8.0 * dist**2)
+                + var_th[..., None]
+                + min_sigma**2
+            )  # (E,K,F) [rad^2]
+            metric = image_metric(
+                d[:, None, :].expand(e, k, 3),
+                cos_c,
+                dist,
+                u1[:, None, :].expand(e, k, 3),
+                u2[:, None, :].expand(e, k, 3),
+                weight=1.0 / (dist**2 * sig2),
+            )
+        else:
+            metric = torch.zeros(e, k, 4, 4, dtype=torch.float64, device=v.device)
+            metric[..., 0, 0] = 1.0
+            metric[..., 1, 1] = 1.0
+    return {"s": s, "ds": ds, "kin": kin, "w": w, "metric": metric, "kink_var": kv, "u1": u1, "u2": u2}
+
+
+def track_ms_covariance(
+    vertex: Tensor,
+    direction: Tensor,
+    energy: Tensor,
+    **kwargs: Any,
+) -> Tensor:
+    """Multiple-scattering covariance (E,8,8) of a straight-track fit, in Cartesian coordinates
+    (vertex x, y, z [m], change of the unit direction dx, dy, dz [rad], log E, t0 [ns]).
+
+    vertex (E,3) [m], direction (E,3) (normalised here), energy (E,) kinetic [MeV]; keyword arguments as
+    :func:`track_fit_weights` (particle, medium, wall, n_nodes, n_azimuth, weighting, pmt_radius, detection).
+    The vertex block is transverse to the direction (longitudinal untouched); the log E and t0 rows are zero.
+    Computed in float64 on the input's device, returned in the input's dtype; no gradient. Events with no
+    radiating cell give zeros."""
+    out_dtype = vertex.dtype
+    with torch.no_grad():
+        f = track_fit_weights(vertex, direction, energy, **kwargs)
+        w, u1, u2 = f["w"], f["u1"], f["u2"]
+        e = w.shape[0]
+        lit = (w > 0).sum(1) >= 2
+        w_safe = torch.where(lit[:, None], w, torch.ones_like(w))
+        cov4 = line_fit_kink_covariance(f["s"], w_safe, f["metric"], f["kink_var"])
+        cov4 = torch.where(lit[:, None, None] & torch.isfinite(cov4), cov4, torch.zeros_like(cov4))
+        tmat = torch.zeros(e, 8, 4, dtype=torch.float64, device=w.device)
+        tmat[:, 0:3, 0] = u1
+        tmat[:, 0:3, 1] = u2
+        tmat[:, 3:6, 2] = u1
+        tmat[:, 3:6, 3] = u2
+        cov8 = tmat @ cov4 @ tmat.transpose(1, 2)
+    return cov8.to(out_dtype)
+
+
+def cartesian_to_local(cov8: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
+    """Map a Cartesian covariance (E,8,8) over (vertex xyz, direction change xyz, log E, t0) to the fit's
+    local coordinates (E,7,7): (vertex xyz [m], angles a, b along the tangent basis e1, e2 (E,3) [rad],
+    log E, t0 [ns]); a = e1 . dd, b = e2 . dd."""
+    e = cov8.shape[0]
+    t = torch.zeros(e, 7, 8, dtype=cov8.dtype, device=cov8.device)
+    t[:, 0, 0] = t[:, 1, 1] = t[:, 2, 2] = 1.0
+    t[:, 3, 3:6] = e1.to(cov8)
+    t[:, 4, 3:6] = e2.to(cov8)
+    t[:, 5, 6] = 1.0
+    t[:, 6, 7] = 1.0
+    return t @ cov8 @ t.transpose(1, 2)
+
+
+def sampled_track_fit(
+    steps: Any, vertex: Tensor, direction: Tensor, energy: Tensor, **kwargs: Any
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """The straight-line fit of :func:`track_fit_weights` applied to sampled (scattered) tracks.
+
+    steps: physics.records.TrackSteps of E events (e.g. physics.emission.track_steps with multiple
+    scattering), started at vertex (E,3) [m] along unit direction (E,3) with kinetic energy (E,) [MeV].
+    Each step contributes at its midpoint: longitudinal position s = (x_mid - v).d, true transverse
+    q = ((x_mid - v).u1, (x_mid - v).u2, k.u1, k.u2) (k the step direction), weight = its mean photon number,
+    metric = the mean-track metric interpolated at s. Returns p (E,4) = (a1, a2, b1, b2) [m, m, rad, rad]
+    (vertex offset and angle of the fitted line along u1, u2) and the basis (u1, u2) (E,3) each.
+    A direct, Monte-Carlo estimate of what :func:`line_fit_kink_covariance` computes by quadrature."""
+    f = track_fit_weights(vertex, direction, energy, **kwargs)
+    v = vertex.detach().to(torch.float64)
+    d = direction.detach().to(torch.float64)
+    d = d / d.norm(dim=-1, keepdim=True)
+    u1, u2 = f["u1"], f["u2"]
+    ev = steps.event
+    x0, x1 = steps.x0.to(torch.float64), steps.x1.to(torch.float64)
+    mid = 0.5 * (x0 + x1) - v[ev]
+    seg = x1 - x0
+    kdir = seg / seg.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    s = (mid * d[ev]).sum(-1)
+    q = torch.stack(
+        [(mid * u1[ev]).sum(-1), (mid * u2[ev]).sum(-1), (kdir * u1[ev]).sum(-1), (kdir * u2[ev]).sum(-1)], -1
+    )
+    # metric at s: linear interpolation in the mean track's cell centres (clamped at the ends)
+    sk = f["s"]  # (E,K)
+    j = torch.searchsorted(sk[ev], s[:, None]).clamp(1, sk.shape[1] - 1)[:, 0]
+    s_lo, s_hi = sk[ev, j - 1], sk[ev, j]
+    a = ((s - s_lo) / (s_hi - s_lo).clamp_min(1e-30)).clamp(0.0, 1.0)
+    met = f["metric"][ev, j - 1] * (1 - a)[:, None, None] + f["metric"][ev, j] * a[:, None, None]
+    jac = torch.zeros(s.shape[0], 4, 4, dtype=torch.float64, device=s.device)
+    jac[:, 0, 0] = jac[:, 1, 1] = jac[:, 2, 2] = jac[:, 3, 3] = 1.0
+    jac[:, 0, 2] = s
+    jac[:, 1, 3] = s
+    wt = steps.n_photons.to(torch.float64)[:, None, None] * (jac.transpose(1, 2) @ met)  # (N,4,4)
+    n_ev = v.shape[0]
+    n_mat = torch.zeros(n_ev, 4, 4, dtype=torch.float64, device=s.device).index_add_(0, ev, wt @ jac)
+    rhs = torch.zeros(n_ev, 4, dtype=torch.float64, device=s.device)
+    rhs = rhs.index_add_(0, ev, (wt @ q[..., None])[..., 0])
+    p = torch.linalg.solve(n_mat, rhs[..., None])[..., 0]
+    return p, (u1, u2)
+
+
+def irreducible_local(response: Any, params: dict[str, Tensor], e1: Tensor, e2: Tensor) -> Tensor:
+    """``response.irreducible_covariance(params)`` (E,8,8) mapped to the fit's local coordinates (E,7,7)
+    (:func:`cartesian_to_local`); zeros where the model has no such method or the row is not finite."""
+    v = params["vertex"]
+    n_ev = v.shape[0]
+    out = torch.zeros(n_ev, 7, 7, dtype=torch.float64, device=v.device)
+    fn = getattr(response, "irreducible_covariance", None)
+    if fn is None:
+        return out
+    ok = torch.ones(n_ev, dtype=torch.bool, device=v.device)
+    for x in params.values():
+        ok &= torch.isfinite(x.reshape(n_ev, -1)).all(-1)
+    ok &= torch.isfinite(e1).all(-1) & torch.isfinite(e2).all(-1)
+    if not bool(ok.any()):
+        return out
+    sub = {k: x[ok].detach() for k, x in params.items()}
+    cov8 = fn(sub).to(torch.float64)
+    out[ok] = cartesian_to_local(cov8, e1[ok].to(torch.float64), e2[ok].to(torch.float64))
+    return out
