@@ -13,7 +13,14 @@ Shapes: the same for each shipped model on data of its own shape, and cross-shap
 data of another) to show each model learned its own shape.
 Speed: encoder waveforms/s (float32, batch 65536, inference_mode), oracle fits/s, CBAE+refine waveforms/s.
 CBAE+refine (``CBAE.refine``): Levenberg-Marquardt least-squares fit of the learned decoder to each waveform,
-started at the encoder estimate (plain LS, as oracle_ls), on the oracle subset.
+started at the encoder estimate (plain LS, as oracle_ls), on the oracle subset; ``cbae_refine_scan`` adds
+the global start search through the decoder (``scan_step`` 1 ns) before the LM, with the test prior box
+(charge, time ranges) as bounds and the free units at 0 (the teacher-trained response model).
+Second oracle ``oracle_global``: the same true-template least squares WITHOUT the truth (global grid scan
+over the prior box, then bounded LS), i.e. what a perfectly informed real fit achieves.
+Floor (issue 4): per level and parameter, resolution (RMS) within 10% of oracle_ls and |bias| < 0.1 x the
+oracle RMS; ``floor`` lists ratio, bias/oracle RMS and pass/fail for cbae, cbae_refine, cbae_refine_scan.
+All resolutions are over the same waveforms for every method; RMS and 68% half-width (w68) both given.
 
 Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--quick]
 """
@@ -35,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.electronics import Electronics  # noqa: E402
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms  # noqa: E402
-from surrogate.baselines import conventional, oracle_fit  # noqa: E402
+from surrogate.baselines import conventional, oracle_fit, oracle_fit_global  # noqa: E402
 from surrogate.cbae import CBAE, load_cbae  # noqa: E402
 
 LEVELS = ("low", "medium", "high")
@@ -63,6 +70,7 @@ def evaluate_level(
     seed: int,
     oracle: bool = True,
     refine_iter: int = 6,
+    scan_step: float = 1.0,
 ) -> dict:
     d = test_set(el, level, n_test, seed)
     adc, clean, q, t = d["adc"], d["clean"].double(), d["charge"].double(), d["time"].double()
@@ -91,6 +99,16 @@ def evaluate_level(
         v: float(((pr[:, i] - (q, t)[i][sub]) / sr[:, i].double()).pow(2).mean().sqrt())
         for i, v in enumerate(("charge", "time"))
     }
+    t0 = time.perf_counter()
+    # recommended analysis-by-synthesis set-up: the test prior box as bounds (the information oracle_global
+    # uses), free units at their prior mean 0 (the teacher-trained response model), global start scan
+    box = torch.tensor([list(CHARGE), list(TIME)])
+    zero = torch.zeros(k, model.n_free)
+    ps, ss = model.refine(adc[sub].float(), n_iter=refine_iter, scan_step=scan_step, bounds=box, free=zero)
+    res["cbae_refine_scan_waveforms_per_s"] = k / (time.perf_counter() - t0)
+    ps = ps.double()
+    rs = {"charge": stats((ps[:, 0] - q[sub]).numpy()), "time": stats((ps[:, 1] - t[sub]).numpy())}
+    res["cbae_refine_scan"], res["scan_step_ns"] = rs, scan_step
     res["cbae_full"] = {"charge": stats((p[:, 0] - q).numpy()), "time": stats((p[:, 1] - t).numpy())}
     # calibration of the uncertainty heads: pull RMS
     res["cbae_pull_rms"] = {
@@ -105,11 +123,30 @@ def evaluate_level(
         res["oracle_ls"] = {"charge": stats(oq - q[sub].numpy()), "time": stats(ot - t[sub].numpy())}
         res["oracle_ml"] = {"charge": stats(wq - q[sub].numpy()), "time": stats(wt - t[sub].numpy())}
         res["oracle_fits_per_s"] = k / dt_fit
+        gq, gt = oracle_fit_global(el, adc[sub], CHARGE, TIME)
+        res["oracle_global"] = {"charge": stats(gq - q[sub].numpy()), "time": stats(gt - t[sub].numpy())}
+        o = res["oracle_ls"]
+        res["floor"] = {}
+        for name, r_ in (("cbae", cb), ("cbae_refine", rf), ("cbae_refine_scan", rs)):
+            f = {}
+            for v in ("charge", "time"):
+                ratio = r_[v]["rms"] / o[v]["rms"]
+                brel = abs(r_[v]["bias"]) / o[v]["rms"]
+                f[v] = {
+                    "rms_ratio": ratio,
+                    "w68_ratio": r_[v]["w68"] / o[v]["w68"],
+                    "abs_bias_over_oracle_rms": brel,
+                    "pass": bool(ratio <= 1.10 and brel <= 0.10),
+                }
+            res["floor"][name] = f
         res["ratio_cbae_to_oracle_ls"] = {
             v: cb[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
         }
         res["ratio_cbae_refine_to_oracle_ls"] = {
             v: rf[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
+        }
+        res["ratio_cbae_refine_scan_to_oracle_ls"] = {
+            v: rs[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
         }
         res["ratio_conventional_to_oracle_ls"] = {
             v: cv[v]["rms"] / res["oracle_ls"][v]["rms"] for v in ("charge", "time")
@@ -119,10 +156,23 @@ def evaluate_level(
         bins = [(0.5, 5.0), (5.0, 15.0), (15.0, 30.0)]
         qs = q[sub].numpy()
         res["by_charge"] = []
+        ts = t[sub].numpy()
         for lo, hi in bins:
             m = (qs >= lo) & (qs < hi)
+
+            def bs(est_q: np.ndarray, est_t: np.ndarray, m: np.ndarray = m) -> dict:
+                return {"charge": stats((est_q - qs)[m]), "time": stats((est_t - ts)[m])}
+
             res["by_charge"].append(
                 {
+                    "stats": {
+                        "cbae": bs(p[sub, 0].numpy(), p[sub, 1].numpy()),
+                        "cbae_refine": bs(pr[:, 0].numpy(), pr[:, 1].numpy()),
+                        "cbae_refine_scan": bs(ps[:, 0].numpy(), ps[:, 1].numpy()),
+                        "oracle_ls": bs(oq, ot),
+                        "oracle_global": bs(gq, gt),
+                        "conventional": bs(qc[sub].numpy(), tc[sub].numpy()),
+                    },
                     "charge_range": [lo, hi],
                     "n": int(m.sum()),
                     "cbae_time_rms": float(np.sqrt(((p[sub, 1].numpy() - t[sub].numpy())[m] ** 2).mean())),
@@ -166,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small sets (smoke run)")
     ap.add_argument("--refine-iter", type=int, default=6, help="LM iterations of CBAE.refine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (shared 2-core CPU: 1)")
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     if a.quick:
         a.n_test, a.n_oracle = 2000, 200
     torch.manual_seed(0)
@@ -238,7 +290,15 @@ def print_table(out: dict) -> None:
     )
     for lvl, r in out["levels"].items():
         o = r.get("oracle_ls")
-        for m in ("cbae", "cbae_refine", "oracle_ls", "oracle_ml", "conventional"):
+        for m in (
+            "cbae",
+            "cbae_refine",
+            "cbae_refine_scan",
+            "oracle_ls",
+            "oracle_global",
+            "oracle_ml",
+            "conventional",
+        ):
             if m in r:
                 c, t = r[m]["charge"], r[m]["time"]
                 ratio = (
@@ -247,14 +307,35 @@ def print_table(out: dict) -> None:
                     else ""
                 )
                 cols = f"{c['bias']:8.4f} {c['rms']:8.4f} {t['bias']:8.4f} {t['rms']:8.4f}"
-                print(f"{lvl:7s} {m:13s} {cols}{ratio}")
+                print(f"{lvl:7s} {m:16s} {cols}{ratio}")
         for b in r.get("by_charge", []):
+            st = b["stats"]
+            print(
+                f"{lvl:7s}   q in {b['charge_range']}: t rms / w68 [ns] "
+                + " ".join(
+                    f"{k} {st[k]['time']['rms']:.4f}/{st[k]['time']['w68']:.4f}"
+                    for k in ("cbae", "cbae_refine_scan", "oracle_ls", "oracle_global")
+                )
+            )
             print(
                 f"{lvl:7s}   q in {b['charge_range']}: t rms cbae {b['cbae_time_rms']:.4f} refine "
                 f"{b['cbae_refine_time_rms']:.4f} oracle {b['oracle_time_rms']:.4f}; q rms cbae "
                 f"{b['cbae_charge_rms']:.4f} refine {b['cbae_refine_charge_rms']:.4f} oracle "
                 f"{b['oracle_charge_rms']:.4f}"
             )
+        for name, f in r.get("floor", {}).items():
+            print(
+                f"{lvl:7s} floor {name:16s} "
+                + " ".join(
+                    f"{v}: rms x{f[v]['rms_ratio']:.3f} |bias|/oracle {f[v]['abs_bias_over_oracle_rms']:.3f} "
+                    f"{'PASS' if f[v]['pass'] else 'FAIL'}"
+                    for v in ("charge", "time")
+                )
+            )
+        print(
+            f"{lvl:7s} pull RMS (encoder sigma heads) q {r['cbae_pull_rms']['charge']:.3f} "
+            f"t {r['cbae_pull_rms']['time']:.3f}"
+        )
         f, d = r["decoder_fidelity"], r["denoise"]
         print(
             f"{lvl:7s} decoder rms/sigma {f['rms_over_sigma']:.3f}; denoise rms {d['rms_before_adc']:.3f} -> "

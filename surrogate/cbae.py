@@ -13,9 +13,14 @@ Architecture (no pulse shape anywhere; both halves generic MLPs with SiLU):
   maximum sits at sample ``align_pos`` and divided by its RMS amplitude a; the MLP sees [shifted/a, log a,
   coarse time] and returns the charge, the time *residual* to the coarse time, log-variances and free units.
   (Peak alignment removes the translation an MLP otherwise learns slowly; ``mlp`` = raw waveform input.)
-* decoder ``shift`` (default): x_k = g(t_k - t, q, free) with one small MLP g evaluated at every sample
+  ``aligned_raw`` (configs/train/cbae.yaml): the same plus the un-shifted waveform / a and a noise-level
+  feature (log RMS of the first quarter), time residual output in sample periods: nothing is lost when the
+  maximum is a noise peak, and the uncertainty head sees the noise level.
+* decoder ``shift``: x_k = g(t_k - t, q, free) with one small MLP g evaluated at every sample
   time t_k: a learned response that is time-translation equivariant, as the physics is, but whose shape
-  is learned from the data; ``mlp`` = one MLP from the latent to all S samples.
+  is learned from the data; ``shift_linear`` (configs/train/cbae.yaml): x_k = (q / std_q) g((t_k - t) /
+  4 dt, q, free), the response per unit charge (g may still depend on q: no linearity imposed), which
+  keeps the relative accuracy charge independent; ``mlp`` = one MLP from the latent to all S samples.
 
 One network, three uses:
 
@@ -47,8 +52,8 @@ PARAM_UNITS = ("p.e.", "ns")
 FORMAT = "photonfit-cbae"
 FORMAT_VERSION = 1
 LOGVAR_MIN, LOGVAR_MAX = -12.0, 4.0
-ENCODERS = ("aligned", "mlp")
-DECODERS = ("shift", "mlp")
+ENCODERS = ("aligned", "aligned_raw", "mlp")
+DECODERS = ("shift", "shift_linear", "mlp")
 
 
 def mlp(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Sequential:
@@ -104,11 +109,14 @@ class CBAE(nn.Module):
             raise ConfigError(f"cbae.decoder: got {decoder!r}, allowed: {list(DECODERS)}")
         self.encoder_kind, self.decoder_kind = encoder, decoder
         self.align_pos = self.n_samples // 4 if align_pos is None else int(align_pos)
-        n_in = self.n_samples + (2 if encoder == "aligned" else 0)
+        n_in = {"aligned": self.n_samples + 2, "aligned_raw": 2 * self.n_samples + 3}.get(
+            encoder, self.n_samples
+        )
         self.encoder = mlp(n_in, self.enc_hidden, self.n_params + self.n_free)
-        # separate small variance head: the Gaussian-NLL gradients never reach the mean network
-        self.var_head = mlp(n_in, [self.enc_hidden[-1] // 4], self.n_params)
-        if decoder == "shift":
+        # separate variance head: the Gaussian-NLL gradients never reach the mean network
+        var_hidden = [self.enc_hidden[-1] // 4] if encoder != "aligned_raw" else [64, 64]
+        self.var_head = mlp(n_in, var_hidden, self.n_params)
+        if decoder in ("shift", "shift_linear"):
             self.decoder = mlp(1 + self.n_params - 1 + self.n_free, self.dec_hidden, 1)
         else:
             self.decoder = mlp(self.n_params + self.n_free, self.dec_hidden, self.n_samples)
@@ -155,10 +163,12 @@ class CBAE(nn.Module):
         """adc (N,S) [ADC] -> (mean (N,2), log-variance (N,2), free (N,F)), all in normalised units."""
         x = (self._check_wf(adc).to(self.wf_scale.dtype) - self.wf_offset) / self.wf_scale
         p = self.n_params
-        if self.encoder_kind == "aligned":
+        if self.encoder_kind in ("aligned", "aligned_raw"):
             feats, t_coarse = self._aligned(x)
             h = self.encoder(feats)
-            mu = torch.cat([h[:, :1], h[:, 1:2] + t_coarse[:, None]], 1)
+            # aligned_raw: time residual in units of one sample period (sub-sample regression at O(1))
+            unit = self._dt() / self.param_std[1].to(x) if self.encoder_kind == "aligned_raw" else 1.0
+            mu = torch.cat([h[:, :1], unit * h[:, 1:2] + t_coarse[:, None]], 1)
         else:
             feats = x
             h = self.encoder(x)
@@ -181,7 +191,17 @@ class CBAE(nn.Module):
         xa = xp.gather(1, idx)
         a = xa.pow(2).mean(1, keepdim=True).sqrt() + 0.05
         tk = (self.sample_times.to(x)[k] - self.param_mean[1].to(x)) / self.param_std[1].to(x)
+        if self.encoder_kind == "aligned_raw":
+            # also the un-shifted waveform (nothing is lost when the maximum is a noise peak) and the
+            # log RMS of its first quarter (a noise-level estimate for the uncertainty head)
+            nb = torch.log(x[:, : max(S // 4, 2)].std(1, keepdim=True) + 1e-3)
+            return torch.cat([xa / a, x / a, torch.log(a), tk[:, None], nb], 1), tk
         return torch.cat([xa / a, torch.log(a), tk[:, None]], 1), tk
+
+    def _dt(self) -> Tensor:
+        """Sampling period [ns] (mean spacing of ``sample_times``)."""
+        st = self.sample_times
+        return (st[-1] - st[0]) / max(self.n_samples - 1, 1)
 
     def decode(self, z: Tensor) -> Tensor:
         """Latent (N, 2+F) (normalised params then free units) -> clean waveform (N,S) [ADC]."""
@@ -189,13 +209,21 @@ class CBAE(nn.Module):
             raise ConfigError(
                 f"cbae.decode: latent of shape {tuple(z.shape)}, expected (N, {self.n_params + self.n_free})"
             )
-        if self.decoder_kind == "shift":
+        if self.decoder_kind in ("shift", "shift_linear"):
             # translation equivariant: one MLP g(s, q, free) at every sample, s = (t_k - t)/std_t
+            # (shift_linear: s = (t_k - t) / (4 sample periods) and output (q / std_q) g(s, q, free):
+            # the response is parametrised per unit charge, so its relative accuracy is charge independent;
+            # g still depends on q, so no linearity is imposed)
             t = z[:, 1:2] * self.param_std[1].to(z) + self.param_mean[1].to(z)
-            s = (self.sample_times.to(z)[None, :] - t) / self.param_std[1].to(z)
+            lin = self.decoder_kind == "shift_linear"
+            s_unit = 4.0 * self._dt().to(z) if lin else self.param_std[1].to(z)
+            s = (self.sample_times.to(z)[None, :] - t) / s_unit
             rest = torch.cat([z[:, :1], z[:, 2:]], 1)
             inp = torch.cat([s[:, :, None], rest[:, None, :].expand(-1, self.n_samples, -1)], 2)
             out = self.decoder(inp)[..., 0]
+            if lin:
+                q = z[:, :1] + self.param_mean[0].to(z) / self.param_std[0].to(z)  # = q / std_q
+                out = q * out
         else:
             out = self.decoder(z)
         return out * self.wf_scale.to(z) + self.wf_offset.to(z)
@@ -271,6 +299,7 @@ class CBAE(nn.Module):
         bounds: Tensor | None = None,
         damping: float = 1e-3,
         free: Tensor | None = None,
+        scan_step: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Analysis by synthesis with the LEARNED decoder: per waveform, minimise the (optionally
         noise-whitened) least squares chi^2(q, t) = sum_k (x_k - decoder(q, t, free)_k)^2 / sigma^2
@@ -287,15 +316,43 @@ class CBAE(nn.Module):
         (2,2) [[q_lo,q_hi],[t_lo,t_hi]] (default :meth:`param_bounds`), step kept only where chi^2 fell
         (lambda /3 on success, x10 on failure, per waveform).
 
+        ``scan_step`` [ns] (optional): before the LM, a global start search through the decoder (the LM
+        alone is local and inherits an encoder start that a noise peak misled): on a time grid of that
+        step over the bounds, the response e_j = decoder(q_s, t_j, free) - baseline at the start charge
+        q_s (>= 1 p.e.) gives the profiled chi^2 of the best scaled copy alpha e_j
+        (alpha = <x, e_j>/<e_j, e_j>, charge alpha q_s clamped to the bounds); the grid minimum replaces
+        the start where its chi^2 is lower than the start's. Loops over grid chunks (vectorised over
+        waveforms).
+
         Uncertainty (N,2) [p.e., ns]: sqrt(diag((J^T C^-1 J)^-1)) at the solution (Cramer-Rao / Gauss-
         Newton covariance) with C = noise_cov (S,S) [ADC^2], or sigma^2 I for ``noise_sigma`` [ADC]
         (scalar or (N,)); with neither, sigma^2 is estimated per waveform as chi^2_min / (S - n_par).
         Marginal over the free units when ``fit_free``. Works in the model's dtype/device (adc is moved
         there); returns (params (N,2), sigma (N,2)) on adc's device, in adc's float dtype (model's dtype
-        for integer ADC). No gradient is tracked (estimation tool, not a differentiable layer).
+        for integer ADC). No gradient is tracked (estimation tool, not a differentiable layer). Same result
+        inside and outside ``torch.inference_mode()`` (the Jacobian is always computed outside it).
         """
         from torch.func import jvp
 
+        if torch.is_inference_mode_enabled():
+            # forward-mode AD (jvp) does not run under inference mode on every torch >= 2.4 (on 2.11 it
+            # silently gave zero tangents, i.e. no step): leave it, with normal (non-inference) copies
+            def plain(v: Any) -> Any:
+                return v.clone() if isinstance(v, Tensor) else v
+
+            with torch.inference_mode(False):
+                return self.refine(
+                    plain(adc),
+                    plain(params),
+                    n_iter=n_iter,
+                    noise_sigma=plain(noise_sigma),
+                    noise_cov=plain(noise_cov),
+                    fit_free=fit_free,
+                    bounds=plain(bounds),
+                    damping=damping,
+                    free=plain(free),
+                    scan_step=scan_step,
+                )
         x_in = self._check_wf(adc)
         if int(n_iter) < 0:
             raise ConfigError(f"cbae.refine.n_iter: got {n_iter!r}, allowed: >= 0")
@@ -361,6 +418,8 @@ class CBAE(nn.Module):
 
             z = clamp(z)
             cost = chi2(z)
+            if scan_step is not None:
+                z, cost = self._scan_start(x, z, cost, b, float(scan_step), white)
             lam = torch.full((N,), float(damping), dtype=ref.dtype, device=ref.device)
             for _ in range(int(n_iter)):
                 r, J = residual_jacobian(z)
@@ -385,6 +444,43 @@ class CBAE(nn.Module):
             sigma = var.clamp_min(0).sqrt() * self.param_std
             p = self.physical_params(z[:, :2])
         return p.to(adc.device, out_dtype), sigma.to(adc.device, out_dtype)
+
+    def _scan_start(
+        self, x: Tensor, z: Tensor, cost: Tensor, b: Tensor, step: float, white: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Grid search of the start time (see :meth:`refine`, ``scan_step``); returns (z, chi^2) (N,)."""
+        if not step > 0:
+            raise ConfigError(f"cbae.refine.scan_step: got {step!r}, allowed: > 0 ns")
+        N, S = x.shape
+        tg = torch.arange(float(b[1, 0]), float(b[1, 1]) + 1e-9, step, dtype=x.dtype, device=x.device)
+        q_s = self.physical_params(z[:, :2])[:, 0].clamp_min(max(float(b[0, 0]), 1.0))
+        y = x - self.wf_offset
+        width = max([*self.dec_hidden, 1])
+        chunk = max(1, int(2e7 // max(N * S * width, 1)))
+        best_c, best_t, best_q = cost.clone(), z.new_full((N,), float("nan")), z.new_zeros(N)
+        for j0 in range(0, tg.numel(), chunk):
+            t = tg[j0 : j0 + chunk]  # (G,)
+            G = t.numel()
+            p = torch.stack([q_s[:, None].expand(N, G), t[None, :].expand(N, G)], 2).reshape(N * G, 2)
+            zz = torch.cat([self.normalise_params(p), z[:, 2:].repeat_interleave(G, 0)], 1)
+            e = (self.decode(zz) - self.wf_offset).reshape(N, G, S)
+            alpha = (e * y[:, None, :]).sum(2) / e.pow(2).sum(2).clamp_min(1e-12)  # (N, G)
+            q = (alpha * q_s[:, None]).clamp(float(b[0, 0]), float(b[0, 1]))
+            r = y[:, None, :] - (q / q_s[:, None])[..., None] * e  # (N, G, S)
+            c = white(r.transpose(1, 2)).pow(2).sum(1)  # (N, G)
+            cmin, k = c.min(1)
+            better = cmin < best_c
+            best_c = torch.where(better, cmin, best_c)
+            best_t = torch.where(better, t[k], best_t)
+            best_q = torch.where(better, q.gather(1, k[:, None])[:, 0], best_q)
+        take = torch.isfinite(best_t)
+        if bool(take.any()):
+            zn = self.normalise_params(torch.stack([best_q, best_t.nan_to_num(0.0)], 1))
+            z = torch.where(take[:, None], torch.cat([zn, z[:, 2:]], 1), z)
+            # exact chi^2 at the new start (the grid value used the scaled-copy approximation)
+            new_cost = white((x - self.decode(z))[..., None])[..., 0].pow(2).sum(1)
+            cost = torch.where(take, new_cost, cost)
+        return z, cost
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

@@ -12,7 +12,8 @@ from physics.config import ConfigError
 from physics.electronics import Electronics
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms
 from surrogate import CBAE, load_cbae, save_cbae
-from surrogate.baselines import conventional, oracle_fit
+from surrogate.baselines import conventional, oracle_fit, oracle_fit_global
+from surrogate.cbae import ENCODERS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "cbae_default.pt"
 
@@ -34,7 +35,7 @@ def _model(seed: int = 0, **kw) -> CBAE:
     )
 
 
-@pytest.mark.parametrize("decoder", ["shift", "mlp"])
+@pytest.mark.parametrize("decoder", ["shift", "shift_linear", "mlp"])
 def test_decoder_gradients_flow_and_gradcheck(decoder):
     m = _model(decoder=decoder).double()
     p = torch.tensor([[3.0, 5.0], [12.0, 20.5]], dtype=torch.float64, requires_grad=True)
@@ -126,10 +127,11 @@ def test_shipped_encoder_vs_oracle_medium_noise(shipped):
     """Charge and time resolution of the encoder vs the oracle (scipy least squares of the TRUE template,
     started at the truth) on the same fresh medium-noise waveforms (charge U(0.5, 30) p.e.).
 
-    Benchmark (benchmarks/results/cbae.json, 1000 waveforms): charge RMS 0.102 vs oracle 0.106 p.e.
-    (ratio 0.96); time 68% half-width 0.029 vs 0.022 ns (1.33); time RMS above 5 p.e. 1.28-1.39x the
-    oracle; time RMS over all charges 2.2x, from a tail below 5 p.e. where noise peaks can mislead the
-    encoder while the truth-started oracle cannot be misled. Conventional integral/CFD: 0.51 p.e. / 0.25 ns.
+    Measured (these 600 waveforms, shipped aligned_raw/shift_linear model): charge RMS 0.1045 vs oracle
+    0.1030 p.e. (1.01); time 68% half-width 0.0258 vs 0.0198 ns (1.30); time RMS above 5 p.e. 0.0291 vs
+    0.0223 (1.30); over all charges 0.094 vs 0.048 (1.97, a tail below 5 p.e.: the encoder alone is not at
+    the floor; encoder + ``refine`` is, see the refine test). Conventional integral/CFD: 0.49 p.e. / 0.106 ns
+    (w68). Bias over 4000: charge -0.016 p.e., time -0.004 ns.
     """
     model, el, d, p, s, _, _ = shipped
     k = 600
@@ -143,7 +145,7 @@ def test_shipped_encoder_vs_oracle_medium_noise(shipped):
     assert w68(et) < 1.6 * w68(oet), (w68(et), w68(oet))
     hi = (q >= 5).numpy()
     assert rms(et[hi]) < 1.6 * rms(oet[hi]), (rms(et[hi]), rms(oet[hi]))
-    assert rms(et) < 3.0 * rms(oet), (rms(et), rms(oet))
+    assert rms(et) < 2.4 * rms(oet), (rms(et), rms(oet))
     # far better than the conventional integral / constant-fraction estimators
     qc, tc = conventional(el, d["adc"][:k])
     assert rms(eq) < 0.5 * rms(qc - q) and w68(et) < 0.5 * w68((tc - t).numpy())
@@ -154,9 +156,10 @@ def test_shipped_encoder_vs_oracle_medium_noise(shipped):
 
 def test_shipped_uncertainty_heads(shipped):
     """Predicted sigma vs actual error: pull = (est - true)/sigma. Measured pull SD at medium noise 0.60
-    (charge) and 0.58 (time, > 3 p.e.): the heads are conservative by ~1.7x here (benchmark: pull RMS 0.3-0.4
-    at low, 1.4-1.6 at high noise: they under-adapt to the noise level), so this asserts that honest
-    property, not calibration."""
+    (charge) and 0.58 (time, > 3 p.e.) for the previous model; shipped model 0.84 (charge) and 0.68 (time):
+    benchmark pull RMS low/medium/high 0.82/0.85/1.27 (charge), 0.63/0.71/1.24 (time), previously
+    0.3-0.4 at low and 1.4-1.6 at high: closer to 1 but still not calibrated across noise levels, so
+    this asserts that honest property, not calibration."""
     _, _, d, p, s, _, _ = shipped
     pull_q = (p[:, 0] - d["charge"]) / s[:, 0]
     pull_t = (p[:, 1] - d["time"]) / s[:, 1]
@@ -179,7 +182,7 @@ def test_shipped_denoising_and_decoder_fidelity(shipped):
     assert before == pytest.approx(sigma, rel=0.05)  # raw noise = config sigma incl. quantisation
     assert after < 0.35 * before  # measured 0.49 / 1.83 ADC
     fid = float((exp - clean).pow(2).mean().sqrt())
-    assert fid < 0.3 * sigma  # measured 0.31 ADC = 0.17 sigma
+    assert fid < 0.15 * sigma  # measured 0.167 ADC = 0.091 sigma (previous model 0.17 sigma)
 
 
 # ------------------------------------------------------------------------ refinement (analysis by synthesis)
@@ -211,10 +214,10 @@ def test_refine_recovers_decoder_truth_and_cramer_rao(shipped):
 
 def test_refine_vs_encoder_and_oracle_medium_noise(shipped):
     """Fit of the learned decoder started at the encoder estimate, on the same fresh medium-noise waveforms
-    as the encoder/oracle test. Measured (these 600 waveforms): time RMS 0.062 ns vs encoder 0.075 (0.82x)
-    and oracle 0.048 (1.29x, low-charge tail); above 5 p.e. 0.0244 vs encoder 0.0286 (0.85x) and oracle
-    0.0223 (1.09x; encoder 1.28x); charge RMS 1.08x the oracle (encoder 0.96x: the fit inherits the
-    decoder's 0.17 sigma model error). Pull SD 1.34 (charge), 1.17 (time). Margins ~10-15% below."""
+    as the encoder/oracle test: the issue-4 floor (within 10% of the oracle) at medium noise. Measured
+    (these 600 waveforms): time RMS 0.0478 ns vs encoder 0.0944 (0.51x) and oracle 0.0480 (1.00x); above
+    5 p.e. 0.0225 vs oracle 0.0223 (1.01x); charge RMS 0.1037 vs oracle 0.1030 (1.01x). Pull SD 1.29
+    (charge: the decoder's amplitude model error is not in the noise covariance), 1.00 (time)."""
     model, el, d, p, _, _, _ = shipped
     k = 600
     q, t = d["charge"][:k].double(), d["time"][:k].double()
@@ -227,10 +230,10 @@ def test_refine_vs_encoder_and_oracle_medium_noise(shipped):
     oet, oeq = ot - t.numpy(), oq - q.numpy()
     assert rms(et) < 0.92 * rms(enc_t), (rms(et), rms(enc_t))
     assert rms(et[hi]) < 0.95 * rms(enc_t[hi]), (rms(et[hi]), rms(enc_t[hi]))
-    assert rms(et) < 1.45 * rms(oet), (rms(et), rms(oet))
-    assert rms(et[hi]) < 1.22 * rms(oet[hi]), (rms(et[hi]), rms(oet[hi]))
-    assert rms(eq) < 1.2 * rms(oeq), (rms(eq), rms(oeq))
-    # uncertainty from (J^T J)^-1 sigma^2: time pulls ~1 (measured SD 1.17); charge pulls wider (1.34)
+    assert rms(et) < 1.1 * rms(oet), (rms(et), rms(oet))
+    assert rms(et[hi]) < 1.1 * rms(oet[hi]), (rms(et[hi]), rms(oet[hi]))
+    assert rms(eq) < 1.1 * rms(oeq), (rms(eq), rms(oeq))
+    # uncertainty from (J^T J)^-1 sigma^2: time pulls ~1 (measured SD 1.00); charge pulls wider (1.29)
     # because the decoder's amplitude model error is not in the noise covariance
     pull = (pr - torch.stack([q, t], 1)) / sr
     assert 0.8 < float(pull[:, 1].std()) < 1.4 and 0.8 < float(pull[:, 0].std()) < 1.7, pull.std(0)
@@ -265,3 +268,96 @@ def test_refine_dtype_device_and_errors(shipped):
         model.refine(x, torch.zeros(3, 2))
     with pytest.raises(ConfigError, match="noise_sigma"):
         model.refine(x, noise_sigma=-1.0)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_encoder_kinds_shapes_and_errors(encoder):
+    m = _model(encoder=encoder).eval()
+    x = 200 + 20 * torch.randn(7, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        p, s = m.estimate(x)
+    assert p.shape == (7, 2) and s.shape == (7, 2) and torch.isfinite(p).all() and (s > 0).all()
+    with pytest.raises(ConfigError, match="encoder"):
+        _model(encoder="cnn")
+    with pytest.raises(ConfigError, match="decoder"):
+        _model(decoder="template")
+
+
+def test_shift_linear_decoder_scales_per_charge():
+    """shift_linear output = (q/std_q) g(s, q, free): zero response at zero charge, for any weights."""
+    m = _model(decoder="shift_linear").double()
+    w = m.expect(torch.tensor([[0.0, 5.0], [0.0, 30.0]], dtype=torch.float64))
+    torch.testing.assert_close(w, torch.full_like(w, 200.0))
+
+
+def test_oracle_fit_global_noise_free_and_vs_truth_start():
+    """Independent check of the no-truth oracle: on noise-free true-template waveforms it returns the truth
+    (global scan + LS), and on noisy large pulses it agrees with the truth-started fit (same minimum)."""
+    el = Electronics.load("default")
+    g = torch.Generator().manual_seed(5)
+    d = simulate_waveforms(el, 40, g, (2.0, 30.0), (-5.0, 40.0), "none")
+    q, t = oracle_fit_global(el, d["clean"].double())  # clean includes the baseline
+    np.testing.assert_allclose(q, d["charge"].numpy(), atol=2e-4)
+    np.testing.assert_allclose(t, d["time"].numpy(), atol=2e-4)
+    d = simulate_waveforms(el, 40, g, (10.0, 30.0), (-5.0, 40.0), "medium")
+    q, t = oracle_fit_global(el, d["adc"])
+    oq, ot = oracle_fit(el, d["adc"], d["charge"].double(), d["time"].double())
+    np.testing.assert_allclose(t, ot, atol=2e-4)
+    np.testing.assert_allclose(q, oq, atol=2e-3)
+
+
+def test_refine_scan_escapes_wrong_start(shipped):
+    """Analysis by synthesis with the decoder's global start search: on noise-free decoder waveforms started
+    15-25 ns away from the truth, the local LM alone cannot reach the truth (the pulse is outside its
+    basin) while scan + LM returns the truth (global minimum chi^2 = 0)."""
+    model, *_ = shipped
+    g = torch.Generator().manual_seed(11)
+    n = 200
+    truth = torch.stack([2 + 25 * torch.rand(n, generator=g), 40 * torch.rand(n, generator=g)], 1)
+    with torch.no_grad():
+        clean = model.expect(truth)
+    off = (15 + 10 * torch.rand(n, generator=g)) * torch.where(truth[:, 1] > 17.5, -1.0, 1.0)
+    start = truth + torch.stack([torch.zeros(n), off], 1)
+    zero = torch.zeros(n, model.n_free)
+    p_loc, _ = model.refine(clean, start, n_iter=8, free=zero)
+    p_scan, _ = model.refine(clean, start, n_iter=8, free=zero, scan_step=1.0)
+    assert float(((p_loc[:, 1] - truth[:, 1]).abs() > 1.0).float().mean()) > 0.5
+    assert float((p_scan - truth).abs().amax()) < 5e-3, (p_scan - truth).abs().amax(0)
+    with pytest.raises(ConfigError, match="scan_step"):
+        model.refine(clean[:2], scan_step=0.0)
+
+
+@pytest.mark.slow
+def test_shipped_refine_scan_vs_global_fit_high_noise(shipped):
+    """High noise (3x): a 0.5-1 p.e. pulse can be outscored by a noise fluctuation elsewhere in the window
+    (chi^2 at the truth > chi^2 at the noise peak), so no estimator without the truth can time it. The
+    reference a real estimator can reach is the no-truth true-template fit (oracle_fit_global, second
+    method); the truth-started oracle_fit is reported in the benchmark. Encoder + decoder scan + LM: time
+    RMS within 10% of the global fit, charge RMS within 10% of the truth-started oracle."""
+    model, el, *_ = shipped
+    d = simulate_waveforms(el, 500, torch.Generator().manual_seed(2024), (0.5, 30.0), (-5.0, 40.0), "high")
+    q, t = d["charge"].double(), d["time"].double()
+    ps, _ = model.refine(d["adc"].float(), scan_step=1.0)
+    _, gt = oracle_fit_global(el, d["adc"])
+    oq, _ = oracle_fit(el, d["adc"], q, t)
+    rms = lambda e: float(np.sqrt(np.mean(np.asarray(e) ** 2)))  # noqa: E731
+    e_t = (ps[:, 1].double() - t).numpy()
+    assert rms(e_t) < 1.1 * rms(gt - t.numpy()), (rms(e_t), rms(gt - t.numpy()))
+    assert rms((ps[:, 0].double() - q).numpy()) < 1.1 * rms(oq - q.numpy())
+
+
+@pytest.mark.slow
+def test_shipped_refine_low_noise_floor(shipped):
+    """Low noise (0.3x): the decoder's shape error (0.27 sigma here) is the limit of the fit. Recommended
+    analysis-by-synthesis set-up (free units at 0 = the teacher-trained response, prior-box bounds, start
+    scan). Benchmark (1000 waveforms): time RMS 1.01x, charge RMS 1.08x the truth-started oracle, charge
+    bias -0.006 p.e. (0.17 oracle RMS: not within the 10% bias floor). Here: time < 1.1x, charge < 1.15x."""
+    model, el, *_ = shipped
+    d = simulate_waveforms(el, 600, torch.Generator().manual_seed(777), (0.5, 30.0), (-5.0, 40.0), "low")
+    q, t = d["charge"].double(), d["time"].double()
+    box = torch.tensor([[0.5, 30.0], [-5.0, 40.0]])
+    ps, _ = model.refine(d["adc"].float(), scan_step=1.0, bounds=box, free=torch.zeros(600, model.n_free))
+    oq, ot = oracle_fit(el, d["adc"], q, t)
+    rms = lambda e: float(np.sqrt(np.mean(np.asarray(e) ** 2)))  # noqa: E731
+    assert rms((ps[:, 1].double() - t).numpy()) < 1.1 * rms(ot - t.numpy())
+    assert rms((ps[:, 0].double() - q).numpy()) < 1.15 * rms(oq - q.numpy())

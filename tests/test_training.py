@@ -15,7 +15,7 @@ from physics.waveforms import make_waveform_file, read_waveforms
 from surrogate import load_cbae
 from training.cli import add_train_parser, add_waveforms_parser, main
 from training.data import WaveformDataModule
-from training.module import CBAEModule
+from training.module import CBAEModule, label_weights
 from training.run import load_train_config, make_logger, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +169,46 @@ def test_cli_simulate_analyze_generate(tmp_path):
     bad = tmp_path / "bad.h5"
     make_waveform_file(bad, "default", n=10, seed=0)
     assert main(["waveforms", "analyze", str(bad), "--model", str(tmp_path / "none.pt"), "-o", str(out)]) == 2
+
+
+def test_label_beta_weighting():
+    """beta-NLL weighting (Seitzer et al. 2022) of the label term: weights var^(beta-1) normalised to unit
+    mean, so with a constant predicted variance it reduces exactly to the plain squared error (beta = 1),
+    and with varying variance it differs; beta outside [0, 1] is rejected."""
+    from physics.electronics import Electronics
+    from physics.waveforms import simulate_waveforms
+
+    el = Electronics.load("default")
+    d = simulate_waveforms(el, 256, torch.Generator().manual_seed(3), (0.5, 30.0), (-5.0, 40.0), [0.3, 3.0])
+    norm = {
+        "wf_offset": 200.0,
+        "wf_scale": 40.0,
+        "param_mean": [15.0, 17.0],
+        "param_std": [8.5, 13.0],
+        "sample_times": d["sample_times"].tolist(),
+        "n_samples": 64,
+    }
+    batch = {
+        "adc": d["adc"].float(),
+        "clean": d["clean"],
+        "params": torch.stack([d["charge"], d["time"]], 1),
+        "labelled": torch.ones(256, dtype=torch.bool),
+    }
+    model_cfg = {"encoder": "aligned_raw", "decoder": "shift_linear", "enc_hidden": [16], "dec_hidden": [8]}
+    optim = {"lr": 1e-3, "max_epochs": 1}
+    mods = {}
+    for beta in (1.0, 0.5):
+        torch.manual_seed(0)
+        mods[beta] = CBAEModule({**model_cfg, "n_free": 1}, norm, {"label_beta": beta}, optim)
+    with torch.no_grad():
+        for m in mods.values():
+            m.model.var_head[-1].weight.zero_()
+            m.model.var_head[-1].bias.fill_(-3.0)
+    l1, l05 = (float(mods[b].losses(batch)["label"]) for b in (1.0, 0.5))
+    assert l05 == pytest.approx(l1, rel=1e-5)
+    # closed form: var = (1, 4), beta = 1/2 -> var^(-1/2) = (1, 1/2), unit mean -> (4/3, 2/3)
+    lv = torch.log(torch.tensor([[1.0, 1.0], [4.0, 1.0], [9.0, 1.0]]))
+    w = label_weights(lv, torch.tensor([1.0, 1.0, 0.0]), 0.5)
+    torch.testing.assert_close(w[:2], torch.tensor([[4 / 3, 1.0], [2 / 3, 1.0]]))
+    with pytest.raises(ConfigError, match="label_beta"):
+        CBAEModule({**model_cfg, "n_free": 1}, norm, {"label_beta": 1.5}, optim)

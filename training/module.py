@@ -10,6 +10,11 @@ Loss per batch (waveforms normalised by the model's wf_scale, params by param_me
 * teacher : on labelled waveforms, decode(y, free=0) vs the target: the decoder as a response model
             params -> E[waveform] (what ``CBAE.expect`` uses);
 * free_l2 : mean free-unit activation squared (controlled use of the free latent units).
+``label_beta`` (default 1 = plain squared error) weights the mean part of the label term per parameter by
+stopgrad(var)^(beta - 1) (normalised to unit batch mean), the gradient of the beta-NLL of M. Seitzer et
+al., "On the pitfalls of heteroscedastic uncertainty estimation with probabilistic neural networks",
+ICLR 2022 (arXiv:2203.09168): beta = 0.5 weights each waveform by 1/sigma, so precisely measurable pulses
+(large charge, low noise) are not drowned by the squared errors of barely visible ones.
 ``decoder_batch`` > 0 evaluates the two decoder terms on that many waveforms of each training batch (CPU
 cost; the encoder's label term always uses the whole batch).
 """
@@ -26,9 +31,17 @@ from torch import Tensor
 from physics.config import ConfigError, check_choice, check_keys, check_number
 from surrogate.cbae import CBAE, gaussian_nll
 
-LOSS_KEYS = ["recon", "label", "teacher", "free_l2", "recon_target", "decoder_batch"]
+LOSS_KEYS = ["recon", "label", "teacher", "free_l2", "recon_target", "decoder_batch", "label_beta"]
 OPTIM_KEYS_REQ = ["lr", "max_epochs"]
 OPTIM_KEYS_OPT = ["weight_decay", "patience", "max_minutes", "min_lr_factor", "grad_clip"]
+
+
+def label_weights(logvar: Tensor, labelled: Tensor, beta: float) -> Tensor:
+    """beta-NLL weights (N, P) = stopgrad(var)^(beta - 1), var = exp(logvar), normalised per parameter to unit
+    mean over the labelled rows (``labelled`` (N,) 0/1); Seitzer et al., ICLR 2022 (arXiv:2203.09168)."""
+    w = torch.exp((beta - 1.0) * logvar.detach())
+    lab = labelled.to(w.dtype)[:, None]
+    return w / ((w * lab).sum(0, keepdim=True) / lab.sum().clamp_min(1.0)).clamp_min(1e-12)
 
 
 class CBAEModule(L.LightningModule):
@@ -58,6 +71,9 @@ class CBAEModule(L.LightningModule):
         self.decoder_batch = check_number(
             loss.get("decoder_batch", 0), "train.loss.decoder_batch", minimum=0, integer=True
         )
+        self.label_beta = check_number(
+            loss.get("label_beta", 1.0), "train.loss.label_beta", minimum=0.0, maximum=1.0
+        )
         self.recon_target = check_choice(
             loss.get("recon_target", "noisy"), "train.loss.recon_target", ["noisy", "clean"]
         )
@@ -82,7 +98,10 @@ class CBAEModule(L.LightningModule):
         s = m.wf_scale
         yn = m.normalise_params(y)
         n_lab = lab.sum().clamp_min(1.0)
-        per = ((mu - yn) ** 2 + gaussian_nll(mu.detach(), logvar, yn)).sum(1)
+        se = (mu - yn) ** 2
+        if self.label_beta < 1.0:
+            se = se * label_weights(logvar, lab, self.label_beta)
+        per = (se + gaussian_nll(mu.detach(), logvar, yn)).sum(1)
         l_lab = (per * lab).sum() / n_lab
         # decoder terms on the first decoder_batch waveforms only (the decoder is the costly half)
         k = self.decoder_batch if 0 < self.decoder_batch < adc.shape[0] and self.training else adc.shape[0]

@@ -32,7 +32,7 @@ from training.data import WaveformDataModule
 from training.module import CBAEModule
 
 TOP_REQ = ["seed", "electronics", "data", "model", "loss", "optim"]
-TOP_OPT = ["logger", "output", "name", "description", "threads"]
+TOP_OPT = ["logger", "output", "name", "description", "threads", "accelerator"]
 
 
 def apply_overrides(cfg: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -160,7 +160,7 @@ def train(
         enable_model_summary=False,
         gradient_clip_val=check_number(opt.get("grad_clip", 0.0), "train.optim.grad_clip", minimum=0.0),
         log_every_n_steps=50,
-        accelerator="cpu",
+        accelerator=check_choice(cfg.get("accelerator", "cpu"), "train.accelerator", ["cpu", "gpu", "auto"]),
         devices=1,
     )
     t1 = time.perf_counter()
