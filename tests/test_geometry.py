@@ -13,7 +13,7 @@ import yaml
 from scipy import stats
 
 from physics.config import ConfigError, config_dir
-from physics.geometry import Detector, list_presets
+from physics.geometry import Detector, list_presets, select
 
 DATA = Path(__file__).parent / "data" / "geometry"
 F64 = torch.float64
@@ -156,6 +156,47 @@ def test_grid_lookup_equals_brute_force(
             ci = -(u[hit] * det.pmt_normal.to(u)[pb[hit]]).sum(1)
             assert torch.allclose(cos[hit], ci) and (cos[hit] > 0).all()
     det.to("cpu")
+
+
+@pytest.mark.parametrize("which", ["wcte", "fib"])
+def test_one_pass_wall_and_pmt_query_equals_brute_force(
+    which: str, wcte: Detector, fib_sphere: Detector
+) -> None:
+    """wall_pmt_intersect (one pass, as the optics uses it): its wall distance is the float64 exit distance
+    rounded to float32 (checked against the float64 wall_distance and independent bisection), its surface
+    ids match, and its PMT answer equals the all-PMT brute force up to that wall distance."""
+    det = wcte if which == "wcte" else fib_sphere
+    pos, d = _rays(det, 3000, 11, torch.float32)
+    t, surf, pm, dist, cos = det.wall_pmt_intersect(pos, d)
+    t64, s64 = det.wall_distance(pos.double(), d.double())
+    assert torch.equal(t, t64.float()) and torch.equal(surf, s64)
+    lo, hi = torch.zeros_like(t64), torch.full_like(t64, 3 * det.scale)  # bisection on inside()
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        ins = det.inside(pos.double() + mid[:, None] * d.double())
+        lo, hi = torch.where(ins, mid, lo), torch.where(ins, hi, mid)
+    assert torch.allclose(t.double(), 0.5 * (lo + hi), rtol=1e-6, atol=1e-6 * det.scale)
+    pb, db = _brute(det, pos, d, t)
+    assert torch.equal(pm, pb) and (pb >= 0).float().mean() > 0.05
+    hit = pb >= 0
+    assert torch.allclose(dist[hit], db[hit], rtol=1e-4, atol=1e-4 * det.scale)
+    assert torch.isinf(dist[~hit]).all() and (cos[~hit] == 0).all() and (cos[hit] > 0).all()
+
+
+def test_select_is_bitwise_where() -> None:
+    """The CPU integer-mask select copies every value exactly as torch.where does (inf, NaN, -0, ints)."""
+    g = torch.Generator().manual_seed(0)
+    for dt in (torch.float32, F64, torch.int64, torch.int32):
+        a, b = (torch.randn(5000, generator=g) * 100).to(dt), (torch.randn(5000, generator=g) * 100).to(dt)
+        if dt.is_floating_point:
+            a[::7], b[::5], a[::11] = math.inf, math.nan, -0.0
+        c = torch.rand(5000, generator=g) < 0.5
+        as_bits = (lambda x: x.view(torch.uint8)) if dt.is_floating_point else (lambda x: x)
+        assert torch.equal(as_bits(select(c, a, b)), as_bits(torch.where(c, a, b)))
+        assert torch.equal(as_bits(select(c, a, -3)), as_bits(torch.where(c, a, -3)))
+    m = torch.randn(40, 3, generator=g)
+    c = torch.rand(40, generator=g) < 0.5
+    assert torch.equal(select(c[:, None], m, -m), torch.where(c[:, None], m, -m))
 
 
 def test_sphere_hit_fraction_equals_photocoverage() -> None:
