@@ -3,10 +3,14 @@
 Events: 500 MeV mu- from a fixed contained vertex/direction (WCTE: (0, 0, -1.2) m along (0.2, 0.1, 1);
 SK: (0, 0, -5) m along the same direction), direct light only (wall/PMT reflection and Rayleigh off) so the
 physics response is the truth. The same NLL (HitLikelihood on PhysicsResponse, folded wavelengths, K = 32)
-is minimised by (a) fitting.reconstruct with L-BFGS, (b) with Adam, (c) iminuit MIGRAD with numerical
-gradients (fiTQun-style) from the same pre-fit seeds. Also the expected-model cost before/after folding.
-Writes benchmarks/results/reconstruct.json.
-Usage: python benchmarks/bench_reconstruct.py [--events N] [--sk N] [--minuit N]
+is minimised by fitting.reconstruct with (a) Fisher-scoring Levenberg-Marquardt, (b) L-BFGS (the default),
+(c) Adam, and (d) by iminuit MIGRAD with numerical gradients (fiTQun-style) from the same pre-fit seeds
+(fitting.prefit, deterministic), MIGRAD on the float64 NLL, the function whose minimum fitting.reconstruct
+returns (float32 optimiser, then float64 Newton polish); the float64 NLL at both minima is reported.
+Also the expected-model cost before/after folding.
+Writes benchmarks/results/reconstruct_{device}.json (device 'cpu' or 'cuda'; _{T}threads appended for T > 1).
+Usage: python benchmarks/bench_reconstruct.py [--events N] [--sk N] [--minuit N] [--device cpu|cuda]
+       [--threads T]
 """
 
 from __future__ import annotations
@@ -26,12 +30,13 @@ from fitting.likelihood import HitLikelihood, hits_to_dense  # noqa: E402
 from fitting.prefit import prefit  # noqa: E402
 from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
+from physics.expected import PRUNE_SIGMA  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 F64 = torch.float64
 
 
-def setup(detector: str, vertex, n: int, seed: int):
+def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu"):
     cfg = SimConfig(
         detector=detector,
         particle="mu-",
@@ -40,13 +45,13 @@ def setup(detector: str, vertex, n: int, seed: int):
         direction=(0.2, 0.1, 1.0),
         optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
     )
-    sim = Simulator(cfg)
+    sim = Simulator(cfg, device=device)
     sim.medium.rayleigh_scale.data.fill_(math.inf)
     res = sim.run(n, seed=seed, batch_size=n)
     resp = PhysicsResponse(
         sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
     )
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(device)
     return sim, res, resp, like
 
 
@@ -54,19 +59,30 @@ def time_expected(sim, k: int, fold: bool, dtype) -> float:
     resp = PhysicsResponse(
         sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=k, fold_wavelength=fold
     )
+    dev = sim.detector.pmt_pos.device
     p = {
-        "vertex": torch.tensor([[0.0, 0.0, -1.2]], dtype=dtype, requires_grad=True),
-        "direction": torch.tensor([[0.2, 0.1, 1.0]], dtype=dtype, requires_grad=True),
-        "energy": torch.tensor([500.0], dtype=dtype, requires_grad=True),
-        "t0": torch.zeros(1, dtype=dtype, requires_grad=True),
+        "vertex": torch.tensor([[0.0, 0.0, -1.2]], dtype=dtype, requires_grad=True, device=dev),
+        "direction": torch.tensor([[0.2, 0.1, 1.0]], dtype=dtype, requires_grad=True, device=dev),
+        "energy": torch.tensor([500.0], dtype=dtype, requires_grad=True, device=dev),
+        "t0": torch.zeros(1, dtype=dtype, requires_grad=True, device=dev),
     }
     best = math.inf
     for _ in range(2):
+        _sync(dev)
         t = time.perf_counter()
         o = resp.expected(p)
         (o["mu"].sum() + 1e-3 * o["t_mean"].sum() + 1e-3 * o["t_var"].sum()).backward()
+        _sync(dev)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+CPU_SECONDS: dict[str, float] = {}  # process CPU time of the last fit per optimiser (robust to a busy host)
+
+
+def _sync(dev) -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def summary(fit, truth) -> dict:
@@ -85,7 +101,10 @@ def summary(fit, truth) -> dict:
 
 def run_fit(res, resp, like, n, optimiser, dtype, max_iter, starts=1):
     trace: list[float] = []
+    dev = resp.detector.pmt_pos.device
+    _sync(dev)
     t = time.perf_counter()
+    c = time.process_time()
     fit = reconstruct(
         res["hits"],
         n,
@@ -98,33 +117,41 @@ def run_fit(res, resp, like, n, optimiser, dtype, max_iter, starts=1):
         max_iter=max_iter,
         dtype=dtype,
         trace=trace,
+        device=dev,
     )
+    _sync(dev)
     dt = time.perf_counter() - t
+    CPU_SECONDS[optimiser] = time.process_time() - c
     return fit, dt, trace
 
 
 def minuit_fit(res, resp, like, n) -> tuple[dict, float]:
     from iminuit import Minuit
 
+    dev = resp.detector.pmt_pos.device
+
     obs = hits_to_dense(
         res["hits"].pmt, res["hits"].charge, res["hits"].time, res["hits"].event, n, resp.n_pmts
     )
     t = time.perf_counter()
+    c = time.process_time()
     seed = prefit(obs, resp.detector.pmt_pos, resp, mu_dark=float(like.mu_dark))
-    out = {"vertex": [], "direction": [], "energy": [], "nfcn": []}
+    out = {"vertex": [], "direction": [], "energy": [], "nfcn": [], "nll": []}
     for i in range(n):
         o = {k: v[i : i + 1] for k, v in obs.items()}
 
         def nll(x, o=o):
             vx, vy, vz, th, ph, loge, t0 = (float(xx) for xx in x)
             d = torch.tensor(
-                [[math.sin(th) * math.cos(ph), math.sin(th) * math.sin(ph), math.cos(th)]], dtype=F64
+                [[math.sin(th) * math.cos(ph), math.sin(th) * math.sin(ph), math.cos(th)]],
+                dtype=F64,
+                device=dev,
             )
             p = {
-                "vertex": torch.tensor([[vx, vy, vz]], dtype=F64),
+                "vertex": torch.tensor([[vx, vy, vz]], dtype=F64, device=dev),
                 "direction": d,
-                "energy": torch.tensor([math.exp(loge)], dtype=F64),
-                "t0": torch.tensor([t0], dtype=F64),
+                "energy": torch.tensor([math.exp(loge)], dtype=F64, device=dev),
+                "t0": torch.tensor([t0], dtype=F64, device=dev),
             }
             with torch.no_grad():
                 return float(like(resp.expected(p), o))
@@ -147,8 +174,10 @@ def minuit_fit(res, resp, like, n) -> tuple[dict, float]:
         )
         out["energy"].append(math.exp(v[5]))
         out["nfcn"].append(m.nfcn)
+        out["nll"].append(m.fval)
     dt = time.perf_counter() - t
-    return {k: torch.tensor(v, dtype=F64) for k, v in out.items()}, dt
+    CPU_SECONDS["minuit"] = time.process_time() - c
+    return {k: torch.tensor(v, dtype=F64, device=dev) for k, v in out.items()}, dt
 
 
 def main() -> None:
@@ -156,32 +185,43 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=6)
     ap.add_argument("--sk", type=int, default=2)
     ap.add_argument("--minuit", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (output reconstruct_{device}.json)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--optimisers", default="lm,lbfgs,adam", help="comma list for the WCTE comparison")
+    ap.add_argument("--ours", default="lbfgs", help="optimiser compared with MIGRAD")
+    ap.add_argument("--skip-kernel", action="store_true", help="skip the expected-model kernel timings")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
     out: dict = {
         "config": vars(a),
-        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32; "
-        "times on a shared 2-core CPU, 1 torch thread",
+        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32, (event, PMT) pairs beyond "
+        f"{PRUNE_SIGMA} ring widths skipped; {a.threads} torch thread(s) on {a.device}; seconds include "
+        "the pre-fit, the optimiser and the float64 Hessian/Newton polish",
     }
     n = a.events
-    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, seed=5)
-    out["expected_model_ms_mu_plus_grad_wcte"] = {
-        "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
-        "folded_K128_f64": 1e3 * time_expected(sim, 128, True, F64),
-        "folded_K32_f64": 1e3 * time_expected(sim, 32, True, F64),
-        "folded_K32_f32": 1e3 * time_expected(sim, 32, True, torch.float32),
-    }
-    print(out["expected_model_ms_mu_plus_grad_wcte"])
+    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, seed=5, device=a.device)
+    if not a.skip_kernel:
+        out["expected_model_ms_mu_plus_grad_wcte"] = {
+            "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
+            "folded_K128_f64": 1e3 * time_expected(sim, 128, True, F64),
+            "folded_K32_f64": 1e3 * time_expected(sim, 32, True, F64),
+            "folded_K32_f32": 1e3 * time_expected(sim, 32, True, torch.float32),
+        }
+        print(out["expected_model_ms_mu_plus_grad_wcte"])
     wc = {}
-    for name, opt, dt, it in (
-        ("lbfgs_f32", "lbfgs", torch.float32, 40),
-        ("adam_f32", "adam", torch.float32, 150),
-    ):
-        fit, sec, trace = run_fit(res, resp, like, n, opt, dt, it)
+    iters = {"lm": 40, "lbfgs": 40, "adam": 150}
+    warm = {"hits": res["hits"].select(res["hits"].event < 1), "truth": {}}
+    for opt in set(a.optimisers.split(",")) | {a.ours}:  # one-time costs (functorch/autograd set-up) untimed
+        run_fit(warm, resp, like, 1, opt, torch.float32, 3)
+    for opt in a.optimisers.split(","):
+        fit, sec, trace = run_fit(res, resp, like, n, opt, torch.float32, iters[opt])
+        name = f"{opt}_f32"
         wc[name] = {
             "seconds_per_event": sec / n,
+            "cpu_seconds_per_event": CPU_SECONDS[opt] / n,
             "n_evals": len(trace),
-            "nll_trace": trace[::3],
+            "nll_trace": trace[:: 1 if opt == "lm" else 3],
             **summary(fit, res["truth"]),
         }
         print(name, {k: v for k, v in wc[name].items() if k != "nll_trace"})
@@ -191,40 +231,51 @@ def main() -> None:
             "hits": res["hits"].select(res["hits"].event < m),
             "truth": {k: v[:m] for k, v in res["truth"].items()},
         }
-        fit_l, sec_l, _ = run_fit(sub, resp, like, m, "lbfgs", torch.float32, 40)
+        fit_l, sec_l, trace_l = run_fit(sub, resp, like, m, a.ours, torch.float32, 40)
         mf, sec_m = minuit_fit(sub, resp, like, m)
-        tr = sub["truth"]
+        tr = {k: v.to(dev) for k, v in sub["truth"].items()}
         dv = (mf["vertex"] - tr["vertex"].double()).norm(dim=-1)
         ang = torch.rad2deg(torch.acos((mf["direction"] * tr["direction"].double()).sum(-1).clamp(-1, 1)))
         de = mf["energy"] / tr["energy"].double() - 1
         rl = resolutions(fit_l, tr, mask=torch.isfinite(fit_l["nll"]))
-        wc["minuit_vs_lbfgs"] = {
+        wc["minuit_vs_ours"] = {
+            "ours": a.ours,
             "events": m,
             "minuit_seconds_per_event": sec_m / m,
-            "lbfgs_seconds_per_event": sec_l / m,
+            "ours_seconds_per_event": sec_l / m,
             "speed_ratio": sec_m / sec_l,
+            "minuit_cpu_seconds_per_event": CPU_SECONDS["minuit"] / m,
+            "ours_cpu_seconds_per_event": CPU_SECONDS[a.ours] / m,
+            "cpu_speed_ratio": CPU_SECONDS["minuit"] / CPU_SECONDS[a.ours],
             "minuit_nfcn": mf["nfcn"].tolist(),
+            "ours_evals": len(trace_l),
+            "minuit_nll_f64": mf["nll"].tolist(),
+            "ours_nll_f64": fit_l["nll"].tolist(),
             "minuit_dv_m": dv.tolist(),
             "minuit_angle_deg": ang.tolist(),
             "minuit_de_frac": de.tolist(),
-            "lbfgs_dv_m": rl["vertex_dist"].tolist(),
-            "lbfgs_angle_deg": torch.rad2deg(rl["angle"]).tolist(),
-            "lbfgs_de_frac": rl["de_frac"].tolist(),
+            "ours_dv_m": rl["vertex_dist"].tolist(),
+            "ours_angle_deg": torch.rad2deg(rl["angle"]).tolist(),
+            "ours_de_frac": rl["de_frac"].tolist(),
         }
-        print("minuit", wc["minuit_vs_lbfgs"])
+        print("minuit", wc["minuit_vs_ours"])
     out["wcte"] = wc
     if a.sk > 0:
-        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6)
-        fit, sec, trace = run_fit(res, resp, like, a.sk, "lbfgs", torch.float32, 40)
-        out["sk"] = {
-            "lbfgs_f32": {
+        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device)
+        for opt in ("lm", "lbfgs"):
+            run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)
+        out["sk"] = {}
+        for opt in ("lm", "lbfgs"):
+            fit, sec, trace = run_fit(res, resp, like, a.sk, opt, torch.float32, 40)
+            out["sk"][f"{opt}_f32"] = {
                 "seconds_per_event": sec / a.sk,
+                "cpu_seconds_per_event": CPU_SECONDS[opt] / a.sk,
                 "n_evals": len(trace),
                 **summary(fit, res["truth"]),
             }
-        }
-        print("sk", out["sk"])
-    write_json("reconstruct", out)
+            print("sk", opt, out["sk"][f"{opt}_f32"])
+    suffix = "" if a.threads == 1 else f"_{a.threads}threads"
+    write_json(f"reconstruct_{dev.type}{suffix}", out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,21 @@ from physics.constants import C_M_PER_NS
 __all__ = ["time_residual_fit", "track_time_fit", "charge_direction", "energy_from_charge", "prefit"]
 
 
+def _hit_columns(obs: dict[str, Tensor], pmt_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The hit PMTs of each event packed into H = max hits columns (unhit PMTs have zero weight in both time
+    fits, so dropping them changes nothing but the cost): hit (E,H) bool, pos (E,H,3) [m], weight
+    w = charge + 1e-3 (E,H) (0 in padding), time (E,H) [ns], float64."""
+    hit = obs["hit"]
+    dt = torch.float64
+    n_max = max(int(hit.sum(1).max()) if hit.numel() else 0, 1)
+    order = torch.sort(hit.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_max]  # (E,H)
+    hit_c = hit.gather(1, order)
+    q = obs["charge"].to(dt).gather(1, order)
+    w = torch.where(hit_c, q.clamp_min(0.0) + 1e-3, torch.zeros((), dtype=dt, device=hit.device))
+    pos = pmt_pos.to(device=hit.device, dtype=dt)[order]
+    return hit_c, pos, w, obs["time"].to(dt).gather(1, order)
+
+
 def time_residual_fit(
     obs: dict[str, Tensor],
     pmt_pos: Tensor,
@@ -47,17 +62,12 @@ def time_residual_fit(
     from v = charge-weighted centroid of the hit PMTs x 0.5 (a point inside, towards the lit side).
     Events without hits get v = 0, t0 = 0.
     """
-    hit = obs["hit"]
-    dt = torch.float64
-    w = torch.where(hit, obs["charge"].to(dt).clamp_min(0.0), torch.zeros((), dtype=dt, device=hit.device))
-    w = w + hit.to(dt) * 1e-3
+    hit, pos, w, t = _hit_columns(obs, pmt_pos)
     wsum = w.sum(1, keepdim=True).clamp_min(1e-12)
-    pos = pmt_pos.to(device=hit.device, dtype=dt)
-    t = obs["time"].to(dt)
     inv_v = n_group / C_M_PER_NS
-    v = (0.5 * (w @ pos) / wsum).detach().clone()
+    v = (0.5 * (w[..., None] * pos).sum(1) / wsum).detach().clone()
     with torch.no_grad():
-        d0 = (pos[None] - v[:, None]).norm(dim=-1)
+        d0 = (pos - v[:, None]).norm(dim=-1)
         r0 = torch.where(hit, t - d0 * inv_v, torch.full_like(t, float("inf")))
         # start t0 at the 20% quantile of the residuals (early direct light), robust to late hits
         srt = torch.sort(r0, 1).values
@@ -69,7 +79,7 @@ def time_residual_fit(
     opt = torch.optim.Adam([{"params": [v], "lr": lr}, {"params": [t0], "lr": lr * 5.0}])
     for _ in range(steps):
         opt.zero_grad()
-        d = torch.sqrt(((pos[None] - v[:, None]) ** 2).sum(-1) + 1e-12)
+        d = torch.sqrt(((pos - v[:, None]) ** 2).sum(-1) + 1e-12)
         z = (t - t0[:, None] - d * inv_v) / scale_ns
         loss = (w * (torch.sqrt(1.0 + z * z) - 1.0)).sum(1) / wsum[:, 0]
         loss.sum().backward()
@@ -95,13 +105,9 @@ def track_time_fit(
 
     track_length (E,) [m] caps the emission point; n_phase sets cos(theta_c) = 1/n (beta = 1). Adam on
     (v, unnormalised d, t0) with the soft-L1 loss weighted by hit charge."""
-    hit = obs["hit"]
     dt = torch.float64
-    w = torch.where(hit, obs["charge"].to(dt).clamp_min(0.0), torch.zeros((), dtype=dt, device=hit.device))
-    w = w + hit.to(dt) * 1e-3
+    _, pos, w, t = _hit_columns(obs, pmt_pos)
     wsum = w.sum(1).clamp_min(1e-12)
-    pos = pmt_pos.to(device=hit.device, dtype=dt)
-    t = obs["time"].to(dt)
     inv_v = n_group / C_M_PER_NS
     cot_c = 1.0 / (n_phase * (1.0 - 1.0 / n_phase**2) ** 0.5)  # cos/sin
     v = vertex.to(dt).clone().requires_grad_()
@@ -112,7 +118,7 @@ def track_time_fit(
     for _ in range(steps):
         opt.zero_grad()
         d = u / u.norm(dim=-1, keepdim=True)
-        q = pos[None] - v[:, None]  # (E,P,3)
+        q = pos - v[:, None]  # (E,H,3)
         p = (q * d[:, None]).sum(-1)
         r = torch.sqrt(((q * q).sum(-1) - p * p).clamp_min(1e-9))
         s = torch.minimum(torch.relu(p - r * cot_c), big_l)

@@ -8,6 +8,7 @@ PMT reflection and Rayleigh scattering switched off so the direct-light model is
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import h5py
@@ -18,6 +19,7 @@ from fitting.likelihood import HitLikelihood, hits_to_dense
 from fitting.prefit import prefit
 from fitting.reconstruct import STATUS, add_reconstruct_parser, reconstruct, resolutions, status_names
 from fitting.response import PhysicsResponse
+from fitting.uncertainty import irreducible_local
 from physics.config import ConfigError
 from physics.geometry import Detector, cylinder_grid
 from physics.medium import Medium
@@ -133,7 +135,16 @@ def test_closure_quick_lbfgs():
     truth, NLL at the fit not above the NLL at the truth, finite Hessian uncertainties."""
     sim, res, resp, like = _direct_only_sim(3, seed=3)
     fit = reconstruct(
-        res["hits"], 3, resp, like, "mu-", n_starts=1, batch_size=3, max_iter=40, dtype=torch.float32
+        res["hits"],
+        3,
+        resp,
+        like,
+        "mu-",
+        n_starts=1,
+        batch_size=3,
+        max_iter=40,
+        dtype=torch.float32,
+        optimiser="lbfgs",
     )
     tr = res["truth"]
     r = resolutions(fit, tr, mask=torch.isfinite(fit["nll"]))
@@ -169,6 +180,14 @@ def test_closure_quick_lbfgs():
     assert bool((fit["nll"] <= nll_true + 1e-3).all())
     assert bool(torch.isfinite(fit["sigma_vertex"]).all()) and bool((fit["sigma_vertex"] > 0).all())
     assert bool((fit["sigma_vertex"] < 0.2).all()) and bool((fit["sigma_dir"] < 0.05).all())
+    # reported covariance = Hessian^-1 + the response's multiple-scattering covariance (fitting.uncertainty)
+    ms = fit["cov"] - fit["cov_hessian"]
+    p = {"vertex": fit["vertex"], "direction": fit["direction"], "energy": fit["energy"], "t0": fit["t0"]}
+    assert torch.allclose(ms, irreducible_local(resp, p, fit["e1"], fit["e2"]), rtol=1e-9, atol=1e-15)
+    var_v = torch.diagonal(ms, dim1=1, dim2=2)
+    assert bool((var_v[:, 3:5] > 0).all()) and bool((var_v[:, 5:] == 0).all())  # angles yes; log E, t0 no
+    dn = fit["direction"]
+    assert float(torch.einsum("ei,eij,ej->e", dn, ms[:, :3, :3], dn).abs().max()) < 1e-12  # transverse only
 
 
 def test_bad_input_flags_and_errors():
@@ -272,26 +291,130 @@ def test_cli_reconstruct_writes_file(tmp_path, capsys):
         args.func(args)
 
 
+@functools.lru_cache(maxsize=1)  # shared by the two slow closure tests (one fit of 48 events)
+def _closure_pulls(n: int, seed: int):
+    sim, res, resp, like = _direct_only_sim(n, seed=seed)
+    fit = reconstruct(
+        res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50, dtype=torch.float32
+    )
+    hess = dict(fit)
+    hess["cov"] = fit["cov_hessian"]
+    return fit, resolutions(fit, res["truth"])["summary"], resolutions(hess, res["truth"])["summary"]
+
+
 @pytest.mark.slow
 def test_closure_bias_and_pulls():
-    """16 contained muons: bias vs its statistical error and pull widths (printed; see the report).
+    """48 contained 500 MeV muons (MC with Highland multiple scattering, direct light only).
 
-    Asserted: converged; |vertex/direction bias| < 3 sigma_stat + 2 cm / 0.3 deg; |energy bias| < 4%;
-    pull std in [0.6, 3.5]. The issue's 1 +- 0.15 pull width is NOT met (printed numbers): the expected model
-    averages over the muon's multiple scattering and delta rays, which correlate PMTs within an event."""
-    n = 16
-    sim, res, resp, like = _direct_only_sim(n, seed=101)
-    fit = reconstruct(
-        res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=8, max_iter=50, dtype=torch.float32
-    )
-    r = resolutions(fit, res["truth"])
-    s = r["summary"]
-    print(s)
-    assert s["n_ok"] >= n - 1
+    Pure-Hessian pulls are too wide across the track (MS: the light comes from a wandering track, the truth is
+    the initial vertex/direction; with MS switched off in the MC they are 1.03-1.11, 96 events). Measured
+    (this seed, 48 events): Hessian only x 2.06, y 2.66, z 1.39, dir 1.83/1.62, log E 1.16; with the MS
+    covariance of fitting.uncertainty x 1.06, y 1.44, z 1.03, dir 0.43/0.37 (256 events, H100: x 1.14, y 1.18,
+    z 1.03, dir 0.40/0.42). Asserted: converged; MS matters (Hessian-only transverse pull width > 1.4); the
+    reported vertex pull widths lie in [0.7, 1.6] and the transverse ones are narrower than Hessian-only;
+    |vertex/direction bias| < 3 sigma_stat + 2 cm / 0.3 deg; |energy bias| < 4%.
+    The issue's floor (1 +- 0.15 everywhere) is NOT met: test_closure_pull_floor_all_coordinates (xfail)."""
+    n = 48
+    fit, s, sh = _closure_pulls(n, seed=101)
+    print("reported", s)
+    print("hessian only pull std", sh["pull_std"])
+    assert s["n_ok"] >= n - 2
     for k in ("x", "y", "z"):
         assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + 0.02
+        assert 0.7 < s["pull_std"][k] < 1.6, (k, s["pull_std"][k])
+    for k in ("x", "y"):
+        assert s["pull_std"][k] < sh["pull_std"][k]
     for k in ("dir_a", "dir_b"):
         assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + math.radians(0.3)
     assert abs(s["bias"]["log_e"]) < 0.04
+    assert min(sh["pull_std"]["x"], sh["pull_std"]["y"]) > 1.4  # MS matters: Hessian alone under-covers
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 3 floor not met: reported direction pulls ~0.4 (the MS line-fit model predicts a larger "
+    "direction response to scattering than the likelihood fit shows), y ~1.2-1.4; log E pull ~1.2 and the "
+    "z bias (~1-2 cm, also without MS) are not modelled",
+)
+def test_closure_pull_floor_all_coordinates():
+    """The issue's floor: pull width 1 +- 0.15 and |pull mean| < 2 / sqrt(n) for x, y, z, both direction
+    angles and log E (48 events)."""
+    n = 48
+    _, s, _ = _closure_pulls(n, seed=101)
+    print(s)
     for k, w in s["pull_std"].items():
-        assert 0.6 < w < 3.5, (k, w)
+        assert abs(w - 1.0) < 0.15, (k, w)
+        assert abs(s["pull_mean"][k]) < 2.0 / math.sqrt(s["n_ok"]), (k, s["pull_mean"][k])
+
+
+def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
+    """The (event, PMT) pruning of expected.direct_light_folded (pairs > PRUNE_SIGMA ring widths off the
+    Cherenkov angle at every node are skipped) against the unpruned sum (prune_sigma=None), float64, WCTE,
+    random contained 500 MeV muons: mu equal to 1e-10 p.e. (the dark-noise mean per PMT is ~2e-4), t_mean
+    equal where mu > 1e-6, NLL gradients equal to 1e-8, and fewer than half of the pairs evaluated."""
+    import physics.expected as px
+
+    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VTX, direction=DIR)
+    sim = Simulator(cfg)
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    g = torch.Generator().manual_seed(11)
+    v = (torch.rand(4, 3, generator=g, dtype=F64) - 0.5) * torch.tensor([1.2, 1.2, 1.6], dtype=F64)
+    d = torch.randn(4, 3, generator=g, dtype=F64)
+    outs = {}
+    for z in (px.PRUNE_SIGMA, None):
+        monkeypatch.setitem(px.direct_light_folded.__kwdefaults__, "prune_sigma", z)
+        p = {
+            "vertex": v.clone().requires_grad_(),
+            "direction": (d / d.norm(dim=-1, keepdim=True)).requires_grad_(),
+            "energy": torch.full((4,), 500.0, dtype=F64),
+            "t0": torch.zeros(4, dtype=F64),
+        }
+        o = resp.expected(p)
+        # a likelihood-like scalar: Poisson term + mu-weighted times
+        scal = (o["mu"] - 3.0 * torch.log(o["mu"] + 2e-4)).sum() + (
+            o["mu"] * (o["t_mean"] + o["t_var"])
+        ).sum()
+        outs[z] = (o, torch.autograd.grad(scal, [p["vertex"], p["direction"]]))
+    (op, gp), (of, gf) = outs[px.PRUNE_SIGMA], outs[None]
+    lit = of["mu"] > 1e-6
+    kept = float((op["mu"] > 0).double().mean())
+    print("kept", kept, "max dmu", float((op["mu"] - of["mu"]).detach().abs().max()))
+    assert float((op["mu"] - of["mu"]).abs().max()) < 1e-10
+    assert float((op["t_mean"] - of["t_mean"])[lit].abs().max()) < 1e-9
+    assert float((op["t_var"] - of["t_var"])[lit].abs().max()) < 1e-9
+    for a, b in zip(gp, gf, strict=True):
+        assert float((a - b).norm() / b.norm()) < 1e-8
+    assert kept < 0.5
+
+
+def test_lm_reaches_the_lbfgs_minimum_in_fewer_evaluations():
+    """Fisher-scoring Levenberg-Marquardt (default) vs L-BFGS on the same 2 events and NLL: both converge,
+    to the same minimum (NLL within 0.1, the Newton-decrement tolerance of the polish; vertices within
+    1 cm), and LM needs at most 20 Jacobian evaluations, fewer than half of L-BFGS's value+gradient ones."""
+    sim, res, resp, like = _direct_only_sim(2, seed=3)
+    fits, evals = {}, {}
+    for opt in ("lm", "lbfgs"):
+        trace: list[float] = []
+        fits[opt] = reconstruct(
+            res["hits"],
+            2,
+            resp,
+            like,
+            "mu-",
+            n_starts=1,
+            batch_size=2,
+            max_iter=40,
+            dtype=torch.float32,
+            optimiser=opt,
+            trace=trace,
+        )
+        evals[opt] = len(trace)
+    a, b = fits["lm"], fits["lbfgs"]
+    print("evals", evals, "nll", a["nll"].tolist(), b["nll"].tolist())
+    assert bool(a["ok"].all()) and bool(b["ok"].all())
+    assert float((a["nll"] - b["nll"]).abs().max()) < 0.1
+    assert float((a["vertex"] - b["vertex"]).norm(dim=-1).max()) < 0.01
+    assert evals["lm"] <= 20 and 2 * evals["lm"] < evals["lbfgs"]
