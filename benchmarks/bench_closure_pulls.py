@@ -1,0 +1,108 @@
+"""Closure pulls of the reconstruction: residual / reported uncertainty for contained 500 MeV muons.
+
+Events: 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only (wall/PMT reflection
+and Rayleigh off) so that the physics response is the truth up to the muon's multiple scattering (MS).
+``--no-ms`` switches the MC's multiple scattering off
+(physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself.
+Pulls are reported with the pure-Hessian uncertainty (``cov_hessian``) and with the reported one (Hessian + MS
+covariance, ``cov``) when the fit provides both.
+Writes benchmarks/results/closure_pulls[_noms].json.
+Usage: python benchmarks/bench_closure_pulls.py [--events N] [--no-ms] [--device cuda] [--seed S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import physics.simulate as psim  # noqa: E402
+from benchmarks._util import write_json  # noqa: E402
+from fitting.likelihood import HitLikelihood  # noqa: E402
+from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
+from fitting.response import PhysicsResponse  # noqa: E402
+from physics.emission import track_steps  # noqa: E402
+from physics.simulate import SimConfig, Simulator  # noqa: E402
+
+
+def pull_summary(fit: dict, truth: dict, cov_key: str) -> dict:
+    """Pull mean/std (with standard errors) using ``fit[cov_key]`` as the covariance."""
+    f = dict(fit)
+    f["cov"] = fit[cov_key]
+    r = resolutions(f, truth)
+    m = r["mask"]
+    n = int(m.sum())
+    names = ["x", "y", "z", "dir_a", "dir_b", "log_e"]
+    p = r["pulls"][m][:, :6]
+    return {
+        "n": n,
+        "pull_mean": {k: float(p[:, i].mean()) for i, k in enumerate(names)},
+        "pull_std": {k: float(p[:, i].std()) for i, k in enumerate(names)},
+        "pull_mean_err": 1.0 / math.sqrt(max(n, 1)),
+        "pull_std_err": 1.0 / math.sqrt(max(2 * (n - 1), 1)),
+        "bias": r["summary"]["bias"],
+        "bias_err": r["summary"]["bias_err"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=64)
+    ap.add_argument("--no-ms", action="store_true", help="switch the MC's multiple scattering off")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=101)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.no_ms:  # the Simulator calls physics.simulate.track_steps; switch MS off there
+        psim.track_steps = partial(track_steps, multiple_scattering=False)
+    cfg = SimConfig(
+        detector="wcte",
+        particle="mu-",
+        energy=500.0,
+        vertex=(0.0, 0.0, -1.2),
+        direction=(0.2, 0.1, 1.0),
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
+    sim = Simulator(cfg, device=args.device)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    t0 = time.perf_counter()
+    res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
+    t_sim = time.perf_counter() - t0
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(args.device)
+    t0 = time.perf_counter()
+    fit = reconstruct(
+        res["hits"], args.events, resp, like, "mu-", device=args.device, n_starts=2,
+        batch_size=args.batch_size, max_iter=50, dtype=torch.float32,
+    )
+    t_fit = time.perf_counter() - t0
+    truth = {k: res["truth"][k].to(args.device) for k in ("vertex", "direction", "energy")}
+    out = {
+        "events": args.events,
+        "multiple_scattering": not args.no_ms,
+        "seed": args.seed,
+        "device": args.device,
+        "n_ok": int(fit["ok"].sum()),
+        "seconds_simulate": t_sim,
+        "seconds_fit": t_fit,
+        "reported": pull_summary(fit, truth, "cov"),
+    }
+    if "cov_hessian" in fit:
+        out["hessian_only"] = pull_summary(fit, truth, "cov_hessian")
+    write_json(args.name or ("closure_pulls_noms" if args.no_ms else "closure_pulls"), out)
+
+
+if __name__ == "__main__":
+    main()
