@@ -75,42 +75,56 @@ def _inv_len(length: Tensor) -> Tensor:
     return torch.where(finite, 1.0 / safe, torch.zeros_like(length))
 
 
-def _score_points(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor, wl: Tensor, kind: str,
-                  aux: tuple[Tensor, ...], det: Any, sensors: Any, one_minus_rp: Tensor, chunk: int
-                  ) -> tuple[Tensor, Tensor]:
-    """Next-event scores (M, P) of points x (M,3) with weights w (M,) at every PMT, and weight x time.
-
-    kind 'scatter': aux = (pol (M,3), dir (M,3), frac_ray (M,), frac_mie (M,), g);
-    kind 'lambert': aux = (normal (M,3),) -- the inward wall normal at x (the factor R_w f_d is in w)."""
+def _score_chunk(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor, wl: Tensor, ev: Tensor,
+                 aux: tuple[Tensor, ...], kind: str, g: float, n_events: int, det: Any, sensors: Any,
+                 one_minus_rp: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-event scores of points x (m,3) (weights w (m,)) at every PMT, summed per event: (E, P) p.e. and
+    (E, P) p.e. x arrival time. kind 'scatter': aux = (pol, dir, frac_ray, frac_mie) (each (m,3) or (m,));
+    kind 'lambert': aux = (normal,) -- the inward wall normal at x (the factor R_w f_d is in w)."""
     pp = det.pmt_pos.to(x)
     pn = det.pmt_normal.to(x)
     pr = det.pmt_radius.to(x)
-    out_mu, out_wt = [], []
+    v = pp[None, :, :] - x[:, None, :]  # (m, P, 3)
+    d = v.norm(dim=-1).clamp_min(1e-9)
+    k = v / d[..., None]
+    cos_inc = -(k * pn[None]).sum(-1)
+    if kind == "scatter":
+        pol, dirn, f_ray, f_mie = aux
+        ek = (k * pol[:, None, :]).sum(-1)
+        phase = f_ray[:, None] * _DIPOLE * (1.0 - ek * ek).clamp_min(0.0)
+        if bool((f_mie > 0).any()):
+            ck = (k * dirn[:, None, :]).sum(-1)
+            hg = (1.0 - g * g) / (4.0 * math.pi * (1.0 + g * g - 2.0 * g * ck).clamp_min(1e-12) ** 1.5)
+            phase = phase + f_mie[:, None] * hg
+    else:
+        (nrm,) = aux
+        phase = _INV_PI * (k * nrm[:, None, :]).sum(-1).clamp_min(0.0)
+    omega = disk_solid_angle(d, cos_inc, pr[None, :])
+    eps = sensors.detection_matrix(wl, cos_inc.clamp(0.0, 1.0))
+    sc = w[:, None] * phase * omega * torch.exp(-mu_tot[:, None] * d) * one_minus_rp * eps
+    sc = torch.where(cos_inc > 0, sc, torch.zeros_like(sc))
+    zero = sc.new_zeros(n_events, sc.shape[1])
+    return zero.index_add(0, ev, sc), zero.index_add(0, ev, sc * (t[:, None] + d * inv_v[:, None]))
+
+
+def _score_points(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor, wl: Tensor, ev: Tensor,
+                  kind: str, aux: tuple[Tensor, ...], g: float, n_events: int, det: Any, sensors: Any,
+                  one_minus_rp: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """:func:`_score_chunk` over chunks of ``chunk`` points, summed: (E, P), (E, P). Under autograd each chunk
+    is checkpointed (recomputed in the backward pass), so memory stays O(chunk x P) instead of O(M x P)."""
+    from torch.utils.checkpoint import checkpoint
+
+    mu = wt = None
     for a in range(0, x.shape[0], chunk):
         sl = slice(a, a + chunk)
-        v = pp[None, :, :] - x[sl, None, :]  # (m, P, 3)
-        d = v.norm(dim=-1).clamp_min(1e-9)
-        k = v / d[..., None]
-        cos_inc = -(k * pn[None]).sum(-1)
-        if kind == "scatter":
-            pol, dirn, f_ray, f_mie, g = (z[sl] if torch.is_tensor(z) else z for z in aux)
-            ek = (k * pol[:, None, :]).sum(-1)
-            phase = f_ray[:, None] * _DIPOLE * (1.0 - ek * ek).clamp_min(0.0)
-            if bool((f_mie > 0).any()):
-                ck = (k * dirn[:, None, :]).sum(-1)
-                hg = (1.0 - g * g) / (4.0 * math.pi * (1.0 + g * g - 2.0 * g * ck).clamp_min(1e-12) ** 1.5)
-                phase = phase + f_mie[:, None] * hg
+        args = (x[sl], w[sl], t[sl], inv_v[sl], mu_tot[sl], wl[sl], ev[sl], tuple(z[sl] for z in aux), kind,
+                g, n_events, det, sensors, one_minus_rp)
+        if torch.is_grad_enabled():
+            m, s = checkpoint(_score_chunk, *args, use_reentrant=False)
         else:
-            (nrm,) = aux
-            cos_out = (k * nrm[sl, None, :]).sum(-1)
-            phase = _INV_PI * cos_out.clamp_min(0.0)
-        omega = disk_solid_angle(d, cos_inc, pr[None, :])
-        eps = sensors.detection_matrix(wl[sl], cos_inc.clamp(0.0, 1.0))
-        s = w[sl, None] * phase * omega * torch.exp(-mu_tot[sl, None] * d) * one_minus_rp * eps
-        s = torch.where(cos_inc > 0, s, torch.zeros_like(s))
-        out_mu.append(s)
-        out_wt.append(s * (t[sl, None] + d * inv_v[sl, None]))
-    return torch.cat(out_mu), torch.cat(out_wt)
+            m, s = _score_chunk(*args)
+        mu, wt = (m, s) if mu is None else (mu + m, wt + s)
+    return mu, wt
 
 
 def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, sensors: Any, n_events: int,
@@ -171,11 +185,6 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
     idx = torch.arange(m0, device=dev)  # row into the per-photon constants
     w_floor = min_weight * w.detach()
 
-    def add(scores: Tensor, wts: Tensor, events: Tensor) -> None:
-        nonlocal mu, wt
-        mu = mu.index_add(0, events, scores)
-        wt = wt.index_add(0, events, wts)
-
     for _ in range(max_rounds):
         if pos.shape[0] == 0:
             break
@@ -208,10 +217,10 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         f_mie = torch.where(has_s, mm / ms_safe, torch.zeros_like(ms))
         sc = torch.nonzero(has_s).squeeze(1)
         if sc.numel():
-            sm, swt = _score_points(x_s[sc], w_s[sc], t_s[sc], iv[sc], mt[sc], lam[sc], "scatter",
-                                    (pol[sc], dirn[sc], f_ray[sc], f_mie[sc], g), detector, sensors,
+            sm, swt = _score_points(x_s[sc], w_s[sc], t_s[sc], iv[sc], mt[sc], lam[sc], e_[sc], "scatter",
+                                    (pol[sc], dirn[sc], f_ray[sc], f_mie[sc]), g, n_events, detector, sensors,
                                     one_minus_rp, chunk)
-            add(sm, swt, e_[sc])
+            mu, wt = mu + sm, wt + swt
         # the uncollided ray at its boundary
         w_b = w * torch.exp(-mt * big_d)
         x_b = pos + big_d[:, None] * dirn
@@ -220,9 +229,10 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         wl_idx = torch.nonzero(at_wall).squeeze(1)
         if wl_idx.numel():
             sm, swt = _score_points(x_b[wl_idx], (w_b * r_w * f_d)[wl_idx], t_b[wl_idx], iv[wl_idx],
-                                    mt[wl_idx], lam[wl_idx], "lambert", (n_wall.to(dtype)[wl_idx],),
-                                    detector, sensors, one_minus_rp, chunk)
-            add(sm, swt, e_[wl_idx])
+                                    mt[wl_idx], lam[wl_idx], e_[wl_idx], "lambert",
+                                    (n_wall.to(dtype)[wl_idx],), g, n_events, detector, sensors,
+                                    one_minus_rp, chunk)
+            mu, wt = mu + sm, wt + swt
         hit = torch.nonzero(on_pmt & spec).squeeze(1)  # emission rays start with spec False (direct)
         if hit.numel():
             cos_h = (-dn[hit]).clamp(0.0, 1.0)
