@@ -3,7 +3,7 @@
 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only. The MC track
 (physics.emission.track_steps, multiple_scattering=False) is rotated by ``--kappa`` rad about the kink point
 at path length s_k (0.25, 0.6, 1.0, 1.5 m) towards the transverse axis u1
-(fitting.uncertainty.transverse_basis); ``--per`` events per s_k plus as many unkinked reference events.
+(fitting.uncertainty.tangent_basis); ``--per`` events per s_k plus as many unkinked reference events.
 Prints/stores the mean fitted transverse vertex offset a1 and angle b1 along u1 (with standard errors), the
 longitudinal vertex shift and log E, next to the straight-line (weighted least-squares) prediction of
 fitting.uncertainty ('likelihood' weighting).
@@ -27,7 +27,7 @@ from benchmarks._util import write_json  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
 from fitting.reconstruct import reconstruct  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
-from fitting.uncertainty import track_fit_weights, transverse_basis  # noqa: E402
+from fitting.uncertainty import tangent_basis, track_fit_weights  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
 from physics.records import TrackSteps  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(1)
     d0 = torch.tensor(DIR, dtype=F64)
     d0 = d0 / d0.norm()
-    u1 = transverse_basis(d0[None])[0][0]
+    u1 = tangent_basis(d0[None])[0][0]
     kinks = torch.tensor([-1.0] * args.per + [s for s in S_K for _ in range(args.per)], dtype=F64)
     psim.track_steps = kinked_steps(kinks, args.kappa, d0, u1)
     cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VTX, direction=DIR,

@@ -51,6 +51,7 @@ from torch import Tensor
 from physics.config import ConfigError, check_number
 
 from .likelihood import time_log_density, unhit_log_prob
+from .uncertainty import tangent_basis
 
 __all__ = [
     "LOCAL_NAMES",
@@ -74,19 +75,6 @@ LOG_2PI = math.log(2.0 * math.pi)
 # ----------------------------------------------------------------------------------------------------------
 # parametrisation (the same local coordinates as fitting.reconstruct's covariance)
 # ----------------------------------------------------------------------------------------------------------
-def tangent_basis(d: Tensor) -> tuple[Tensor, Tensor]:
-    """Two unit vectors e1, e2 (N,3) orthogonal to unit d (N,3) and to each other (e1 = d x x-hat unless d is
-    within 26 deg of x-hat, then d x y-hat; e2 = d x e1) -- the convention of fitting.reconstruct."""
-    helper = torch.zeros_like(d)
-    use_x = d[:, 0].abs() < 0.9
-    helper[use_x, 0] = 1.0
-    helper[~use_x, 1] = 1.0
-    e1 = torch.linalg.cross(d, helper)
-    e1 = e1 / e1.norm(dim=-1, keepdim=True)
-    e2 = torch.linalg.cross(d, e1)
-    return e1, e2
-
-
 def local_param_map(
     params: dict[str, Tensor],
 ) -> tuple[Callable[[Tensor], dict[str, Tensor]], dict[str, Tensor]]:

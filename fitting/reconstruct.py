@@ -45,7 +45,7 @@ from physics.config import ConfigError, check_choice, check_number
 
 from .likelihood import hits_to_dense
 from .prefit import prefit
-from .uncertainty import irreducible_local
+from .uncertainty import irreducible_local, tangent_basis
 
 __all__ = ["STATUS", "reconstruct", "status_names", "add_reconstruct_parser", "resolutions"]
 
@@ -76,18 +76,6 @@ def status_names(code: int) -> list[str]:
 def _unpack(x: Tensor) -> dict[str, Tensor]:
     """(N,8) physical parameters -> event-parameter dict (vertex, direction (unnormalised), energy, t0)."""
     return {"vertex": x[:, 0:3], "direction": x[:, 3:6], "energy": torch.exp(x[:, 6]), "t0": x[:, 7]}
-
-
-def _tangent_basis(d: Tensor) -> tuple[Tensor, Tensor]:
-    """Two unit vectors orthogonal to unit d (N,3) and to each other."""
-    helper = torch.zeros_like(d)
-    use_x = d[:, 0].abs() < 0.9
-    helper[use_x, 0] = 1.0
-    helper[~use_x, 1] = 1.0
-    e1 = torch.linalg.cross(d, helper)
-    e1 = e1 / e1.norm(dim=-1, keepdim=True)
-    e2 = torch.linalg.cross(d, e1)
-    return e1, e2
 
 
 def _local_to_params(y: Tensor, base: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -189,7 +177,7 @@ def _base_from_x(x: Tensor) -> dict[str, Tensor]:
     """(N,8) physical parameters -> expansion point of the local coordinates (see ``_local_to_params``)."""
     d = x[:, 3:6] / x[:, 3:6].norm(dim=-1, keepdim=True)
     base = {"v": x[:, 0:3], "d": d, "loge": x[:, 6], "t0": x[:, 7]}
-    base["e1"], base["e2"] = _tangent_basis(d)
+    base["e1"], base["e2"] = tangent_basis(d)
     return base
 
 
@@ -579,7 +567,7 @@ def _fit_batch_frozen(
     xb = x.view(len(starts), ne, 8)[best, torch.arange(ne, device=x.device)].to(torch.float64)
     d = xb[:, 3:6] / xb[:, 3:6].norm(dim=-1, keepdim=True)
     base = {"v": xb[:, 0:3], "d": d, "loge": xb[:, 6], "t0": xb[:, 7]}
-    base["e1"], base["e2"] = _tangent_basis(d)
+    base["e1"], base["e2"] = tangent_basis(d)
     f64 = _nll_fn(
         response, likelihood, {k: (v.double() if v.is_floating_point() else v) for k, v in obs.items()}
     )

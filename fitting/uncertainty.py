@@ -58,7 +58,7 @@ __all__ = [
     "track_fit_weights",
     "track_ms_covariance",
     "cartesian_to_local",
-    "transverse_basis",
+    "tangent_basis",
 ]
 
 #: Highland's logarithmic coefficient (PDG eq. 34.16)
@@ -66,8 +66,10 @@ HIGHLAND_LOG = 0.038
 HIGHLAND_MEV = 13.6
 
 
-def transverse_basis(d: Tensor) -> tuple[Tensor, Tensor]:
-    """Two unit vectors (E,3) orthogonal to unit d (E,3) and to each other (any fixed choice)."""
+def tangent_basis(d: Tensor) -> tuple[Tensor, Tensor]:
+    """Two unit vectors e1, e2 (N,3) orthogonal to unit d (N,3) and to each other: e1 = d x x-hat unless d
+    is within 26 deg of x-hat, then d x y-hat; e2 = d x e1. The one convention of the fitting package (the
+    local direction coordinates of fitting.reconstruct and fitting.fisher)."""
     helper = torch.zeros_like(d)
     use_x = d[:, 0].abs() < 0.9
     helper[use_x, 0] = 1.0
@@ -231,7 +233,7 @@ def track_fit_weights(
             exit_d = px.wall_exit_distance(v, d, wall[0], wall[1], wall[2])
             w = w * ((exit_d[:, None] - (s - 0.5 * ds)) / ds.clamp_min(1e-30)).clamp(0.0, 1.0)
         kv = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, kin, mass, x0)
-        u1, u2 = transverse_basis(d)
+        u1, u2 = tangent_basis(d)
         e, k = s.shape
         if weighting == "likelihood":
             # spectrum seen by the sensors: Frank-Tamm 1/lambda^2 times the detection weight
