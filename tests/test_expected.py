@@ -11,25 +11,19 @@ import math
 import numpy as np
 import pytest
 import torch
+from detectors import small_cylinder as _cyl
 
 from fitting.response import PhysicsResponse
 from physics import emission
 from physics.config import ConfigError
 from physics.constants import C_M_PER_NS, MUON_MASS
 from physics.expected import disk_solid_angle, wall_exit_distance
-from physics.geometry import Detector, cylinder_grid
+from physics.geometry import Detector
 from physics.medium import Medium
 from physics.optics import Optics
 from physics.sensors import PMTResponse
 
 F64 = torch.float64
-
-
-def _cyl(radius: float, height: float, pmt_radius: float, spacing: float) -> Detector:
-    pos, nrm = cylinder_grid(radius, height, pmt_radius, spacing)
-    return Detector(
-        "test", "cylinder", radius, height, pos, nrm, torch.full((len(pos),), pmt_radius, dtype=F64)
-    ).to(dtype=F64)
 
 
 def _sphere_ring(radius: float, pmt_radius: float, n: int) -> Detector:

@@ -12,11 +12,11 @@ import math
 
 import pytest
 import torch
+from detectors import small_cylinder as _cyl
 
 from fitting.response import PhysicsResponse
 from physics import emission
 from physics.config import ConfigError
-from physics.geometry import Detector, cylinder_grid
 from physics.indirect import indirect_light
 from physics.medium import Medium
 from physics.optics import Optics
@@ -24,13 +24,6 @@ from physics.records import Photons
 from physics.sensors import PMTResponse
 
 F64 = torch.float64
-
-
-def _cyl(radius: float, height: float, pmt_radius: float, spacing: float) -> Detector:
-    pos, nrm = cylinder_grid(radius, height, pmt_radius, spacing)
-    return Detector(
-        "test", "cylinder", radius, height, pos, nrm, torch.full((len(pos),), pmt_radius, dtype=F64)
-    ).to(dtype=F64)
 
 
 def _mc(photons, det, sen, opt, med, n_ev, gen, polarization=None):
