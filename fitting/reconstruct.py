@@ -491,44 +491,38 @@ def reconstruct(
     for k in ("vertex", "direction", "energy", "t0"):
         out["seed_" + k][fit_idx] = seed[k]
 
-    for a in range(0, fit_idx.numel(), batch_size):
-        sl = slice(a, a + batch_size)
-        idx = fit_idx[sl]
-        _fit_batch(
-            out,
-            status,
-            idx,
-            _select_obs(obs_fit, torch.arange(a, a + idx.numel(), device=dev)),
-            {k: v[sl] for k, v in seed.items()},
-            response,
-            likelihood,
-            det,
-            optimiser,
-            n_starts,
-            max_iter,
-            adam_lr,
-            newton_steps,
-            tol_decrement,
-            dtype,
-            uncertainties,
-            trace,
-        )
+    try:
+        for a in range(0, fit_idx.numel(), batch_size):
+            sl = slice(a, a + batch_size)
+            idx = fit_idx[sl]
+            _fit_batch(
+                out,
+                status,
+                idx,
+                _select_obs(obs_fit, torch.arange(a, a + idx.numel(), device=dev)),
+                {k: v[sl] for k, v in seed.items()},
+                response,
+                likelihood,
+                det,
+                optimiser,
+                n_starts,
+                max_iter,
+                adam_lr,
+                newton_steps,
+                tol_decrement,
+                dtype,
+                uncertainties,
+                trace,
+            )
+    finally:
+        if hasattr(response, "release_indirect"):
+            response.release_indirect()
     out["status"] = status
     _sigmas(out)
     return out
 
 
-def _fit_batch(out, status, idx, obs, seed, response, *args) -> None:
-    """Fit one batch; a response with indirect light (``freeze_indirect``) keeps its traced photons fixed
-    during the fit (frozen at the starts, then at the best start for the float64 polish), released after."""
-    try:
-        _fit_batch_frozen(out, status, idx, obs, seed, response, *args)
-    finally:
-        if hasattr(response, "release_indirect"):
-            response.release_indirect()
-
-
-def _fit_batch_frozen(
+def _fit_batch(
     out,
     status,
     idx,
@@ -547,6 +541,9 @@ def _fit_batch_frozen(
     uncertainties,
     trace,
 ) -> None:
+    """Fit one batch. A response with indirect light (``freeze_indirect``) keeps its traced photons fixed
+    during the fit: frozen at the starts, then at the best start for the float64 polish (released by the
+    caller)."""
     ne = idx.numel()
     starts = _starts(seed, n_starts)
     x0 = torch.cat(starts).to(dtype)
