@@ -536,6 +536,14 @@ class Medium(nn.Module):
             return torch.full_like(wl, float("inf"))
         return self.mie_scale.to(wl.device) * self._mie_l0 * (wl / self._mie_ref) ** self._mie_q
 
+    def interpolation_knots(self) -> Tensor:
+        """Wavelengths [nm] (K,) float64 of the knots of the tabulated quantities (absorption, and the
+        Rayleigh and refractive-index tables when those models are tables): where the interpolated laws
+        change slope or curvature. Look-up grids that contain them reproduce the piecewise-linear tables
+        exactly (physics.transport_cpu.medium_table)."""
+        parts = [self._abs_wl] + [getattr(self, n) for n in ("_ray_wl", "_n_wl") if hasattr(self, n)]
+        return torch.cat([p.detach().to(torch.float64).cpu() for p in parts])
+
     def attenuation_length(self, wl: Tensor) -> Tensor:
         """Total attenuation length [m]: 1 / (1/L_abs + 1/L_ray + 1/L_mie)."""
         return 1.0 / (
