@@ -3,7 +3,8 @@
 Same physics, same geometry and the same decisions as the round-by-round torch transport of
 :meth:`physics.optics.Optics.step` (see that module's docstring for the processes and their references), but
 each photon is followed from birth to death in one compiled loop: no per-round temporaries, no compaction,
-float64 throughout. Parallel over photons (``numba.prange``; thread count = ``torch.get_num_threads()``).
+float64 throughout. Parallel over photons (``numba.prange``; thread count = ``torch.get_num_threads()``;
+Numba's 'workqueue' threading layer unless NUMBA_THREADING_LAYER says otherwise).
 
 Random numbers: every photon owns a SplitMix64 stream (Steele, Lea & Flood, "Fast splittable pseudorandom
 number generators", OOPSLA 2014), seeded by the 64-bit finaliser of (chunk seed + photon index x golden
@@ -20,6 +21,7 @@ t = (c - p).n / (d.n) for d.n < 0, hit if 0 < t <= t_wall + tol and |p + t d - c
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 from typing import Any
 
@@ -27,6 +29,12 @@ import numpy as np
 import torch
 from numba import config as numba_config
 from numba import get_num_threads, njit, prange, set_num_threads
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # Numba's own thread pool rather than a second OpenMP runtime beside torch's: with two OpenMP pools the
+    # spinning threads of one slowed the other (bench_optics on 2 cores: 5.2-7.3e6 photon-steps/s over
+    # three 'omp' runs vs 7.8-7.9e6 with 'workqueue'). Set NUMBA_THREADING_LAYER to choose another layer.
+    numba_config.THREADING_LAYER = "workqueue"
 
 from .constants import C_M_PER_NS
 
