@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from fractions import Fraction
 from typing import Any
 
@@ -30,13 +31,15 @@ import torch
 from numba import config as numba_config
 from numba import get_num_threads, njit, prange, set_num_threads
 
+from .constants import C_M_PER_NS
+
 if "NUMBA_THREADING_LAYER" not in os.environ:
     # Numba's own thread pool rather than a second OpenMP runtime beside torch's: with two OpenMP pools the
     # spinning threads of one slowed the other (bench_optics on 2 cores: 5.2-7.3e6 photon-steps/s over
     # three 'omp' runs vs 7.8-7.9e6 with 'workqueue'). Set NUMBA_THREADING_LAYER to choose another layer.
     numba_config.THREADING_LAYER = "workqueue"
-
-from .constants import C_M_PER_NS
+# the workqueue layer aborts on concurrent launches: calls from several Python threads take turns
+_LAUNCH = threading.Lock()
 
 _TINY = 1e-30
 _INV53 = 1.0 / 9007199254740992.0  # 2^-53
@@ -526,16 +529,16 @@ def transport(photons: Any, polarization: torch.Tensor | None, detector: Any, me
     lo, inv_h, tab = medium_tab
     sphere = detector.height is None
     threads = max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
-    old = get_num_threads()
-    set_num_threads(threads)
-    try:
-        _transport(pos, arr(photons.dir), pol, arr(photons.t), arr(photons.wavelength), lo, inv_h, tab,
-                   sphere, float(detector.radius), 0.0 if sphere else float(detector.height),
-                   float(detector.shell), float(detector.pad), float(detector.tol), float(eps), g0, g1, g2,
-                   bnd, geom, table, counts,
-                   float(wall_reflectivity), float(diffuse_fraction), float(pmt_reflectivity), float(mie_g),
-                   int(max_rounds), int(seed), out["pmt"], out["t"], out["cos_incidence"], out["indirect"],
-                   out["steps"], out["status"])
-    finally:
-        set_num_threads(old)
+    with _LAUNCH:
+        old = get_num_threads()
+        set_num_threads(threads)
+        try:
+            _transport(pos, arr(photons.dir), pol, arr(photons.t), arr(photons.wavelength), lo, inv_h,
+                       tab, sphere, float(detector.radius), 0.0 if sphere else float(detector.height),
+                       float(detector.shell), float(detector.pad), float(detector.tol), float(eps), g0, g1,
+                       g2, bnd, geom, table, counts, float(wall_reflectivity), float(diffuse_fraction),
+                       float(pmt_reflectivity), float(mie_g), int(max_rounds), int(seed), out["pmt"],
+                       out["t"], out["cos_incidence"], out["indirect"], out["steps"], out["status"])
+        finally:
+            set_num_threads(old)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -225,3 +226,25 @@ def test_backend_choice_errors():
     with pytest.raises(ConfigError, match="polarization"):
         Optics(backend="numba").sample(ph, det, med, torch.Generator().manual_seed(0),
                                        polarization=torch.zeros(3, 3))
+
+
+def test_concurrent_calls_from_threads():
+    """Two Python threads transporting at once (the workqueue layer would abort on a concurrent launch):
+    both finish, each with the result of the same call made alone."""
+    det, med = cylinder(), water()
+    ph = source(20_000, 11)
+    solo = Optics(wall_reflectivity=0.3, backend="numba").sample(ph, det, med,
+                                                                 torch.Generator().manual_seed(3))
+    results: list = [None, None]
+
+    def work(i: int) -> None:
+        results[i] = Optics(wall_reflectivity=0.3, backend="numba").sample(
+            ph, det, med, torch.Generator().manual_seed(3))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        assert r is not None and torch.equal(r.pmt, solo.pmt) and torch.equal(r.t, solo.t)
