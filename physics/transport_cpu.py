@@ -372,8 +372,14 @@ def _transport(pos, dir, pol, t0, wl, lo, inv_h, tab, sphere, R, H, shell, pad, 
             s, u1 = _uniform(s)
             d_int = -math.log(u0) * inv_mu
             t_wall, surf = _wall(px, py, pz, dx, dy, dz, sphere, R, H)
-            t_pmt, dn, j = _first_pmt(px, py, pz, dx, dy, dz, t_wall, surf, sphere, R, H, shell, pad, tol,
-                                      g0, g1, g2, bnd, geom, table, counts)
+            if d_int < t_wall and _in_inner(px, py, pz, sphere, R, H, shell) and _in_inner(
+                    px + d_int * dx, py + d_int * dy, pz + d_int * dz, sphere, R, H, shell):
+                # start and interaction point deeper than every disk: the segment between them lies in that
+                # convex volume, so no photocathode is met first (same decision as the full look-up)
+                t_pmt, dn, j = math.inf, 0.0, -1
+            else:
+                t_pmt, dn, j = _first_pmt(px, py, pz, dx, dy, dz, t_wall, surf, sphere, R, H, shell, pad,
+                                          tol, g0, g1, g2, bnd, geom, table, counts)
             d_bnd = t_pmt if j >= 0 else t_wall
             step = min(d_int, d_bnd)
             if not math.isfinite(step):  # outside the detector / numerical failure: drop
