@@ -490,17 +490,17 @@ class Optics(nn.Module):
         for start in range(0, len(photons), chunk):
             part = photons.select(slice(start, start + chunk))
             pol = None if polarization is None else polarization[start:start + chunk]
+            if fused is not None:  # (the kernel drops and counts the photons outside the detector itself)
+                hits = self._sample_fused(fused, part, pol, detector, medium, generator, max_rounds, stats)
+                if hits is not None:
+                    cath_parts.append(hits)
+                    continue
             inside = detector.inside(part.pos)
             if not bool(inside.all()):
                 stats["outside"] += int((~inside).sum())
                 keep_in = torch.nonzero(inside).squeeze(1)
                 part = part.select(keep_in)
                 pol = None if pol is None else pol.index_select(0, keep_in)
-            if fused is not None:
-                hits = self._sample_fused(fused, part, pol, detector, medium, generator, max_rounds, stats)
-                if hits is not None:
-                    cath_parts.append(hits)
-                    continue
             state = self.init_state(part, medium, generator, pol)
             rounds = 0
             while len(state) and rounds < max_rounds:
@@ -548,9 +548,9 @@ class Optics(nn.Module):
     def _sample_fused(self, kernel: Any, photons: Photons, polarization: Tensor | None, detector: Any,
                       medium: Any, generator: torch.Generator, max_rounds: int, stats: dict[str, int]
                       ) -> CathodeHits | None:
-        """One chunk (photons inside the detector) through the fused CPU kernel: adds to ``stats`` and returns
-        the chunk's cathode hits (photon order); None (nothing done) when the medium cannot be tabulated
-        exactly for the kernel (see transport_cpu.medium_table)."""
+        """One chunk through the fused CPU kernel (photons outside the detector are dropped and counted
+        there): adds to ``stats`` and returns the chunk's cathode hits (photon order); None (nothing done)
+        when the medium cannot be tabulated exactly for the kernel (see transport_cpu.medium_table)."""
         dtype = photons.pos.dtype
         if len(photons) == 0:
             return None
@@ -573,6 +573,7 @@ class Optics(nn.Module):
         stats["rounds"] = max(stats["rounds"], int(steps.max()))
         stats["truncated"] += int((status == kernel.TRUNCATED).sum())
         stats["lost"] += int((status == kernel.LOST).sum())
+        stats["outside"] += int((status == kernel.OUTSIDE).sum())
         idx = torch.from_numpy(np.flatnonzero(res["pmt"] >= 0))
 
         def rows(name: str) -> Tensor:

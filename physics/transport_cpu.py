@@ -44,7 +44,7 @@ _LAUNCH = threading.Lock()
 _TINY = 1e-30
 _INV53 = 1.0 / 9007199254740992.0  # 2^-53
 # status per photon after transport
-DEAD, TRUNCATED, LOST = 0, 1, 2
+DEAD, TRUNCATED, LOST, OUTSIDE = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +366,17 @@ def _transport(pos, dir, pol, t0, wl, lo, inv_h, tab, sphere, R, H, shell, pad, 
         steps = 0
         pmt = -1
         cos_inc = 0.0
-        for _ in range(max_rounds):
+        # starts outside (on the wall counts as inside, as Detector.inside): dropped
+        if sphere:
+            outside = px * px + py * py + pz * pz > R * R
+        else:
+            outside = (px * px + py * py > R * R) | (abs(pz) > 0.5 * H)
+        if outside:
+            status = OUTSIDE
+            max_rounds_i = 0
+        else:
+            max_rounds_i = max_rounds
+        for _ in range(max_rounds_i):
             steps += 1
             s, u0 = _uniform(s)
             s, u1 = _uniform(s)
@@ -507,16 +517,16 @@ def _detector_tables(detector: Any) -> tuple:
 def transport(photons: Any, polarization: torch.Tensor | None, detector: Any, medium_tab: tuple, *,
               wall_reflectivity: float, diffuse_fraction: float, pmt_reflectivity: float, mie_g: float,
               max_rounds: int, seed: int, eps: float) -> dict[str, Any]:
-    """Transport every photon of ``photons`` (:class:`physics.records.Photons` on CPU, inside the detector) to
-    its death.
+    """Transport every photon of ``photons`` (:class:`physics.records.Photons` on CPU) to its death.
 
     polarization: (N,3) linear polarisation (projected perpendicular to dir here) or None (unpolarised:
     random).
     medium_tab: :func:`medium_table` covering the photons' wavelengths. Returns numpy arrays per photon: pmt
     (N,) int64 (-1 = no cathode hit), t (N,) [ns] at the hit (or at death), cos_incidence (N,), indirect (N,)
     bool (scattered or reflected before the hit), steps (N,) int32 (transport rounds), status (N,) int8
-    (DEAD, TRUNCATED at ``max_rounds``, LOST: non-finite geometry). ``seed``: 0 <= seed < 2^63, the chunk's
-    stream seed. ``eps`` [m]: inward nudge after a reflection.
+    (DEAD, TRUNCATED at ``max_rounds``, LOST: non-finite geometry, OUTSIDE: started outside the detector,
+    not transported). ``seed``: 0 <= seed < 2^63, the chunk's stream seed. ``eps`` [m]: inward nudge after a
+    reflection.
     """
     geom, table, counts, (g0, g1, g2), bnd = _detector_tables(detector)
 

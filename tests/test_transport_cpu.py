@@ -248,3 +248,21 @@ def test_concurrent_calls_from_threads():
         t.join()
     for r in results:
         assert r is not None and torch.equal(r.pmt, solo.pmt) and torch.equal(r.t, solo.t)
+
+
+@pytest.mark.parametrize("make_det", [cylinder, sphere], ids=["cylinder", "sphere"])
+def test_outside_photons_dropped_and_counted(make_det):
+    """Photons starting outside (beyond the barrel, beyond a cap, far away) are not transported and are
+    counted in last_stats['outside'], by both backends alike; a photon on the wall counts as inside."""
+    det = make_det()
+    ph = source(1000, 12, centre=(0.0, 0.0, 0.0), dtype=torch.float64)
+    pos = ph.pos.clone()
+    pos[:3] = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 3.0], [1e6, 1e6, 1e6]], dtype=torch.float64)
+    pos[3] = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64) * (det.radius if det.height is None else 1.0)
+    ph = Photons(pos=pos, dir=ph.dir, t=ph.t, wavelength=ph.wavelength, event=torch.arange(1000))
+    for backend in ("torch", "numba"):
+        opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.0, backend=backend)
+        hits = opt.sample(ph, det, water(), torch.Generator().manual_seed(1))
+        assert opt.last_stats["outside"] == 3, backend
+        assert not bool((hits.event < 3).any())
+        assert opt.last_stats["lost"] == 0
