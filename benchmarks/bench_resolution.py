@@ -282,6 +282,7 @@ def main() -> None:
     energies = [float(x) for x in a.energies.split(",") if x.strip()]
     cells = []
     t_all = time.perf_counter()
+    n_cells = len(dets) * len(parts) * len(energies)
     for i_d, det in enumerate(dets):
         for i_p, part in enumerate(parts):
             for i_e, en in enumerate(energies):
@@ -305,8 +306,15 @@ def main() -> None:
                         f"{b2['angle_deg']:.2f} deg, energy {100 * b2['energy_frac']:.1f}%",
                         flush=True,
                     )
+                # the file is rewritten (atomically) after every cell: a stopped run keeps its finished cells
+                write_results(a, cells, n_cells, time.perf_counter() - t_all)
+
+
+def write_results(a: argparse.Namespace, cells: list, n_cells: int, seconds: float) -> None:
+    """Write the finished cells (``partial`` while fewer than ``n_cells``)."""
     out = {
         "config": vars(a),
+        "partial": len(cells) < n_cells,
         "notes": (
             "68% quantiles of |vertex - truth| [m], direction angle [deg], |E_fit/E_true - 1|; CRB from the "
             "expected Fisher information of the HitLikelihood model at the truth (fitting.fisher), pooled "
@@ -314,7 +322,7 @@ def main() -> None:
             "no Rayleigh), contained events. The MC has muon multiple scattering, delta rays and cascade "
             "fluctuations that the expected model averages over, so the bound can be out of reach."
         ),
-        "total_seconds": time.perf_counter() - t_all,
+        "total_seconds": seconds,
         "cells": cells,
     }
     write_json(a.name or f"resolution_{a.device}", out)
