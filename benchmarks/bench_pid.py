@@ -18,7 +18,6 @@ Usage: python benchmarks/bench_pid.py [--budget-s 540] [--max-events 400] [--chu
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,44 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._util import write_json  # noqa: E402
-from fitting.likelihood import HitLikelihood  # noqa: E402
-from fitting.pid import binomial_upper_limit, identify  # noqa: E402
-from fitting.response import PhysicsResponse  # noqa: E402
-from physics.simulate import SimConfig, Simulator  # noqa: E402
-
-
-def contained_events(particle: str, n: int, seed: int, energy: float = 500.0):
-    """n contained events (see module docstring), direct light only; returns (simulator, run result)."""
-    g = torch.Generator().manual_seed(seed + 7919)
-    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    xy = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.4
-    z = -sign * (0.9 + 0.3 * torch.rand(n, generator=g))
-    cth = 1 - torch.rand(n, generator=g) * (1 - math.cos(math.radians(30.0)))
-    ph = torch.rand(n, generator=g) * 2 * math.pi
-    sth = (1 - cth**2).sqrt()
-    d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
-    cfg = SimConfig(
-        detector="wcte",
-        particle=particle,
-        energy=energy,
-        vertex=(0.0, 0.0, 0.0),
-        direction=(0.0, 0.0, 1.0),
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
-    )
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
-    return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
-
-
-def models(sim):
-    resp = {
-        "e-": PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=24),
-        "mu-": PhysicsResponse(
-            sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
-        ),
-    }
-    like = HitLikelihood(**resp["mu-"].likelihood_config(), window=sim.cfg.dark_window_ns)
-    return resp, like
+from fitting.pid import binomial_upper_limit, contained_sample, identify, sample_models  # noqa: E402
 
 
 def main() -> None:
@@ -87,9 +49,9 @@ def main() -> None:
     while time.perf_counter() - t_all < a.budget_s and len(delta["e-"]) + failed["e-"] < a.max_events:
         for k, p in enumerate(("e-", "mu-")):
             t = time.perf_counter()
-            sim, res = contained_events(p, a.chunk, seed=1000 + 2 * i + k)
+            sim, res = contained_sample(p, a.chunk, seed=1000 + 2 * i + k)
             sim_s += time.perf_counter() - t
-            resp, like = models(sim)
+            resp, like = sample_models(sim)
             r = identify(res["hits"], a.chunk, resp, like, max_iter=a.max_iter, batch_size=a.chunk)
             fit_s[p] += r["seconds"]
             ok = r["ok"]

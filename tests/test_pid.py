@@ -10,65 +10,29 @@ models direct light only.
 from __future__ import annotations
 
 import argparse
-import math
 
 import h5py
 import pytest
 import torch
 from scipy.stats import binom
 
-from fitting.likelihood import HitLikelihood
-from fitting.pid import add_pid_parser, binomial_upper_limit, identify
-from fitting.response import PhysicsResponse
+from fitting.pid import add_pid_parser, binomial_upper_limit, contained_sample, identify, sample_models
 from physics.config import ConfigError
 from physics.records import Hits
-from physics.simulate import SimConfig, Simulator
 
 MARGIN = 50.0  # |Delta| well above this: a likelihood ratio of e^50 against the wrong type
-
-
-def _contained(particle: str, n: int, seed: int):
-    g = torch.Generator().manual_seed(seed + 7919)
-    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    xy = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.4
-    z = -sign * (0.9 + 0.3 * torch.rand(n, generator=g))
-    cth = 1 - torch.rand(n, generator=g) * (1 - math.cos(math.radians(30.0)))
-    ph = torch.rand(n, generator=g) * 2 * math.pi
-    sth = (1 - cth**2).sqrt()
-    d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
-    cfg = SimConfig(
-        detector="wcte",
-        particle=particle,
-        energy=500.0,
-        vertex=(0.0, 0.0, 0.0),
-        direction=(0.0, 0.0, 1.0),
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
-    )
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
-    return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
-
-
-def _models(sim):
-    resp = {
-        "e-": PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=24),
-        "mu-": PhysicsResponse(
-            sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
-        ),
-    }
-    return resp, HitLikelihood(**resp["mu-"].likelihood_config(), window=sim.cfg.dark_window_ns)
 
 
 @pytest.fixture(scope="module")
 def mu_events():
     torch.set_num_threads(1)
-    return _contained("mu-", 3, seed=31)
+    return contained_sample("mu-", 3, seed=31)
 
 
 @pytest.fixture(scope="module")
 def e_events():
     torch.set_num_threads(1)
-    return _contained("e-", 3, seed=30)
+    return contained_sample("e-", 3, seed=30)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,7 +43,7 @@ def test_contained_events_identified(particle, e_events, mu_events):
     hypothesis always needs more energy than the electron one for the same light (a muon radiates less
     Cherenkov light per MeV: no light below its ~160 MeV threshold, ionisation losses only)."""
     sim, res = e_events if particle == "e-" else mu_events
-    resp, like = _models(sim)
+    resp, like = sample_models(sim)
     r = identify(res["hits"], 3, resp, like, max_iter=30)
     tr = res["truth"]
     fit = r["fits"][particle]
@@ -101,7 +65,7 @@ def test_bad_input_flagged(mu_events):
     """A good event next to one with a NaN charge and one without hits: the bad ones are flagged (ok False,
     choice -1, Delta NaN) and the good one is still identified; bad hypothesis sets raise ConfigError."""
     sim, res = mu_events
-    resp, like = _models(sim)
+    resp, like = sample_models(sim)
     h = res["hits"]
     m = h.event == 0
     n0 = int(m.sum())
@@ -141,7 +105,7 @@ def test_cli_pid(tmp_path):
     both hypotheses' fits, the event identified as e- (Delta > 0)."""
     from physics.io import write_run
 
-    sim2, res = _contained("e-", 1, seed=40)
+    sim2, res = contained_sample("e-", 1, seed=40)
     path = write_run(
         tmp_path / "ev.h5",
         config=sim2.config_dict(),
@@ -182,8 +146,8 @@ def test_misid_rate_slow():
     from 0/32 is 7%; benchmarks/bench_pid.py runs more events), all |Delta| > 50."""
     torch.set_num_threads(1)
     for particle, seed, sign in (("e-", 50, 1.0), ("mu-", 51, -1.0)):
-        sim, res = _contained(particle, 32, seed=seed)
-        resp, like = _models(sim)
+        sim, res = contained_sample(particle, 32, seed=seed)
+        resp, like = sample_models(sim)
         r = identify(res["hits"], 32, resp, like, max_iter=30, batch_size=8)
         ok = r["ok"]
         wrong = int((sign * r["delta"][ok] < 0).sum())
