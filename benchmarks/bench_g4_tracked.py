@@ -64,9 +64,7 @@ def simulate(n_ev: int, cfg: dict, med: Medium, det: Detector, opt: Optics, gen:
     d = torch.tensor(cfg["direction"], dtype=torch.float64, device=device)
     d = (d / d.norm()).float().expand(n_ev, 3)
     steps = track_steps(cfg["particle"], cfg["energy_mev"], vtx, d, med, gen)
-    ph = cherenkov_photons(steps, med, gen)
-    u = d[:1].expand_as(ph.dir)
-    pol = -(u - (u * ph.dir).sum(1, keepdim=True) * ph.dir)
+    ph, pol = cherenkov_photons(steps, med, gen, with_polarization=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_emit = time.perf_counter() - t0

@@ -59,6 +59,7 @@ __all__ = [
     "sample_cherenkov_wavelength",
     "track_steps",
     "cherenkov_photons",
+    "cherenkov_polarization",
     "iter_cherenkov_photons",
     "shower_params",
     "shower_track_length",
@@ -554,6 +555,18 @@ def _empty_steps(device: torch.device, dtype: torch.dtype) -> TrackSteps:
                       event=torch.zeros(0, dtype=torch.long, device=device))
 
 
+def cherenkov_polarization(direction: Tensor, axis: Tensor) -> Tensor:
+    """Linear polarisation (N,3) of Cherenkov photons with unit directions k (N,3) radiated by a particle
+    moving along unit u = ``axis`` (N,3): e = ((u.k) k - u) / |(u.k) k - u|, perpendicular to k in the plane
+    of k and u (the field of the Cherenkov cone is radial about the track: Jelley, *Cerenkov Radiation*,
+    1958, ch. 2; Geant4's G4Cerenkov sets the same vector). Rows with k parallel to u (no such plane) are
+    zero: the optics then draws a random polarisation for them."""
+    uk = (direction * axis).sum(-1, keepdim=True)
+    e = uk * direction - axis
+    norm = e.norm(dim=-1, keepdim=True)
+    return torch.where(norm > 1e-9, e / norm.clamp_min(1e-30), torch.zeros_like(e))
+
+
 def iter_cherenkov_photons(
     steps: TrackSteps,
     medium: Medium,
@@ -562,13 +575,16 @@ def iter_cherenkov_photons(
     *,
     chunk_photons: int = 2_000_000,
     dtype: torch.dtype = torch.float32,
-) -> Iterator[Photons]:
+    with_polarization: bool = False,
+) -> Iterator[Photons] | Iterator[tuple[Photons, Tensor]]:
     """Cherenkov photons from track steps, yielded in chunks of about ``chunk_photons`` photons.
 
     Per step: N ~ Poisson(thin * n_photons); emission point uniform on the segment with beta linearly
     interpolated; wavelength from the Frank-Tamm spectrum at that beta; direction on the cone
     cos theta = 1/(beta n(lambda)) around the segment with uniform azimuth; time t0 + int ds / (beta c)
-    with beta linear along the step (exact log form).
+    with beta linear along the step (exact log form). ``with_polarization``: yield (photons, polarisation
+    (N,3)) with the polarisation of :func:`cherenkov_polarization` about each photon's own step direction
+    (no extra random numbers: the photons are the same).
 
     Precision: beta, wavelength, n and time are always float64; position and direction are evaluated in
     float64 for ``dtype=torch.float64`` and in float32 otherwise (the output precision). The random stream
@@ -623,13 +639,14 @@ def iter_cherenkov_photons(
         d /= d.norm(dim=1, keepdim=True)
         pos = x0 + u.to(cd).unsqueeze(1) * seg
         t = t0 + _time_linear_beta(u * seg_len, b0, beta)
-        yield Photons(
+        photons = Photons(
             pos=pos.to(dtype),
             dir=d.to(dtype),
             t=t.to(dtype),
             wavelength=wl.to(dtype),
             event=torch.repeat_interleave(steps.event[a:b], cnt),
         )
+        yield (photons, cherenkov_polarization(d, axis).to(dtype)) if with_polarization else photons
 
 
 def _empty_photons(device: torch.device, dtype: torch.dtype) -> Photons:
@@ -651,12 +668,20 @@ def cherenkov_photons(
     *,
     chunk_photons: int = 2_000_000,
     dtype: torch.dtype = torch.float32,
-) -> Photons:
-    """All Cherenkov photons of ``steps`` (see :func:`iter_cherenkov_photons`), as one Photons record."""
+    with_polarization: bool = False,
+) -> Photons | tuple[Photons, Tensor]:
+    """All Cherenkov photons of ``steps`` (see :func:`iter_cherenkov_photons`), as one Photons record (and,
+    ``with_polarization``, their (N,3) polarisation)."""
     parts = list(
-        iter_cherenkov_photons(steps, medium, generator, thin, chunk_photons=chunk_photons, dtype=dtype)
+        iter_cherenkov_photons(steps, medium, generator, thin, chunk_photons=chunk_photons, dtype=dtype,
+                               with_polarization=True)
     )
-    return Photons.cat(parts) if parts else _empty_photons(steps.x0.device, dtype)
+    dev = steps.x0.device
+    photons = Photons.cat([p for p, _ in parts]) if parts else _empty_photons(dev, dtype)
+    if not with_polarization:
+        return photons
+    pol = torch.cat([e for _, e in parts]) if parts else torch.zeros(0, 3, dtype=dtype, device=dev)
+    return photons, pol
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -712,7 +737,8 @@ def shower_photons(
     fluctuate: bool = True,
     dtype: torch.dtype = torch.float32,
     n_cos_grid: int = 8001,
-) -> Photons:
+    with_polarization: bool = False,
+) -> Photons | tuple[Photons, Tensor]:
     """Cherenkov photons of electromagnetic cascades (e-, e+, gamma) as parametrised by Raedel & Wiebusch.
 
     Per event: photon number N ~ Poisson(thin * l * dN/dx(beta=1)) with l the cascade track length (Gaussian
@@ -720,6 +746,9 @@ def shower_photons(
     (plus an exponential conversion depth of mean 9/7 X0 for gammas); direction at cos theta from the cascade
     angular distribution around the axis, uniform azimuth; wavelength from the beta = 1 Frank-Tamm spectrum;
     time t0 + depth / c. Lateral spread of the cascade is neglected. Inputs as in :func:`track_steps`.
+    ``with_polarization``: also return the (N,3) polarisation of :func:`cherenkov_polarization` about the
+    cascade axis (the radiating particles' own directions are not modelled: an approximation for photons far
+    off the Cherenkov angle).
     """
     particle = _check_particle(particle, SHOWER_PARTICLES)
     thin = check_number(thin, "thin", minimum=0.0, maximum=1.0)
@@ -743,7 +772,8 @@ def shower_photons(
     counts = _poisson(thin * l_mean * y1, generator)
     ntot = int(counts.sum())
     if ntot == 0:
-        return _empty_photons(dev, dtype)
+        empty = _empty_photons(dev, dtype)
+        return (empty, torch.zeros(0, 3, dtype=dtype, device=dev)) if with_polarization else empty
     ev = torch.repeat_interleave(torch.arange(n_ev, device=dev), counts)
     a, b = shower_params(particle, e)
     depth = _gamma_sample(a[ev], generator) / b[ev] * x0_rad
@@ -767,7 +797,8 @@ def shower_photons(
     wl = sample_cherenkov_wavelength(torch.ones(ntot, dtype=torch.float64, device=dev), medium, generator)
     p = pos[ev] + depth.unsqueeze(1) * axis
     t = time0[ev] + depth / C_M_PER_NS
-    return Photons(pos=p.to(dtype), dir=d.to(dtype), t=t.to(dtype), wavelength=wl.to(dtype), event=ev)
+    photons = Photons(pos=p.to(dtype), dir=d.to(dtype), t=t.to(dtype), wavelength=wl.to(dtype), event=ev)
+    return (photons, cherenkov_polarization(d, axis).to(dtype)) if with_polarization else photons
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -308,8 +308,9 @@ def canonical_photons(particle: str, energy: Tensor, medium: Any, n_trace: int, 
     kinetic energies [MeV] (for the source only its length E is used).
 
     Returns (photons, weight (M,) = emitted photons each stands for (1 for the source: scale by N / n_trace),
-    polarization (M,3) or None). Cherenkov light is polarised in the plane of the photon and the track
-    (Jelley 1958): e = -(u - (u.k) k) with u the initial track direction (+z)."""
+    polarization (M,3) or None). Cherenkov light is polarised in the plane of the photon and its radiating
+    particle, as the simulator emits it (physics.emission.cherenkov_polarization: each step's direction for
+    tracks, the cascade axis for showers)."""
     n_trace = check_number(n_trace, "n_trace", minimum=1, integer=True)
     e = torch.as_tensor(energy, dtype=torch.float64).reshape(-1)
     n_ev = e.shape[0]
@@ -324,20 +325,19 @@ def canonical_photons(particle: str, energy: Tensor, medium: Any, n_trace: int, 
         expect = track_photon_yield(particle, e, medium)
         thin = float((n_trace / expect.clamp_min(1.0)).clamp(max=1.0).min())
         steps = emission.track_steps(particle, e, zeros, ez, medium, generator)
-        ph = emission.cherenkov_photons(steps, medium, generator, thin=thin)
+        ph, pol = emission.cherenkov_photons(steps, medium, generator, thin=thin, with_polarization=True)
     elif particle in SHOWER_PARTICLES:
         pilot = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=1e-3)
         per_ev = torch.bincount(pilot.event, minlength=n_ev).double() / 1e-3
         thin = float((n_trace / per_ev.clamp_min(1.0)).clamp(max=1.0).min())
-        ph = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=thin)
+        ph, pol = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=thin,
+                                          with_polarization=True)
     else:
         raise ConfigError(f"particle: got {particle!r}, allowed: {TRACK_PARTICLES + SHOWER_PARTICLES} or "
                           "'isotropic'")
     ph = Photons(pos=ph.pos.to(dtype), dir=ph.dir.to(dtype), t=ph.t.to(dtype),
                  wavelength=ph.wavelength.to(dtype), event=ph.event)
-    k = ph.dir
-    pol = torch.stack([-(0.0 - k[:, 2] * k[:, 0]), -(0.0 - k[:, 2] * k[:, 1]), -(1.0 - k[:, 2] * k[:, 2])], 1)
-    return ph, torch.full((len(ph),), 1.0 / thin, dtype=dtype), pol
+    return ph, torch.full((len(ph),), 1.0 / thin, dtype=dtype), pol.to(dtype)
 
 
 def place_photons(photons: Photons, polarization: Tensor | None, vertex: Tensor, direction: Tensor,

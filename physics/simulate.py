@@ -124,31 +124,38 @@ class Simulator:
             d = torch.tensor(cfg.direction, dtype=torch.float32, device=dev).expand(n, 3).clone()
         return vtx, d / d.norm(dim=1, keepdim=True)
 
-    def _photons(self, vtx: Tensor, d: Tensor, thin: float, gen: torch.Generator) -> Photons:
+    def _photons(self, vtx: Tensor, d: Tensor, thin: float, gen: torch.Generator
+                 ) -> tuple[Photons, Tensor | None]:
+        """Emitted photons and their linear polarisation (N,3) (None: unpolarised). Cherenkov light is
+        polarised in the plane of the photon and its radiating particle (emission.cherenkov_polarization:
+        each step's direction for tracks, the cascade axis for showers); scintillation and calibration-source
+        light is unpolarised (zero rows / None: the optics draws a random polarisation)."""
         cfg = self.cfg
         if cfg.particle in TRACK_PARTICLES:
             if isinstance(self.medium, Scintillator):  # Cherenkov + Birks-quenched scintillation to rest
                 steps = track_steps(cfg.particle, cfg.energy, vtx, d, self.medium, gen, stop="rest")
-                return Photons.cat([cherenkov_photons(steps, self.medium, gen, thin=thin),
-                                    scintillation_photons(steps, self.medium, gen, cfg.particle, thin=thin)])
+                ch, pol = cherenkov_photons(steps, self.medium, gen, thin=thin, with_polarization=True)
+                sc = scintillation_photons(steps, self.medium, gen, cfg.particle, thin=thin)
+                return Photons.cat([ch, sc]), torch.cat([pol, torch.zeros_like(sc.dir)])
             steps = track_steps(cfg.particle, cfg.energy, vtx, d, self.medium, gen)
-            return cherenkov_photons(steps, self.medium, gen, thin=thin)
+            return cherenkov_photons(steps, self.medium, gen, thin=thin, with_polarization=True)
         if cfg.particle in SHOWER_PARTICLES:
-            return shower_photons(cfg.particle, cfg.energy, vtx, d, self.medium, gen, thin=thin)
+            return shower_photons(cfg.particle, cfg.energy, vtx, d, self.medium, gen, thin=thin,
+                                  with_polarization=True)
         # calibration sources: Poisson(n_photons * thin) photons per event at one wavelength, t = 0
         mean, wl = cfg.n_photons * thin, cfg.wavelength_nm
         if cfg.particle == "isotropic":
-            return isotropic_source(vtx, mean, gen, poisson=True, wavelength=wl)
+            return isotropic_source(vtx, mean, gen, poisson=True, wavelength=wl), None
         div = math.radians(cfg.laser_divergence_deg)
-        return laser_source(vtx, d, mean, gen, divergence=div, poisson=True, wavelength=wl)
+        return laser_source(vtx, d, mean, gen, divergence=div, poisson=True, wavelength=wl), None
 
     @torch.no_grad()
     def run_batch(self, n_events: int, gen: torch.Generator) -> dict:
         """Simulate ``n_events`` events; returns truth, hits, per-p.e. data and (optionally) waveforms."""
         vtx, d = self._kinematics(n_events, gen)
         thin = float(self.sensors.max_detection_probability())
-        photons = self._photons(vtx, d, thin, gen)
-        cathode = self.optics.sample(photons, self.detector, self.medium, gen)
+        photons, pol = self._photons(vtx, d, thin, gen)
+        cathode = self.optics.sample(photons, self.detector, self.medium, gen, polarization=pol)
         pe = self.sensors.detect(cathode, gen, thin=thin)
         if self.sensors.dark_rate_hz > 0:
             pe = PhotoElectrons.cat([pe, self.sensors.dark_noise(n_events, self.cfg.dark_window_ns, gen)])

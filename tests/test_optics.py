@@ -561,12 +561,8 @@ def test_geant4_emission_plus_optics():
     d = torch.tensor(cfg["direction"], dtype=torch.float64)
     d = (d / d.norm()).float().expand(n_ev, 3)
     steps = track_steps(cfg["particle"], cfg["energy_mev"], vtx, d, med, gen)
-    ph = cherenkov_photons(steps, med, gen)
-    # Cherenkov polarisation e = -(u - (u.k) k)/|..| (G4Cerenkov), u approximated by the initial muon
-    # direction (the emitting step's direction is not in the Photons record; multiple scattering turns it by a
-    # few degrees)
-    u = d[:1].expand_as(ph.dir)
-    pol = -(u - (u * ph.dir).sum(1, keepdim=True) * ph.dir)
+    # Cherenkov polarisation in the plane of the photon and its emitting step (as G4Cerenkov)
+    ph, pol = cherenkov_photons(steps, med, gen, with_polarization=True)
     opt = Optics(wall_reflectivity=0.0)
     _, wall = opt.sample(ph, det, med, gen, record_wall=True, use_pmts=False, polarization=pol)
     failures = []  # collect every check, so that a failure reports the whole comparison
