@@ -5,7 +5,8 @@ absorption and Rayleigh scattering (repository water: Pope & Fry absorption, Mor
 (R = 0.1, diffuse) and PMT-glass reflection (R = 0.1) with the grid-accelerated photocathode look-up.
 
 Source ("muon-like"): Cherenkov cones along straight tracks, beta = 1: per track a random vertex in the
-fiducial volume and a random direction, photons uniform along a fixed length, wavelength ~ 1/lambda^2 on the
+fiducial volume and a random direction, photons uniform along a fixed length (grouped by track and ordered
+along it, as the simulator's emission delivers them), wavelength ~ 1/lambda^2 on the
 medium's band (Frank-Tamm at beta = 1 up to the slow 1 - 1/n^2 factor), polar angle acos(1/n(lambda)) about
 the track, uniform azimuth, t = s/c. Built in closed form so that the optics alone is timed.
 
@@ -58,8 +59,12 @@ def muon_like_photons(det: Detector, med: Medium, n: int, gen: torch.Generator, 
     vtx = det.sample_fiducial(n_tr, gen, margin=margin).to(device)
     u = torch.randn(n_tr, 3, generator=gen, device=device)
     u = u / u.norm(dim=1, keepdim=True)
-    tr = torch.arange(n, device=device) % n_tr
-    s = (torch.rand(n, generator=gen, device=device) - 0.5) * length
+    # photons grouped by track and ordered along it (stratified positions), as the simulator's emission
+    # hands them to the optics (events in turn, steps in order)
+    per = math.ceil(n / n_tr)
+    i = torch.arange(n, device=device)
+    tr = i // per
+    s = ((i % per + torch.rand(n, generator=gen, device=device)) / per - 0.5) * length
     lo, hi = med.wl_min, med.wl_max
     r = torch.rand(n, generator=gen, device=device)
     wl = 1.0 / (1.0 / lo - r * (1.0 / lo - 1.0 / hi))  # inverse CDF of 1/lambda^2
