@@ -266,3 +266,24 @@ def test_outside_photons_dropped_and_counted(make_det):
         assert opt.last_stats["outside"] == 3, backend
         assert not bool((hits.event < 3).any())
         assert opt.last_stats["lost"] == 0
+
+
+def test_round_cap_truncates_like_the_tensor_transport():
+    """No volume interactions, walls and glass reflecting with probability 0.6, a cap of 3 rounds: every
+    round ends on a surface, so a photon is alive after the cap with probability 0.6^3 = 0.216; those are
+    dropped and counted as truncated, with at most 3 steps per photon. Both backends agree with 0.216 and
+    with each other (binomial errors)."""
+    det = sphere()
+    n = 20_000
+    ph = source(n, 13, dtype=torch.float64)
+    med = water(abs_m=1e9, ray_m=1e9, mie_m=None)
+    p = 0.6**3
+    for backend in ("torch", "numba"):
+        opt = Optics(wall_reflectivity=0.6, diffuse_fraction=0.5, pmt_reflectivity=0.6, max_rounds=3,
+                     backend=backend)
+        opt.sample(ph, det, med, torch.Generator().manual_seed(2))
+        st = opt.last_stats
+        assert st["rounds"] == 3 and st["lost"] == 0 and st["steps"] <= 3 * n
+        assert abs(st["truncated"] - n * p) < 4.5 * math.sqrt(n * p * (1 - p)), (backend, st)
+        # steps per photon: 1, 2 or 3 with probabilities 0.4, 0.24, 0.36: mean 1.96, variance 0.7584
+        assert abs(st["steps"] - n * 1.96) < 4.5 * math.sqrt(n * 0.7584), (backend, st)
