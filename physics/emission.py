@@ -381,6 +381,19 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[i - 1] + w * (fp[i] - fp[i - 1])
 
 
+def _event_vertices_directions(vertex: Any, direction: Any) -> tuple[Tensor, Tensor]:
+    """Per-event start points (E,3) and unit directions (E,3), float64, from (E,3) or (3,) inputs (one row is
+    broadcast to the other's E rows); unequal row counts raise ConfigError."""
+    pos = _as_points(vertex, "vertex").to(torch.float64)
+    dirs = _as_directions(direction).to(device=pos.device, dtype=torch.float64)
+    n_ev = max(pos.shape[0], dirs.shape[0])
+    pos = pos.expand(n_ev, 3) if pos.shape[0] == 1 else pos
+    dirs = dirs.expand(n_ev, 3) if dirs.shape[0] == 1 else dirs
+    if pos.shape[0] != dirs.shape[0]:
+        raise ConfigError(f"vertex/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
+    return pos, dirs
+
+
 def track_steps(
     particle: str,
     energy: Any,
@@ -437,16 +450,8 @@ def track_steps(
         if max_length is None
         else check_number(max_length, "max_length", minimum=0.0, strict_min=True)
     )
-    pos = _as_points(vertex, "vertex").to(torch.float64)
-    dirs = _as_directions(direction).to(device=pos.device, dtype=torch.float64)
-    n_ev = max(pos.shape[0], dirs.shape[0])
-    if pos.shape[0] == 1:
-        pos = pos.expand(n_ev, 3)
-    if dirs.shape[0] == 1:
-        dirs = dirs.expand(n_ev, 3)
-    if pos.shape[0] != dirs.shape[0]:
-        raise ConfigError(f"vertex/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
-    dev = pos.device
+    pos, dirs = _event_vertices_directions(vertex, direction)
+    n_ev, dev = pos.shape[0], pos.device
     t_kin = _as_energy(energy, n_ev, dev)
     time0 = torch.as_tensor(t0, dtype=torch.float64, device=dev).expand(n_ev)
     mass = PARTICLE_MASS[particle]
@@ -752,14 +757,8 @@ def shower_photons(
     """
     particle = _check_particle(particle, SHOWER_PARTICLES)
     thin = check_number(thin, "thin", minimum=0.0, maximum=1.0)
-    pos = _as_points(vertex, "vertex").to(torch.float64)
-    dirs = _as_directions(direction).to(device=pos.device, dtype=torch.float64)
-    n_ev = max(pos.shape[0], dirs.shape[0])
-    pos = pos.expand(n_ev, 3) if pos.shape[0] == 1 else pos
-    dirs = dirs.expand(n_ev, 3) if dirs.shape[0] == 1 else dirs
-    if pos.shape[0] != dirs.shape[0]:
-        raise ConfigError(f"vertex/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
-    dev = pos.device
+    pos, dirs = _event_vertices_directions(vertex, direction)
+    n_ev, dev = pos.shape[0], pos.device
     e = _as_energy(energy, n_ev, dev)
     time0 = torch.as_tensor(t0, dtype=torch.float64, device=dev).expand(n_ev)
     x0_rad = medium.radiation_length
