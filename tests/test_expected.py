@@ -232,9 +232,10 @@ def test_small_detector_size():
     assert 20 <= det.n_pmts <= 80
 
 
-def test_gradcheck_event_parameters():
+def _gradcheck_event_parameters(particle: str, **nodes) -> bool:
+    """float64 gradcheck of mu, t_mean, t_var w.r.t. vertex, direction, energy and t0 (small detector)."""
     det, med, sen, opt = _small()
-    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=24)
+    resp = PhysicsResponse(det, med, sen, particle, opt, **nodes)
 
     def f(v, d, e, t0):
         o = resp.expected({"vertex": v, "direction": d, "energy": e, "t0": t0})
@@ -244,7 +245,11 @@ def test_gradcheck_event_parameters():
     d = torch.tensor([[0.3, 0.1, 0.9]], dtype=F64, requires_grad=True)
     e = torch.tensor([300.0], dtype=F64, requires_grad=True)
     t0 = torch.tensor([1.5], dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (v, d, e, t0), eps=1e-6, atol=1e-5, rtol=1e-4)
+    return torch.autograd.gradcheck(f, (v, d, e, t0), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_event_parameters():
+    assert _gradcheck_event_parameters("mu-", n_track_nodes=24)
 
 
 def test_gradcheck_isotropic_source():
@@ -440,18 +445,7 @@ def test_shower_vs_mc(particle):
 
 
 def test_gradcheck_electron():
-    det, med, sen, opt = _small()
-    resp = PhysicsResponse(det, med, sen, "e-", opt, n_depth_nodes=12)
-
-    def f(v, d, e, t0):
-        o = resp.expected({"vertex": v, "direction": d, "energy": e, "t0": t0})
-        return o["mu"], o["t_mean"], o["t_var"]
-
-    v = torch.tensor([[0.1, -0.2, -0.3]], dtype=F64, requires_grad=True)
-    d = torch.tensor([[0.3, 0.1, 0.9]], dtype=F64, requires_grad=True)
-    e = torch.tensor([300.0], dtype=F64, requires_grad=True)
-    t0 = torch.tensor([1.5], dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(f, (v, d, e, t0), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert _gradcheck_event_parameters("e-", n_depth_nodes=12)
 
 
 @pytest.mark.parametrize("particle", ["e-", "gamma"])
