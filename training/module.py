@@ -129,26 +129,23 @@ class CBAEModule(L.LightningModule):
             out["denoise_rms"] = (rec - batch["clean"][:k]).pow(2).mean().sqrt()
         return out
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
+        """Losses of one batch, logged per epoch under ``stage``/ (validation ones on the progress bar)."""
         out = self.losses(batch)
         self.log_dict(
-            {f"train/{k}": v for k, v in out.items()},
-            prog_bar=False,
+            {f"{stage}/{k}": v for k, v in out.items()},
+            prog_bar=stage == "val",
             on_step=False,
             on_epoch=True,
             batch_size=batch["adc"].shape[0],
         )
         return out["loss"]
 
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        out = self.losses(batch)
-        self.log_dict(
-            {f"val/{k}": v for k, v in out.items()},
-            prog_bar=True,
-            on_step=False,
-            on_epoch=True,
-            batch_size=batch["adc"].shape[0],
-        )
+        self._step(batch, "val")
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
