@@ -381,16 +381,16 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return fp[i - 1] + w * (fp[i] - fp[i - 1])
 
 
-def _event_vertices_directions(vertex: Any, direction: Any) -> tuple[Tensor, Tensor]:
+def _event_vertices_directions(vertex: Any, direction: Any, field: str = "vertex") -> tuple[Tensor, Tensor]:
     """Per-event start points (E,3) and unit directions (E,3), float64, from (E,3) or (3,) inputs (one row is
-    broadcast to the other's E rows); unequal row counts raise ConfigError."""
-    pos = _as_points(vertex, "vertex").to(torch.float64)
+    broadcast to the other's E rows); unequal row counts raise ConfigError naming ``field``/direction."""
+    pos = _as_points(vertex, field).to(torch.float64)
     dirs = _as_directions(direction).to(device=pos.device, dtype=torch.float64)
     n_ev = max(pos.shape[0], dirs.shape[0])
     pos = pos.expand(n_ev, 3) if pos.shape[0] == 1 else pos
     dirs = dirs.expand(n_ev, 3) if dirs.shape[0] == 1 else dirs
     if pos.shape[0] != dirs.shape[0]:
-        raise ConfigError(f"vertex/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
+        raise ConfigError(f"{field}/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
     return pos, dirs
 
 
@@ -905,14 +905,8 @@ def laser_source(
     """
     profile = check_choice(profile, "profile", ("uniform", "gaussian"))
     div = check_number(divergence, "divergence", minimum=0.0, maximum=math.pi)
-    pos = _as_points(position, "position").to(torch.float64)
-    dirs = _as_directions(direction).to(device=pos.device, dtype=torch.float64)
-    n_ev = max(pos.shape[0], dirs.shape[0])
-    pos = pos.expand(n_ev, 3) if pos.shape[0] == 1 else pos
-    dirs = dirs.expand(n_ev, 3) if dirs.shape[0] == 1 else dirs
-    if pos.shape[0] != dirs.shape[0]:
-        raise ConfigError(f"position/direction: got {pos.shape[0]} and {dirs.shape[0]} rows, expected equal")
-    dev = pos.device
+    pos, dirs = _event_vertices_directions(position, direction, "position")
+    n_ev, dev = pos.shape[0], pos.device
     counts = _source_counts(n_photons, n_ev, poisson, generator, dev)
     ev = torch.repeat_interleave(torch.arange(n_ev, device=dev), counts)
     n = ev.numel()
