@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import integrate, stats
+from twosample import two_sample_chi2
 
 from physics.config import ConfigError
 from physics.constants import C_M_PER_NS
@@ -79,18 +80,6 @@ def photons_at(pos: torch.Tensor, dirs: torch.Tensor, wl: torch.Tensor | float =
     wl = torch.as_tensor(wl, dtype=dtype).expand(n).contiguous()
     ev = torch.arange(n) if event is None else event
     return Photons(pos=pos, dir=dirs, t=torch.zeros(n, dtype=dtype), wavelength=wl, event=ev)
-
-
-def two_sample_chi2(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float]:
-    """Chi-square test that two histograms (counts) share one shape (Press et al., Numerical Recipes, 14.3.2):
-    chi2 = sum (sqrt(B/A) a - sqrt(A/B) b)^2 / (a + b) over bins with a + b > 0; dof = bins - 1."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    keep = (a + b) > 0
-    a, b = a[keep], b[keep]
-    A, B = a.sum(), b.sum()
-    chi2 = float((((math.sqrt(B / A) * a - math.sqrt(A / B) * b) ** 2) / (a + b)).sum())
-    dof = int(keep.sum()) - 1
-    return chi2, dof, float(stats.chi2.sf(chi2, dof))
 
 
 # ----------------------------------------------------------------------------------------------------------
