@@ -1,12 +1,13 @@
-"""Reconstruction benchmark: time per event (batched), L-BFGS vs Adam, iminuit MIGRAD side by side.
+"""Reconstruction benchmark: time per event (batched), BFGS, LM, L-BFGS, Adam; iminuit MIGRAD side by side.
 
 Events: 500 MeV mu- from a fixed contained vertex/direction (WCTE: (0, 0, -1.2) m along (0.2, 0.1, 1);
 SK: (0, 0, -5) m along the same direction), direct light only (wall/PMT reflection and Rayleigh off) so the
 physics response is the truth. The same NLL (HitLikelihood on PhysicsResponse, folded wavelengths, K = 32)
-is minimised by fitting.reconstruct with (a) Fisher-scoring Levenberg-Marquardt, (b) L-BFGS (the default),
-(c) Adam, and (d) by iminuit MIGRAD with numerical gradients (fiTQun-style) from the same pre-fit seeds
-(fitting.prefit, deterministic), MIGRAD on the float64 NLL, the function whose minimum fitting.reconstruct
-returns (float32 optimiser, then float64 Newton polish); the float64 NLL at both minima is reported.
+is minimised by fitting.reconstruct with (a) per-event BFGS from the Fisher matrix (the default), (b) Fisher-
+scoring Levenberg-Marquardt, (c) torch L-BFGS, (d) Adam, and (e) by iminuit MIGRAD with numerical gradients
+(fiTQun-style) from the same pre-fit seeds (fitting.prefit, deterministic), MIGRAD on the float64 NLL, the
+function whose minimum fitting.reconstruct returns (float32 optimiser, then float64 Newton polish); the
+float64 NLL at both minima is reported.
 Also the expected-model cost before/after folding.
 Writes benchmarks/results/reconstruct_{device}.json (device 'cpu' or 'cuda'; _{T}threads appended for T > 1).
 Usage: python benchmarks/bench_reconstruct.py [--events N] [--sk N] [--minuit N] [--device cpu|cuda]
@@ -197,8 +198,8 @@ def main() -> None:
     ap.add_argument("--minuit", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (output reconstruct_{device}.json)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--optimisers", default="lm,lbfgs,adam", help="comma list for the WCTE comparison")
-    ap.add_argument("--ours", default="lbfgs", help="optimiser compared with MIGRAD")
+    ap.add_argument("--optimisers", default="bfgs,lm,lbfgs,adam", help="comma list for the WCTE comparison")
+    ap.add_argument("--ours", default="bfgs", help="optimiser compared with MIGRAD")
     ap.add_argument("--skip-kernel", action="store_true", help="skip the expected-model kernel timings")
     ap.add_argument("--name", default=None, help="result name (default reconstruct_{device}[_{T}threads])")
     a = ap.parse_args()
@@ -221,7 +222,7 @@ def main() -> None:
         }
         print(out["expected_model_ms_mu_plus_grad_wcte"])
     wc = {}
-    iters = {"lm": 40, "lbfgs": 40, "adam": 150}
+    iters = {"bfgs": 40, "lm": 40, "lbfgs": 40, "adam": 150}
     warm = {"hits": res["hits"].select(res["hits"].event < 1), "truth": {}}
     for opt in set(a.optimisers.split(",")) | {a.ours}:  # one-time costs (functorch/autograd set-up) untimed
         run_fit(warm, resp, like, 1, opt, torch.float32, 3)
@@ -232,7 +233,7 @@ def main() -> None:
             "seconds_per_event": sec / n,
             "cpu_seconds_per_event": CPU_SECONDS[opt] / n,
             "n_evals": len(trace),
-            "nll_trace": trace[:: 1 if opt == "lm" else 3],
+            "nll_trace": trace[:: 1 if opt in ("lm", "bfgs") else 3],
             **summary(fit, res["truth"]),
         }
         print(name, {k: v for k, v in wc[name].items() if k != "nll_trace"})
@@ -286,10 +287,11 @@ def main() -> None:
     out["wcte"] = wc
     if a.sk > 0:
         sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device)
-        for opt in ("lm", "lbfgs"):
+        sk_opts = [o for o in a.optimisers.split(",") if o != "adam"]
+        for opt in sk_opts:
             run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)
         out["sk"] = {}
-        for opt in ("lm", "lbfgs"):
+        for opt in sk_opts:
             fit, sec, trace = run_fit(res, resp, like, a.sk, opt, torch.float32, 40)
             out["sk"][f"{opt}_f32"] = {
                 "seconds_per_event": sec / a.sk,

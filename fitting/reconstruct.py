@@ -3,17 +3,25 @@
 The loop sees only a :class:`fitting.response.ResponseModel` (``expected(params) -> mu, t_mean, t_var``) and
 a likelihood module (``likelihood(pred, obs) -> (E,)`` per-event NLL, e.g. :class:`HitLikelihood`).
 
-Parameters per event (units m, ns, MeV): vertex v (3) [m], direction as an unnormalised 3-vector u (the
-model normalises it; the NLL is flat along |u|), log kinetic energy, t0 [ns]. The optimiser works on the
-scaled variables x / s with s = (0.1 m, 0.1 m, 0.1 m, 0.05, 0.05, 0.05, 0.05, 0.5 ns), so that one unit is
-about one typical uncertainty. Events are independent, so the gradient of the summed NLL is the stack of
-per-event gradients and one optimiser run fits the whole batch (L-BFGS's shared line search couples only
-the step length). Alternative ``optimiser='lm'``: Fisher scoring with Levenberg-Marquardt damping
-(``_optimise_lm``), per event, from the exact gradient and the Fisher matrix J^T I J of one forward-mode
-Jacobian J of the per-PMT predictions. It reaches the same minima in ~3x fewer evaluations (WCTE: 10-12
-Jacobians vs 32-41 L-BFGS value+gradient evaluations), but a 6-tangent Jacobian costs ~3.5 of those, so
-it is about as fast as L-BFGS in WCTE and slower in SK (24 Jacobians vs 47 evaluations; measurements in
-benchmarks/results/reconstruct_cpu.json); L-BFGS stays the default.
+Parameters per event (units m, ns, MeV): vertex v (3) [m], direction, log kinetic energy, t0 [ns]. Events
+are independent, so one batched evaluation gives every event's NLL and gradient. Optimisers:
+
+* ``'bfgs'`` (default, ``_optimise_bfgs``): BFGS per event in local coordinates (dv, two tangent angles of
+  the direction, dlogE, dt0) scaled by s = (0.1 m, 0.1 m, 0.1 m, 0.05, 0.05, 0.05, 0.5 ns), its inverse-
+  Hessian estimate started from the Fisher matrix at the start point, with its own Armijo line search;
+  converged events leave the batch.
+* ``'lbfgs'``: torch L-BFGS (strong-Wolfe line search) on the summed NLL over x / s with the direction as an
+  unnormalised 3-vector (the NLL is flat along its length); the batch shares one line search, so every
+  event is evaluated until the slowest has converged.
+* ``'lm'``: Fisher scoring with Levenberg-Marquardt damping (``_optimise_lm``), per event, from the exact
+  gradient and the Fisher matrix J^T I J of one forward-mode Jacobian J of the per-PMT predictions
+  (tracks only: the shower profile's incomplete gamma function has no forward-mode derivative in torch).
+* ``'adam'``: for comparison.
+
+Measured on 8 contained 500 MeV muons, direct light (benchmarks/bench_reconstruct.py): all reach the same
+minimum after the Newton polish (NLL equal to 1e-5); batched value+gradient evaluations WCTE 21 (BFGS,
+plus one forward pass of 7 copies for the Fisher start) vs 43 (L-BFGS), SK 51-54 vs 66; LM needs 10-12
+Jacobians of ~3.5 evaluations each. Timings: benchmarks/results/reconstruct_*.json.
 
 Uncertainties: covariance = inverse Hessian of the per-event NLL (the observed Fisher information; Cramer-
 Rao, e.g. James, Statistical Methods in Experimental Physics, 2006, ch. 7) in the local coordinates
@@ -63,6 +71,7 @@ FAILED = STATUS["nonfinite"] | STATUS["outside"] | STATUS["no_hits"] | STATUS["b
 SCALE = (0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.5)
 TRACK_OK = ("mu-", "mu+", "pi-", "pi+")
 FIT_OK = TRACK_OK + ("e-", "e+", "gamma")  # tracks and EM showers (PhysicsResponse supports both)
+OPTIMISERS = ("bfgs", "lbfgs", "lm", "adam")
 
 
 def status_names(code: int) -> list[str]:
@@ -165,7 +174,7 @@ def _optimise(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fisher-scoring Levenberg-Marquardt (default optimiser)
+# Fisher-scoring Levenberg-Marquardt (optimiser='lm')
 # ----------------------------------------------------------------------------------------------------------
 LM_MAX_STEP = 30.0  # trust-region cap on the scaled step norm per iteration (units of SCALE)
 LM_MAX_DOUBLINGS = 4  # extrapolation of a step that gained more than predicted: up to 2^4 x
@@ -349,6 +358,137 @@ def _optimise_lm(
     return x.detach(), n_iter if bool(active.any()) else min(n_iter, max_iter - 1)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# per-event BFGS started from the Fisher matrix (default optimiser)
+# ----------------------------------------------------------------------------------------------------------
+BFGS_TOL = 0.01  # [NLL units] stop an event when the predicted decrease g^T H g / 2 is below this
+BFGS_REBASE = 0.5  # re-centre the local coordinates once the direction has turned by atan(0.5) = 27 deg
+_ARMIJO_C1 = 1e-4
+
+
+def _fisher_fd(response, likelihood, obs, base, dtype, sc: Tensor, h: float = 0.1) -> Tensor:
+    """Fisher matrix (N,7,7) in the scaled local coordinates z = y / sc at z = 0, J^T I J with the Jacobian J
+    of the per-PMT predictions from forward differences of step ``h`` (one batched forward pass of 7 N
+    events, no autograd: works for any response, also one with operations that lack forward-mode AD, e.g.
+    the shower profile's incomplete gamma function) and I from ``_pmt_information``. Used only to start the
+    BFGS inverse-Hessian estimate, so the O(h) difference error does not matter."""
+    n, dev = base["v"].shape[0], base["v"].device
+    y = torch.zeros(7, n, 7, dtype=dtype, device=dev)
+    y[torch.arange(1, 7), :, torch.arange(6)] = (h * sc[:6]).to(dtype)[:, None]  # copies 1-6: v, a, b, log E
+    rep = {k: v.repeat(7, *([1] * (v.dim() - 1))) for k, v in base.items()}
+    with torch.no_grad():
+        out = response.expected(_local_to_params(y.reshape(7 * n, 7), rep))
+        keys = [k for k in _PRED_KEYS if k in out]
+        eta = torch.stack([out[k] for k in keys], -1).reshape(7, n, *out["mu"].shape[1:], len(keys)).double()
+        jac = (eta[1:] - eta[:1]) / h  # (6,N,P,C)
+        jt0 = torch.zeros_like(eta[0])
+        jt0[..., keys.index("t_mean")] = sc[6]  # the model depends on t0 only through t_mean = t0 + ...
+        jac = torch.cat([jac, jt0[None]], 0)
+        info = _pmt_information(likelihood, {k: out[k][:n].detach() for k in keys}, obs).double()
+    return torch.einsum("inpc,npcd,jnpd->nij", jac, info, jac)
+
+
+def _optimise_bfgs(
+    response, likelihood, obs, x0: Tensor, max_iter: int, tol: float, trace: list[float] | None
+) -> tuple[Tensor, int]:
+    """Batched BFGS with a separate line search per event (Nocedal & Wright, Numerical Optimization, 2nd ed.
+    2006, Alg. 6.1 with the Armijo condition, sec. 3.1, and quadratic-interpolation backtracking, sec. 3.5).
+
+    Variables: the scaled local coordinates z = y / SCALE about each start (``_local_to_params``). The
+    inverse-Hessian estimate starts from the regularised Fisher matrix at the start, (F + 0.1 diag F +
+    1e-3)^-1 (``_fisher_fd``: one batched forward pass of 7 copies of the batch), so the
+    first steps are already scaled and correlated like Fisher-scoring steps; BFGS then learns the observed
+    curvature. Each batched value+gradient call evaluates every still-active event at its own trial point;
+    an event accepts its step when the Armijo condition holds (then the BFGS update, skipped when
+    s.y <= 0), else shrinks it; it stops when the predicted decrease g^T H g / 2 < ``tol`` or an accepted
+    step gains < tol / 10, and leaves the batch. A direction that has turned by more than atan(BFGS_REBASE)
+    from its expansion point is re-centred (one extra evaluation), so fits can turn the direction by any
+    angle. Steps are capped at LM_MAX_STEP in scaled units. Returns (x (N,8), accepted iterations of the
+    slowest event; ``max_iter`` when an event hit the cap). ``trace`` gets the mean NLL after each batched
+    evaluation."""
+    dtype, dev, n = x0.dtype, x0.device, x0.shape[0]
+    f64 = torch.float64
+    sc = torch.tensor(SCALE[:3] + SCALE[4:], dtype=f64, device=dev)
+    eye = torch.eye(7, dtype=f64, device=dev)
+    base = {k: v.to(dtype) for k, v in _base_from_x(x0.to(f64)).items()}
+    fs = _fisher_fd(response, likelihood, obs, base, dtype, sc)
+    fs = torch.nan_to_num(fs, nan=0.0, posinf=0.0, neginf=0.0)
+    diag = torch.diagonal(fs, dim1=1, dim2=2).clamp_min(1e-3)
+    hz, info = torch.linalg.inv_ex(fs + 0.1 * torch.diag_embed(diag) + 1e-3 * eye)
+    hz = torch.where(((info == 0) & torch.isfinite(hz).all(-1).all(-1))[:, None, None], hz, eye)
+
+    def value_grad(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        y = (z * sc).to(dtype).requires_grad_()
+        pred = response.expected(_local_to_params(y, {k: v[idx] for k, v in base.items()}))
+        val = likelihood(pred, _select_obs(obs, idx))
+        (g,) = torch.autograd.grad(val.sum(), y)
+        return val.detach().to(f64), g.to(f64) * sc
+
+    def record() -> None:
+        if trace is not None:
+            trace.append(float(fval.mean()))
+
+    z = torch.zeros(n, 7, dtype=f64, device=dev)
+    every = torch.arange(n, device=dev)
+    fval, gz = value_grad(z, every)
+    record()
+    p = torch.zeros_like(z)
+    alpha = torch.ones(n, dtype=f64, device=dev)
+    new_dir = torch.ones(n, dtype=torch.bool, device=dev)
+    active = torch.isfinite(fval) & torch.isfinite(gz).all(-1)
+    iters = torch.zeros(n, dtype=torch.long, device=dev)
+    for _ in range(4 * max_iter):
+        idx = active.nonzero()[:, 0]
+        if idx.numel() == 0:
+            break
+        nd = idx[new_dir[idx]]
+        far = nd[(z[nd, 3:5] * sc[3:5]).norm(dim=-1) > BFGS_REBASE]
+        if far.numel():  # re-centre the local coordinates at the current point (H is kept: same scales)
+            xf = _x_from_local((z[far] * sc).to(dtype), {k: v[far] for k, v in base.items()}).to(f64)
+            for k, v in _base_from_x(xf).items():
+                base[k][far] = v.to(dtype)
+            z[far] = 0.0
+            fval[far], gz[far] = value_grad(z[far], far)
+            record()
+        if nd.numel():
+            step = -(hz[nd] @ gz[nd, :, None])[..., 0]
+            uphill = ~((step * gz[nd]).sum(-1) < 0)  # H lost positive definiteness: steepest descent, reset
+            step[uphill] = -gz[nd][uphill]
+            hz[nd[uphill]] = eye
+            p[nd] = step * (LM_MAX_STEP / step.norm(dim=-1, keepdim=True).clamp_min(LM_MAX_STEP))
+            alpha[nd] = 1.0
+            new_dir[nd] = False
+        zt = z[idx] + alpha[idx, None] * p[idx]
+        ft, gt = value_grad(zt, idx)
+        slope = (gz[idx] * p[idx]).sum(-1)
+        armijo = ft <= fval[idx] + _ARMIJO_C1 * alpha[idx] * slope
+        ok = torch.isfinite(ft) & torch.isfinite(gt).all(-1) & armijo
+        acc, rej = idx[ok], idx[~ok]
+        if acc.numel():
+            s, yv = zt[ok] - z[acc], gt[ok] - gz[acc]
+            sy = (s * yv).sum(-1)
+            rho = torch.where(sy > 1e-10, 1.0 / sy.clamp_min(1e-10), torch.zeros_like(sy))
+            v = eye - rho[:, None, None] * s[:, :, None] * yv[:, None, :]
+            hz[acc] = v @ hz[acc] @ v.transpose(1, 2) + rho[:, None, None] * s[:, :, None] * s[:, None, :]
+            gain = fval[acc] - ft[ok]
+            z[acc], fval[acc], gz[acc] = zt[ok], ft[ok], gt[ok]
+            iters[acc] += 1
+            pred = 0.5 * (gz[acc, None, :] @ hz[acc] @ gz[acc, :, None])[:, 0, 0]
+            active[acc[(pred < tol) | (gain < 0.1 * tol) | (iters[acc] >= max_iter)]] = False
+            new_dir[acc] = True
+        if rej.numel():  # backtrack to the minimiser of the quadratic through f(0), f'(0), f(alpha),
+            # clamped to [0.1, 0.5] alpha
+            a, fr, sl = alpha[rej], ft[~ok], slope[~ok]
+            curv = 2.0 * (fr - fval[rej] - sl * a)
+            quad = -sl * a * a / curv.clamp_min(1e-300)
+            a_new = torch.where(torch.isfinite(fr) & (curv > 0), quad, 0.5 * a)
+            alpha[rej] = torch.minimum(torch.maximum(a_new, 0.1 * a), 0.5 * a)
+            active[rej[alpha[rej] < 1e-6]] = False  # no decrease along a descent direction: at the minimum
+        record()
+    x = _x_from_local((z * sc).to(dtype), base)
+    return x.detach(), int(iters.max())
+
+
 def _starts(seed: dict[str, Tensor], n_starts: int) -> list[Tensor]:
     """Start points (each (E,8)): the seed; the vertex moved back along the direction by 30% of the
     muon's CSDA range estimate R ~ T / (230 MeV/m) (the point fit sits near the track's light centroid);
@@ -374,7 +514,7 @@ def reconstruct(
     seeds: dict[str, Tensor] | None = None,
     device: str | torch.device = "cpu",
     n_starts: int = 2,
-    optimiser: str = "lbfgs",
+    optimiser: str = "bfgs",
     *,
     max_iter: int = 60,
     adam_lr: float = 0.3,
@@ -394,8 +534,9 @@ def reconstruct(
     ``detector`` with ``inside(points)`` and ``pmt_pos`` (P,3) used for the containment flag and the pre-fit);
     likelihood: per-event NLL module; seeds: optional dict vertex (E,3), direction (E,3), energy (E,), t0 (E,)
     (default: :func:`fitting.prefit.prefit`); n_starts: 1-4 start points per event (see ``_starts``);
-    optimiser: 'lbfgs' (strong-Wolfe line search; default, the fastest measured), 'lm' (Fisher scoring with
-    Levenberg-Marquardt damping, ``_optimise_lm``: fewest evaluations, ~10 Jacobians in WCTE) or 'adam';
+    optimiser: 'bfgs' (default, the fastest measured: per-event BFGS from the Fisher matrix,
+    ``_optimise_bfgs``), 'lbfgs' (torch L-BFGS, strong-Wolfe line search shared by the batch), 'lm' (Fisher
+    scoring with Levenberg-Marquardt damping, ``_optimise_lm``: ~10 Jacobians in WCTE) or 'adam';
     max_iter: optimiser iterations; dtype of the
     fit (the Hessian is always float64); trace: list to which the mean NLL per evaluation is appended.
 
@@ -409,10 +550,15 @@ def reconstruct(
     Raises ConfigError for n_events < 1, an unsupported particle or optimiser, or PMT indices out of range.
     """
     n_events = check_number(n_events, "n_events", minimum=1, integer=True)
-    check_choice(optimiser, "optimiser", ("lm", "lbfgs", "adam"))
+    check_choice(optimiser, "optimiser", OPTIMISERS)
     check_number(n_starts, "n_starts", minimum=1, maximum=4, integer=True)
     if particle not in FIT_OK:
         raise ConfigError(f"particle: got {particle!r}, allowed: {list(FIT_OK)}")
+    if optimiser == "lm" and particle not in TRACK_OK:
+        raise ConfigError(
+            f"optimiser: got 'lm' for particle {particle!r}; 'lm' needs forward-mode derivatives, which the "
+            f"shower profile lacks: allowed for {list(TRACK_OK)}; use 'bfgs', 'lbfgs' or 'adam'"
+        )
     rp = getattr(response, "particle", particle)
     if rp != particle:
         raise ConfigError(
@@ -553,7 +699,9 @@ def _fit_batch(
             freeze(_unpack(x0))
     obs_rep = {k: torch.cat([v] * len(starts)) for k, v in obs.items()}
     f = _nll_fn(response, likelihood, obs_rep)
-    if optimiser == "lm":
+    if optimiser == "bfgs":
+        x, n_iter = _optimise_bfgs(response, likelihood, obs_rep, x0, max_iter, BFGS_TOL, trace)
+    elif optimiser == "lm":
         x, n_iter = _optimise_lm(response, likelihood, obs_rep, x0, max_iter, LM_TOL, trace)
     else:
         x, n_iter = _optimise(lambda x: f(_unpack(x)), x0, optimiser, max_iter, adam_lr, trace)
@@ -595,15 +743,17 @@ def _fit_batch(
             dec = (g * -step).sum(-1)
             converged = pd & (dec < tol_decrement)
             cov = hinv
-            if it == newton_steps or bool(converged.all()):
-                break
-            # Newton polish, accepted per event when the NLL decreases
-            todo = pd & ~converged & torch.isfinite(step).all(-1)
+            # Newton step, accepted per event when the NLL decreases; taken after the last Hessian too (one
+            # forward pass), so a converged minimum is good to O(decrement^2) (cov: the Hessian just computed)
+            todo = pd & torch.isfinite(step).all(-1)
             y_try = torch.where(todo[:, None], y + step, y)
             with torch.no_grad():
                 nll_try = floc(y_try)
             acc = todo & torch.isfinite(nll_try) & (nll_try < nll_b)
             y = torch.where(acc[:, None], y_try, y)
+            nll_b = torch.where(acc, nll_try, nll_b)
+            if it == newton_steps or bool(converged.all()):
+                break
     with torch.no_grad():
         p = _local_to_params(y, base)
     if not uncertainties:  # no Hessian: trust the optimiser's own stopping rule (tolerance before the cap)
@@ -873,7 +1023,7 @@ def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("file", help="run file from photonfit simulate")
     r.add_argument("-o", "--output", default="reco.h5", help="output HDF5 (written atomically)")
     r.add_argument("--run", default=None)
-    r.add_argument("--optimiser", default="lbfgs", choices=["lbfgs", "lm", "adam"])
+    r.add_argument("--optimiser", default="bfgs", choices=list(OPTIMISERS))
     r.add_argument("--starts", type=int, default=2, help="start points per event (1-4)")
     r.add_argument("--max-iter", type=int, default=60)
     r.add_argument("--batch-size", type=int, default=8, help="events fitted together")
