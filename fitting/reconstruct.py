@@ -30,6 +30,10 @@ batched double back-propagation (7 reverse passes for all events at once), in fl
 optimiser, up to ``newton_steps`` Newton steps x <- x - H^-1 g (accepted only when the NLL decreases)
 polish the minimum; convergence is declared when the Newton decrement g^T H^-1 g < ``tol_decrement``
 (the predicted remaining NLL decrease is half of it; Boyd & Vandenberghe, Convex Optimization, 2004, 9.5.1).
+For a response with multiple-scattering kinks (``response.ms_kinks``, muons and pions), the first of these
+Hessians also gives the mixed derivatives with respect to per-node offsets of the track, and the reported
+covariance adds the fit's linear response to the kinks (:func:`fitting.uncertainty.kink_response_covariance`;
+``cov_hessian`` keeps H^-1 alone).
 
 Status bits (``status`` (E,) int): see ``STATUS``; ``ok = converged and no failure bit``.
 ``particle`` may be a track (mu, pi) or an EM shower (e-, e+, gamma); particle identification (e vs mu by
@@ -53,7 +57,7 @@ from physics.config import ConfigError, check_choice, check_number
 
 from .likelihood import hits_to_dense
 from .prefit import prefit
-from .uncertainty import irreducible_local, tangent_basis
+from .uncertainty import kink_response_covariance, tangent_basis
 
 __all__ = ["STATUS", "reconstruct", "status_names", "add_reconstruct_parser", "resolutions"]
 
@@ -112,17 +116,23 @@ def _nll_fn(response, likelihood, obs: dict[str, Tensor]):
     return f
 
 
-def _hessian(f, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-event NLL (N,), gradient (N,7) and Hessian (N,7,7) at local coordinates y (N,7), batched."""
+def _hessian(f, y: Tensor, off: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Per-event NLL (N,), gradient (N,7) and Hessian (N,7,7) at local coordinates y (N,7), batched; with
+    ``off`` (N,K,6) (track-node offsets, f(y, off)) also the mixed derivatives d^2 NLL / dy d off (N,7,K,6)
+    from the same 7 reverse passes."""
     y = y.detach().requires_grad_()
-    nll = f(y)
+    ins = [y] if off is None else [y, off.detach().requires_grad_()]
+    nll = f(*ins)
     (g,) = torch.autograd.grad(nll.sum(), y, create_graph=True)
-    rows = []
+    rows, mixed = [], []
     for j in range(y.shape[1]):
-        (h,) = torch.autograd.grad(g[:, j].sum(), y, retain_graph=j < y.shape[1] - 1)
-        rows.append(h)
+        out = torch.autograd.grad(g[:, j].sum(), ins, retain_graph=j < y.shape[1] - 1)
+        rows.append(out[0])
+        if off is not None:
+            mixed.append(out[1])
     hess = torch.stack(rows, 1)
-    return nll.detach(), g.detach(), 0.5 * (hess + hess.transpose(1, 2)).detach()
+    mix = torch.stack(mixed, 1).detach() if off is not None else None
+    return nll.detach(), g.detach(), 0.5 * (hess + hess.transpose(1, 2)).detach(), mix
 
 
 def _optimise(
@@ -541,8 +551,9 @@ def reconstruct(
     fit (the Hessian is always float64); trace: list to which the mean NLL per evaluation is appended.
 
     Returns: vertex (E,3) [m], direction (E,3) unit, energy (E,) [MeV], t0 (E,) [ns], nll (E,),
-    cov (E,7,7) in local coordinates (v, a, b, log E, t0) = H^-1 + the response's irreducible covariance
-    (``response.irreducible_covariance``, e.g. the muon's multiple scattering, fitting.uncertainty),
+    cov (E,7,7) in local coordinates (v, a, b, log E, t0) = H^-1 + the covariance of the fit's linear response
+    to the track's multiple-scattering kinks when the response models them (``response.ms_kinks``;
+    :func:`fitting.uncertainty.kink_response_covariance`),
     cov_hessian (E,7,7) H^-1 alone, sigma_vertex (E,3) [m], sigma_dir (E,2) [rad]
     (along
     e1, e2), sigma_energy (E,) [MeV], sigma_t0 (E,) [ns], status (E,) int32, n_hits (E,), n_iter (E,),
@@ -717,8 +728,9 @@ def _fit_batch(
         response, likelihood, {k: (v.double() if v.is_floating_point() else v) for k, v in obs.items()}
     )
 
-    def floc(y: Tensor) -> Tensor:
-        return f64(_local_to_params(y, base))
+    def floc(y: Tensor, off: Tensor | None = None) -> Tensor:
+        p = _local_to_params(y, base)
+        return f64(p if off is None else {**p, "node_offset": off})
 
     y = torch.zeros(ne, 7, dtype=torch.float64, device=x.device)
     if freeze is not None:
@@ -728,9 +740,20 @@ def _fit_batch(
     converged = torch.zeros(ne, dtype=torch.bool, device=x.device)
     pd = torch.zeros(ne, dtype=torch.bool, device=x.device)
     nll_b = floc(y).detach()
+    # multiple-scattering kinks of the track (response.ms_kinks): their mixed derivatives come with the first
+    # Hessian (the polish moves the point by a fraction of a sigma; the linear response barely changes)
+    kinks = None
+    if uncertainties and hasattr(response, "ms_kinks"):
+        with torch.no_grad():
+            kinks = response.ms_kinks(_local_to_params(y, base))
+    mixed = None
     if uncertainties:
         for it in range(newton_steps + 1):
-            nll_b, g, h = _hessian(floc, y)
+            off = None
+            if it == 0 and kinks is not None:
+                off = torch.zeros(ne, kinks["s"].shape[1], 6, dtype=torch.float64, device=x.device)
+            nll_b, g, h, mix = _hessian(floc, y, off)
+            mixed = mix if mix is not None else mixed
             chol, info = torch.linalg.cholesky_ex(h)
             pd = info == 0
             eye = torch.eye(7, dtype=h.dtype, device=h.device)
@@ -774,8 +797,10 @@ def _fit_batch(
     out["energy"][idx] = p["energy"]
     out["t0"][idx] = p["t0"]
     out["nll"][idx] = nll_b
-    out["cov_hessian"][idx] = cov  # H^-1 alone; reported cov adds the response's irreducible part (MS)
-    out["cov"][idx] = cov + irreducible_local(response, p, base["e1"], base["e2"]).to(cov)
+    out["cov_hessian"][idx] = cov  # H^-1 alone; reported cov adds the fit's response to MS kinks
+    if mixed is not None:
+        cov = cov + kink_response_covariance(cov, mixed, kinks["s"], kinks["var"], base["e1"], base["e2"])
+    out["cov"][idx] = cov
     out["e1"][idx] = base["e1"]
     out["e2"][idx] = base["e2"]
     out["n_iter"][idx] = int(n_iter)

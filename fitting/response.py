@@ -31,7 +31,7 @@ from physics.constants import PARTICLE_MASS, SHOWER_PARTICLES, TRACK_PARTICLES
 from physics.optics import orthonormal_basis
 from physics.sensors import spe_moments
 
-from .uncertainty import track_ms_covariance
+from .uncertainty import highland_kink_variance, track_ms_covariance
 
 __all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
 
@@ -94,10 +94,18 @@ class ResponseModel(nn.Module, ABC):
     def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
         """Covariance (E,8,8) of event fluctuations that the expectation averages over and the likelihood's
         Hessian therefore cannot see, in Cartesian coordinates (vertex x, y, z [m], change of the unit
-        direction dx, dy, dz [rad], log E, t0 [ns]); reconstruction adds it to H^-1 for the reported
-        uncertainty (:func:`fitting.uncertainty.cartesian_to_local`). Default: zeros (none modelled)."""
+        direction dx, dy, dz [rad], log E, t0 [ns]), as a model of its own (used beside the Cramer-Rao bound
+        in benchmarks/bench_resolution.py; the reconstruction's reported covariance uses ``ms_kinks`` and the
+        fit's linear response instead). Default: zeros (none modelled)."""
         v = event_params["vertex"]
         return torch.zeros(v.shape[0], 8, 8, dtype=v.dtype, device=v.device)
+
+    def ms_kinks(self, event_params: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Multiple-scattering kinks of the track for the reported covariance: dict s (E,K) [m] (the track
+        nodes that ``expected`` accepts offsets for as event_params['node_offset'] (E,K,6)) and var (E,K)
+        [rad^2] per transverse axis; see :func:`fitting.uncertainty.kink_response_covariance`. Default: None
+        (not modelled)."""
+        return None
 
 
 class PhysicsResponse(ResponseModel):
@@ -129,7 +137,10 @@ class PhysicsResponse(ResponseModel):
       at the current energies (same seed, so equal inputs give equal outputs).
 
     Event parameters: vertex (E,3) [m], t0 (E,) [ns] (optional, default 0), and direction (E,3), energy (E,)
-    [MeV kinetic] for tracks and showers, or n_photons (E,) for the source. Returns mu, t_mean, t_var (E,P).
+    [MeV kinetic] for tracks and showers, or n_photons (E,) for the source; optional node_offset (E,K,6)
+    [m, rad] for tracks with fold_wavelength: per track node a displacement and a direction change of a bent
+    track (physics.expected.direct_light_folded), e.g. zeros with requires_grad to differentiate with respect
+    to multiple-scattering kinks (benchmarks/ms_fit_response.py). Returns mu, t_mean, t_var (E,P).
     """
 
     def __init__(
@@ -244,6 +255,18 @@ class PhysicsResponse(ResponseModel):
         )
         k = 1 if self.particle == "isotropic" else self.n_track_nodes
         shower = self.particle in SHOWER_PARTICLES
+        node_offset = event_params.get("node_offset")
+        if node_offset is not None:
+            if self.particle not in TRACK_PARTICLES or not self.fold_wavelength:
+                raise ConfigError(
+                    f"event_params['node_offset']: given for particle {self.particle!r} with fold_wavelength="
+                    f"{self.fold_wavelength}; allowed only for tracks {list(TRACK_PARTICLES)} with folding"
+                )
+            if not torch.is_tensor(node_offset) or tuple(node_offset.shape) != (n_ev, self.n_track_nodes, 6):
+                raise ConfigError(
+                    f"event_params['node_offset']: got shape {tuple(getattr(node_offset, 'shape', ()))}, "
+                    f"expected {(n_ev, self.n_track_nodes, 6)} (per-node displacement and direction change)"
+                )
         if shower:
             k = 3 * self.n_depth_nodes  # cell centre and both edges
         n_l = (
@@ -283,6 +306,7 @@ class PhysicsResponse(ResponseModel):
                     wl,
                     m,
                     common,
+                    None if node_offset is None else node_offset[sl],
                 )
             outs.append(o)
         out = {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
@@ -357,6 +381,7 @@ class PhysicsResponse(ResponseModel):
         wl: Tensor,
         m: nn.Module,
         common: dict[str, Any],
+        node_offset: Tensor | None = None,
     ) -> dict[str, Tensor]:
         mass = PARTICLE_MASS[self.particle]
         spin_half = self.particle.startswith("mu")
@@ -378,8 +403,37 @@ class PhysicsResponse(ResponseModel):
             n_track_nodes=self.n_track_nodes,
             wall=(det.shape, det.radius, det.height),
             fold_wavelength=self.fold_wavelength,
+            node_offset=node_offset,
             **common,
         )
+
+    def ms_kinks(self, event_params: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """The track's multiple-scattering kinks per quadrature cell, for the reconstruction's kink-response
+        covariance (:func:`fitting.uncertainty.kink_response_covariance`): s (E,K) [m] cell centres (the nodes
+        of ``node_offset``) and var (E,K) [rad^2] projected kink variance per axis over each cell (Highland,
+        PDG eq. 34.16, :func:`fitting.uncertainty.highland_kink_variance`), float64, no gradient. None when
+        not modelled: showers, the isotropic source, fold_wavelength=False or ms_covariance=False."""
+        if self.particle not in TRACK_PARTICLES or not self.fold_wavelength or not self.ms_covariance:
+            return None
+        check_event_params(event_params, self.event_keys)
+        m = self.medium
+        mass = PARTICLE_MASS[self.particle]
+        spin_half = self.particle.startswith("mu")
+        energy = event_params["energy"].detach().to(torch.float64)
+        with torch.no_grad():
+            wl, _ = self._wavelength_nodes(torch.float64, energy.device)
+            nodes = px.muon_track_nodes(
+                energy,
+                mass,
+                float(m.refractive_index(wl).max()),
+                self.n_track_nodes,
+                lambda kin: emission.bethe_dedx(kin, mass, m, spin_half=spin_half),
+                m.radiation_length,
+            )
+            s, ds, beta = nodes["s"], nodes["ds"], nodes["beta"]
+            kin = mass * (torch.rsqrt((1.0 - beta * beta).clamp_min(1e-12)) - 1.0)
+            var = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, kin, mass, m.radiation_length)
+        return {"s": s, "var": var}
 
     def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
         """Multiple-scattering covariance (E,8,8) of the straight-track fit (see ResponseModel and

@@ -414,6 +414,7 @@ def direct_light_folded(
     min_sigma: float = 1e-3,
     n_grid: int = 257,
     prune_sigma: float | None = PRUNE_SIGMA,
+    node_offset: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Same as :func:`direct_light` for a track, with the wavelength sum folded analytically (fast path).
 
@@ -436,6 +437,9 @@ def direct_light_folded(
     Measured (500 MeV muons, random vertices/directions, WCTE and SK): the largest mu of a skipped pair is
     5e-14 p.e. (Z = 8; 6e-22 at Z = 10), 1e-9 of the dark-noise mean per PMT, evaluated pairs 17% (WCTE)
     and 38% (SK); tests/test_expected.py checks the agreement with prune_sigma=None.
+    node_offset (E,K,6) [m, rad], optional: per-node displacement (:3) and direction change (3:) of a bent
+    track (see ``_ring_geometry``; the pruning uses the straight track), e.g. zeros with requires_grad to
+    differentiate the expectation with respect to multiple-scattering kinks.
     Arguments, units and returns as :func:`direct_light` (track only). Cost O(E P K) instead of O(E P K L).
     """
     dt = vertex.dtype
@@ -470,9 +474,11 @@ def direct_light_folded(
     det = det_pmt.to(dt)[None, :, None]
     ev = {"s": nodes["s"], "theta2": nodes["theta2"], "t": nodes["t"], "th": theta_c, "var_th": var_th}
     ev["emit"] = emit
+    off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
     if prune_sigma is None:
         return _folded_pairs(
-            q, q2, nrm[None], direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma
+            q, q2, nrm[None], direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma,
+            off,
         )
     with torch.no_grad():
         keep = _lit_pairs(
@@ -501,6 +507,7 @@ def direct_light_folded(
         torch.zeros(1, dtype=dt, device=q.device),
         acceptance,
         min_sigma,
+        None if off is None else (off[0][ei], off[1][ei]),
     )
     off = time_offset.to(dt)
     t_lim = t0[:, None] + torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS + off[None]  # mu -> 0 limit
@@ -520,18 +527,31 @@ def _ring_geometry(
     a: Tensor,
     nrm: Tensor,
     min_sigma: float,
+    offset: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Node -> PMT geometry (R,C,K): dist, 1/dist, cos_inc, cos/sin alpha, alpha, ring variance (no chromatic
-    term). q (R,C,3) vertex -> PMT, q2 (R,C), direction (R,3), s/theta2 (R,K), a (R|1,C,1), nrm (R|1,C,3)."""
+    term). q (R,C,3) vertex -> PMT, q2 (R,C), direction (R,3), s/theta2 (R,K), a (R|1,C,1), nrm (R|1,C,3).
+    offset: optional per-node displacement dx and direction change dd (R,K,3) each of a bent track (node k
+    at v + s_k d + dx_k, emitting about d + dd_k; first order in dd: not renormalised), for the fit's
+    linear response to multiple-scattering kinks (``node_offset`` of :func:`direct_light_folded`)."""
     s = s[:, None, :]
-    proj = (q * direction[:, None, :]).sum(-1)
-    dn = (direction[:, None, :] * nrm).sum(-1)
-    qn = (q * nrm).sum(-1)
-    dist2 = (q2[..., None] - 2.0 * s * proj[..., None] + s * s).clamp_min(1e-12)
-    dist = torch.sqrt(dist2)
-    inv_d = 1.0 / dist
-    cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
-    cos_a = ((proj[..., None] - s) * inv_d).clamp(-1.0, 1.0)
+    if offset is None:
+        proj = (q * direction[:, None, :]).sum(-1)
+        dn = (direction[:, None, :] * nrm).sum(-1)
+        qn = (q * nrm).sum(-1)
+        dist2 = (q2[..., None] - 2.0 * s * proj[..., None] + s * s).clamp_min(1e-12)
+        dist = torch.sqrt(dist2)
+        inv_d = 1.0 / dist
+        cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
+        cos_a = ((proj[..., None] - s) * inv_d).clamp(-1.0, 1.0)
+    else:
+        dx, dd = offset  # r: node -> PMT (R,C,K,3)
+        r = q[:, :, None, :] - s[..., None] * direction[:, None, None, :] - dx[:, None]
+        dist2 = (r * r).sum(-1).clamp_min(1e-12)
+        dist = torch.sqrt(dist2)
+        inv_d = 1.0 / dist
+        cos_inc = -(r * nrm[:, :, None, :]).sum(-1) * inv_d
+        cos_a = ((r * (direction[:, None, :] + dd)[:, None]).sum(-1) * inv_d).clamp(-1.0, 1.0)
     sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
     alpha = torch.atan2(sin_a, cos_a)
     r = s * cos_a * inv_d
@@ -552,12 +572,13 @@ def _lit_pairs(q, q2, direction, ev, a, nrm, z_max: float, min_sigma: float) -> 
 
 
 def _folded_pairs(
-    q, q2, nrm, direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma
+    q, q2, nrm, direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma, offset=None
 ) -> dict[str, Tensor]:
     """Folded direct light for R x C (event, PMT) pairs (shapes as in ``_ring_geometry``; ev holds the
-    per-event node tensors (R,K) s, theta2, t, th, var_th, emit; det (R|1,C,1) PMT detection factor)."""
+    per-event node tensors (R,K) s, theta2, t, th, var_th, emit; det (R|1,C,1) PMT detection factor;
+    offset: optional per-node (dx, dd) (R,K,3) each, see ``_ring_geometry``)."""
     dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2 = _ring_geometry(
-        q, q2, direction, ev["s"], ev["theta2"], a, nrm, min_sigma
+        q, q2, direction, ev["s"], ev["theta2"], a, nrm, min_sigma, offset
     )
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
     sig2 = sig2 + ev["var_th"][:, None, :]
@@ -594,6 +615,7 @@ def track_direct_light(
     wall: tuple[str, float, float | None] | None = None,
     n_max: float | None = None,
     fold_wavelength: bool = False,
+    node_offset: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Direct Cherenkov light of a straight charged track (muon, pion) -- see the module docstring.
 
@@ -601,9 +623,12 @@ def track_direct_light(
     t0 (E,) [ns]; wavelength nodes wl, wl_weight (L,) [nm]; other arguments as in :func:`direct_light`;
     wall = (shape, radius, height) truncates the track where it leaves the detector; n_max: largest refractive
     index of the band (sets the radiating range; default: max over the wavelength nodes);
-    fold_wavelength: use :func:`direct_light_folded` (O(E P K), for fitting) instead of the exact sum.
+    fold_wavelength: use :func:`direct_light_folded` (O(E P K), for fitting) instead of the exact sum;
+    node_offset (E,K,6): bent-track offsets per node (folded kernel only, see :func:`direct_light_folded`).
     Returns dict mu, t_mean, t_var (E,P) and the track nodes (E,K).
     """
+    if node_offset is not None and not fold_wavelength:
+        raise ValueError("node_offset: given with fold_wavelength=False; allowed only with the folded kernel")
     direction = direction / direction.norm(dim=-1, keepdim=True)
     n_max = float(refr_index.detach().max()) if n_max is None else float(n_max)
     nodes = muon_track_nodes(energy, mass, n_max, n_track_nodes, dedx, radiation_length)
@@ -612,6 +637,7 @@ def track_direct_light(
         wall_exit = wall_exit_distance(vertex, direction, wall[0], wall[1], wall[2])
     # Frank-Tamm: d2N/dx dlambda = 2 pi alpha / lambda^2 sin^2 theta_c, [1/(m nm)] with lambda in nm
     ft = TWO_PI * ALPHA * 1e9 / (wl.to(vertex.dtype) ** 2)
+    extra = {"node_offset": node_offset} if node_offset is not None else {}
     kernel = direct_light_folded if fold_wavelength else direct_light
     out = kernel(
         vertex,
@@ -630,6 +656,7 @@ def track_direct_light(
         t0,
         time_offset,
         wall_exit=wall_exit,
+        **extra,
     )
     out["nodes"] = nodes
     return out

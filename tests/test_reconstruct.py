@@ -19,7 +19,6 @@ from fitting.likelihood import HitLikelihood, hits_to_dense
 from fitting.prefit import prefit
 from fitting.reconstruct import STATUS, add_reconstruct_parser, reconstruct, resolutions, status_names
 from fitting.response import PhysicsResponse
-from fitting.uncertainty import irreducible_local
 from physics.config import ConfigError
 from physics.geometry import Detector, cylinder_grid
 from physics.medium import Medium
@@ -179,14 +178,16 @@ def test_closure_quick():
     assert bool((fit["nll"] <= nll_true + 1e-3).all())
     assert bool(torch.isfinite(fit["sigma_vertex"]).all()) and bool((fit["sigma_vertex"] > 0).all())
     assert bool((fit["sigma_vertex"] < 0.2).all()) and bool((fit["sigma_dir"] < 0.05).all())
-    # reported covariance = Hessian^-1 + the response's multiple-scattering covariance (fitting.uncertainty)
+    # reported covariance = Hessian^-1 + the fit's linear response to multiple-scattering kinks
+    # (fitting.uncertainty.kink_response_covariance): symmetric positive semi-definite, vertex and direction
+    # block only, and not negligible (the MS part of the transverse vertex variance of a 500 MeV muon)
     ms = fit["cov"] - fit["cov_hessian"]
-    p = {"vertex": fit["vertex"], "direction": fit["direction"], "energy": fit["energy"], "t0": fit["t0"]}
-    assert torch.allclose(ms, irreducible_local(resp, p, fit["e1"], fit["e2"]), rtol=1e-9, atol=1e-15)
+    assert torch.allclose(ms, ms.transpose(1, 2), rtol=1e-9, atol=1e-15)
+    assert float(torch.linalg.eigvalsh(ms).min()) > -1e-12
+    assert bool((ms[:, 5:, :] == 0).all()) and bool((ms[:, :, 5:] == 0).all())
     var_v = torch.diagonal(ms, dim1=1, dim2=2)
-    assert bool((var_v[:, 3:5] > 0).all()) and bool((var_v[:, 5:] == 0).all())  # angles yes; log E, t0 no
-    dn = fit["direction"]
-    assert float(torch.einsum("ei,eij,ej->e", dn, ms[:, :3, :3], dn).abs().max()) < 1e-12  # transverse only
+    assert bool((var_v[:, :2] > 0.1 * torch.diagonal(fit["cov_hessian"], dim1=1, dim2=2)[:, :2]).all())
+    assert bool((var_v[:, 3:5] > 0).all())
 
 
 def test_bad_input_flags_and_errors():
@@ -307,14 +308,16 @@ def _closure_pulls(n: int, seed: int):
 def test_closure_bias_and_pulls():
     """48 contained 500 MeV muons (MC with Highland multiple scattering, direct light only).
 
-    Pure-Hessian pulls are too wide across the track (MS: the light comes from a wandering track, the truth is
-    the initial vertex/direction; with MS switched off in the MC they are 1.03-1.11, 96 events). Measured
-    (this seed, 48 events): Hessian only x 2.06, y 2.66, z 1.39, dir 1.83/1.62, log E 1.16; with the MS
-    covariance of fitting.uncertainty x 1.06, y 1.44, z 1.03, dir 0.43/0.37 (256 events, H100: x 1.14, y 1.18,
-    z 1.03, dir 0.40/0.42). Asserted: converged; MS matters (Hessian-only transverse pull width > 1.4); the
-    reported vertex pull widths lie in [0.7, 1.6] and the transverse ones are narrower than Hessian-only;
-    |vertex/direction bias| < 3 sigma_stat + 2 cm / 0.3 deg; |energy bias| < 4%.
-    The issue's floor (1 +- 0.15 everywhere) is NOT met: test_closure_pull_floor_all_coordinates (xfail)."""
+    Pure-Hessian pulls are too wide (MS: the light comes from a wandering track, the truth is the initial
+    vertex/direction; with MS switched off in the MC they are 1.03-1.11, 96 events). The reported covariance
+    adds the fit's own linear response to the track's kinks (fitting.uncertainty.kink_response_covariance).
+    Measured (this seed; benchmarks/ms_fit_response.py): Hessian only x 2.08, y 2.62, z 1.29, dir 1.88/1.67,
+    log E 1.08; reported x 0.89, y 1.20, z 0.89, dir 0.95/0.83, log E 1.08 (the earlier straight-line-fit
+    MS model gave dir 0.44/0.38). Asserted: converged; MS matters (Hessian-only transverse pull width > 1.4);
+    reported vertex and direction pull widths in [0.7, 1.35] (48 events: +-10 % statistical) and narrower
+    than Hessian-only; |vertex/direction bias| < 3 sigma_stat + 2 cm / 0.3 deg; |energy bias| < 4%.
+    The issue's floor (1 +- 0.15 and unbiased everywhere) is NOT met: test_closure_pull_floor_all_coordinates
+    (xfail)."""
     n = 48
     fit, s, sh = _closure_pulls(n, seed=101)
     print("reported", s)
@@ -322,8 +325,9 @@ def test_closure_bias_and_pulls():
     assert s["n_ok"] >= n - 2
     for k in ("x", "y", "z"):
         assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + 0.02
-        assert 0.7 < s["pull_std"][k] < 1.6, (k, s["pull_std"][k])
-    for k in ("x", "y"):
+    for k in ("x", "y", "z", "dir_a", "dir_b"):
+        assert 0.7 < s["pull_std"][k] < 1.35, (k, s["pull_std"][k])
+    for k in ("x", "y", "dir_a", "dir_b"):
         assert s["pull_std"][k] < sh["pull_std"][k]
     for k in ("dir_a", "dir_b"):
         assert abs(s["bias"][k]) < 3 * s["bias_err"][k] + math.radians(0.3)
@@ -334,9 +338,8 @@ def test_closure_bias_and_pulls():
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 3 floor not met: reported direction pulls ~0.4 (the MS line-fit model predicts a larger "
-    "direction response to scattering than the likelihood fit shows), y ~1.2-1.4; log E pull ~1.2 and the "
-    "z bias (~1-2 cm, also without MS) are not modelled",
+    reason="issue 3 floor not met (48 events): pull widths y 1.20 and dir_b 0.83 just outside 1 +- 0.15 "
+    "(+-10 % statistical); pull means z +1.05 and log E -0.72 (biases present without MS too, not modelled)",
 )
 def test_closure_pull_floor_all_coordinates():
     """The issue's floor: pull width 1 +- 0.15 and |pull mean| < 2 / sqrt(n) for x, y, z, both direction

@@ -17,12 +17,12 @@ from fitting.response import PhysicsResponse, ResponseModel
 from fitting.uncertainty import (
     cartesian_to_local,
     highland_kink_variance,
-    irreducible_local,
     sampled_track_fit,
     track_fit_weights,
     track_ms_covariance,
 )
 from physics.config import ConfigError
+from physics.constants import MUON_MASS
 from physics.emission import track_steps
 from physics.geometry import Detector
 from physics.medium import Medium
@@ -135,11 +135,11 @@ def test_cartesian_to_local_projects_direction():
 
 
 def test_response_hook_tracks_and_showers(wcte):
-    """PhysicsResponse returns the MS covariance for muons, zeros for e-/gamma/isotropic; NaN rows skipped by
-    irreducible_local; bad particle / weighting raise ConfigError."""
+    """PhysicsResponse returns the MS covariance for muons, zeros for e-/gamma/isotropic; bad particle /
+    weighting raise ConfigError."""
     det, med, sen = wcte
     params = {
-        "vertex": torch.tensor([VTX, (float("nan"), 0.0, 0.0)], dtype=F64),
+        "vertex": torch.tensor([VTX, VTX], dtype=F64),
         "direction": torch.tensor([DIR, DIR], dtype=F64),
         "energy": torch.tensor([500.0, 500.0], dtype=F64),
         "t0": torch.zeros(2, dtype=F64),
@@ -147,10 +147,9 @@ def test_response_hook_tracks_and_showers(wcte):
     mu = PhysicsResponse(det, med, sen, "mu-", n_track_nodes=8, fold_wavelength=True)
     e1 = torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=F64)
     e2 = torch.tensor([[0.0, 1.0, 0.0]] * 2, dtype=F64)
-    loc = irreducible_local(mu, params, e1, e2)
-    assert float(loc[0, 0, 0]) > 1e-5 and float(loc[0, 3, 3]) > 1e-6
-    assert float(loc[1].abs().max()) == 0.0
     good = {k: x[:1] for k, x in params.items()}
+    loc = cartesian_to_local(mu.irreducible_covariance(good), e1[:1], e2[:1])
+    assert float(loc[0, 0, 0]) > 1e-5 and float(loc[0, 3, 3]) > 1e-6
     for part in ("e-", "gamma"):
         r = PhysicsResponse(det, med, sen, part, n_depth_nodes=4)
         assert float(r.irreducible_covariance(good).abs().max()) == 0.0
@@ -175,3 +174,32 @@ def test_cuda_matches_cpu(wcte):
     )
     assert c_gpu.device.type == "cuda"
     assert torch.allclose(c_gpu.cpu(), c_cpu, rtol=1e-6, atol=1e-12)
+
+
+def test_ms_kinks_of_the_response(wcte):
+    """PhysicsResponse.ms_kinks: per-cell Highland kink variances of the fitted track. Their sum along the
+    track agrees with the accumulated theta0^2 of the expected model's nodes (muon_track_nodes:
+    momentum-dependent rate integrated along the path, log term of the total path; a different quadrature of
+    the same law) within 10 % at the last node, grows along the track, and is None where no kinks are
+    modelled (showers, ms_covariance=False, the exact wavelength sum)."""
+    from physics import emission
+    from physics import expected as px
+
+    det, med, sen = wcte
+    p = {"vertex": torch.tensor([VTX], dtype=F64), "direction": torch.tensor([DIR], dtype=F64),
+         "energy": torch.tensor([500.0], dtype=F64)}
+    mu = PhysicsResponse(det, med, sen, "mu-", n_track_nodes=32, fold_wavelength=True)
+    k = mu.ms_kinks(p)
+    assert k["s"].shape == (1, 32) and k["var"].shape == (1, 32)
+    assert bool((k["var"] > 0).all()) and bool((k["s"].diff(dim=1) > 0).all())
+    wl, _ = mu._wavelength_nodes(F64, torch.device("cpu"))
+    nodes = px.muon_track_nodes(p["energy"], MUON_MASS, float(med.refractive_index(wl).max()), 32,
+                                lambda kin: emission.bethe_dedx(kin, MUON_MASS, med, spin_half=True),
+                                med.radiation_length)
+    acc = torch.cumsum(k["var"], 1) - 0.5 * k["var"]
+    print("kink variance sum", float(acc[0, -1]), "theta0^2 at the last node", float(nodes["theta2"][0, -1]))
+    assert float(acc[0, -1]) == pytest.approx(float(nodes["theta2"][0, -1]), rel=0.1)
+    off = PhysicsResponse(det, med, sen, "mu-", fold_wavelength=True, ms_covariance=False)
+    assert off.ms_kinks(p) is None
+    assert PhysicsResponse(det, med, sen, "mu-", fold_wavelength=False).ms_kinks(p) is None
+    assert PhysicsResponse(det, med, sen, "e-", n_depth_nodes=4).ms_kinks(p) is None
