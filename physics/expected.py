@@ -544,14 +544,16 @@ def _ring_geometry(
         inv_d = 1.0 / dist
         cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
         cos_a = ((proj[..., None] - s) * inv_d).clamp(-1.0, 1.0)
-    else:
-        dx, dd = offset  # r: node -> PMT (R,C,K,3)
-        r = q[:, :, None, :] - s[..., None] * direction[:, None, None, :] - dx[:, None]
-        dist2 = (r * r).sum(-1).clamp_min(1e-12)
+    else:  # node at c_k = s_k d + dx_k with axis e_k = d + dd_k; r = q - c_k via (R,C,3) x (R,3,K) products
+        dx, dd = offset
+        c = s[:, 0, :, None] * direction[:, None, :] + dx  # (R,K,3)
+        e = direction[:, None, :] + dd
+        ct, et = c.transpose(1, 2), e.transpose(1, 2)
+        dist2 = (q2[..., None] - 2.0 * (q @ ct) + (c * c).sum(-1)[:, None, :]).clamp_min(1e-12)
         dist = torch.sqrt(dist2)
         inv_d = 1.0 / dist
-        cos_inc = -(r * nrm[:, :, None, :]).sum(-1) * inv_d
-        cos_a = ((r * (direction[:, None, :] + dd)[:, None]).sum(-1) * inv_d).clamp(-1.0, 1.0)
+        cos_inc = ((nrm @ ct) - (q * nrm).sum(-1)[..., None]) * inv_d
+        cos_a = (((q @ et) - (c * e).sum(-1)[:, None, :]) * inv_d).clamp(-1.0, 1.0)
     sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
     alpha = torch.atan2(sin_a, cos_a)
     r = s * cos_a * inv_d
