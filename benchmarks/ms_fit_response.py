@@ -18,7 +18,6 @@ Usage: python benchmarks/ms_fit_response.py [--events 48] [--seed 101] [--thread
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -28,14 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import physics.simulate as psim  # noqa: E402
 from benchmarks._util import write_json  # noqa: E402
-from fitting.likelihood import HitLikelihood, hits_to_dense  # noqa: E402
+from benchmarks.bench_reconstruct import setup  # noqa: E402
+from fitting.likelihood import hits_to_dense  # noqa: E402
 from fitting.reconstruct import _hessian, _local_to_params, reconstruct, resolutions  # noqa: E402
-from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
-from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 F64 = torch.float64
-VTX, DIR = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)
+VTX = (0.0, 0.0, -1.2)  # along (0.2, 0.1, 1): bench_reconstruct.setup
 NAMES = ("x", "y", "z", "dir_a", "dir_b", "log_e")
 
 
@@ -72,15 +70,8 @@ def main() -> None:
         return st
 
     psim.track_steps = keep_steps
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VTX, direction=DIR,
-                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)  # direct light only
     n = a.events
-    res = sim.run(n, seed=a.seed, batch_size=n)
-    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32,
-                           fold_wavelength=True)
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    _, res, resp, like = setup("wcte", VTX, n, a.seed)  # direct light only, as bench_reconstruct
     fit = reconstruct(res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50,
                       dtype=torch.float32)
     h = res["hits"]
