@@ -18,10 +18,11 @@ are independent, so one batched evaluation gives every event's NLL and gradient.
   (tracks only: the shower profile's incomplete gamma function has no forward-mode derivative in torch).
 * ``'adam'``: for comparison.
 
-Measured on 8 contained 500 MeV muons, direct light (benchmarks/bench_reconstruct.py): all reach the same
-minimum after the Newton polish (NLL equal to 1e-5); batched value+gradient evaluations WCTE 21 (BFGS,
-plus one forward pass of 7 copies for the Fisher start) vs 43 (L-BFGS), SK 51-54 vs 66; LM needs 10-12
-Jacobians of ~3.5 evaluations each. Timings: benchmarks/results/reconstruct_*.json.
+Measured on contained 500 MeV muons, direct light (benchmarks/bench_reconstruct.py, 2 threads): BFGS and
+L-BFGS reach the same minimum after the Newton polish (NLL equal to 1e-5); batched value+gradient
+evaluations WCTE 14 (BFGS, plus one forward pass of 7 copies for the Fisher start) vs 34 (L-BFGS) for
+8 events, SK 42 vs 49 for 4 events; 0.75-0.98 vs 1.09-1.37 s/event (WCTE) and 4.4 vs 12.5 s/event (SK);
+LM needs 10-12 Jacobians of ~3.5 evaluations each (benchmarks/results/reconstruct_cpu_bfgs_minuit8.json).
 
 Uncertainties: covariance = inverse Hessian of the per-event NLL (the observed Fisher information; Cramer-
 Rao, e.g. James, Statistical Methods in Experimental Physics, 2006, ch. 7) in the local coordinates
