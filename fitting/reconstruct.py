@@ -246,6 +246,15 @@ def _pmt_information(likelihood, pred: dict[str, Tensor], obs: dict[str, Tensor]
     return (evec * ev.clamp_min(0.0)[..., None, :]) @ evec.transpose(-1, -2)
 
 
+def _with_t0_column(jac6: Tensor, keys: list[str], unit: float | Tensor = 1.0) -> Tensor:
+    """Append the t0 column to a (6,N,P,C) prediction Jacobian over (v, a, b, log E): exact by time-
+    translation invariance (the model depends on t0 only through t_mean = t0 + ...), d t_mean / d t0 =
+    ``unit`` (the t0 scale of the coordinates), every other channel 0. Returns (7,N,P,C)."""
+    jt0 = torch.zeros_like(jac6[0])
+    jt0[..., keys.index("t_mean")] = unit
+    return torch.cat([jac6, jt0[None]], 0)
+
+
 def _scoring_system(response, likelihood, obs, base, dtype) -> tuple[Tensor, Tensor, Tensor]:
     """NLL (N,), exact gradient (N,7) and Fisher matrix (N,7,7) in local coordinates y = 0 about ``base``.
 
@@ -262,14 +271,11 @@ def _scoring_system(response, likelihood, obs, base, dtype) -> tuple[Tensor, Ten
         keys[:] = [k for k in _PRED_KEYS if k in o]
         return torch.stack([o[k] for k in keys], -1)  # (N,P,C)
 
-    # tangents of v (3), a, b, log E; the t0 column is exact by time-translation invariance (the model
-    # depends on t0 only through t_mean = t0 + ...): d t_mean / d t0 = 1, everything else 0
+    # tangents of v (3), a, b, log E; the t0 column is exact (``_with_t0_column``)
     tang = torch.eye(7, dtype=dtype, device=y0.device)[:6, None, :].expand(6, n, 7)
     with torch.no_grad():  # forward mode only: no reverse graph through the response's parameters
         val, jac = torch.func.vmap(lambda t: torch.func.jvp(eta, (y0,), (t,)), out_dims=(None, 0))(tang)
-        jt0 = torch.zeros_like(val)
-        jt0[..., keys.index("t_mean")] = 1.0
-        jac = torch.cat([jac, jt0[None]], 0)  # (7,N,P,C)
+        jac = _with_t0_column(jac, keys)  # (7,N,P,C)
     ch = [val[..., c].detach().requires_grad_() for c in range(val.shape[-1])]
     pred = dict(zip(keys, ch, strict=True))
     ell = likelihood.per_pmt(pred, obs)  # (N,P)
@@ -391,10 +397,7 @@ def _fisher_fd(response, likelihood, obs, base, dtype, sc: Tensor, h: float = 0.
         out = response.expected(_local_to_params(y.reshape(7 * n, 7), rep))
         keys = [k for k in _PRED_KEYS if k in out]
         eta = torch.stack([out[k] for k in keys], -1).reshape(7, n, *out["mu"].shape[1:], len(keys)).double()
-        jac = (eta[1:] - eta[:1]) / h  # (6,N,P,C)
-        jt0 = torch.zeros_like(eta[0])
-        jt0[..., keys.index("t_mean")] = sc[6]  # the model depends on t0 only through t_mean = t0 + ...
-        jac = torch.cat([jac, jt0[None]], 0)
+        jac = _with_t0_column((eta[1:] - eta[:1]) / h, keys, sc[6])  # (7,N,P,C)
         info = _pmt_information(likelihood, {k: out[k][:n].detach() for k in keys}, obs).double()
     return torch.einsum("inpc,npcd,jnpd->nij", jac, info, jac)
 
