@@ -430,9 +430,8 @@ class PhysicsResponse(ResponseModel):
                 lambda kin: emission.bethe_dedx(kin, mass, m, spin_half=spin_half),
                 m.radiation_length,
             )
-            s, ds, beta = nodes["s"], nodes["ds"], nodes["beta"]
-            kin = mass * (torch.rsqrt((1.0 - beta * beta).clamp_min(1e-12)) - 1.0)
-            var = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, kin, mass, m.radiation_length)
+            s, ds = nodes["s"], nodes["ds"]
+            var = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, nodes["kin"], mass, m.radiation_length)
         return {"s": s, "var": var}
 
     def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:

@@ -145,7 +145,8 @@ def muon_track_nodes(
 
     Every quantity is smooth in ``energy`` (the cell width scales with E - T_thr; below threshold all
     weights vanish, and the Frank-Tamm factor makes mu ~ (E - T_thr)^2 there).
-    Returns dict of (E, K) tensors: s [m], ds [m], beta, t [ns], theta2 [rad^2] (per projected plane).
+    Returns dict of (E, K) tensors: s [m], ds [m], kin [MeV] (kinetic energy at the node), beta, t [ns],
+    theta2 [rad^2] (per projected plane).
     """
     n_max_t = torch.as_tensor(n_max, dtype=energy.dtype, device=energy.device)
     t_thr = mass * (1.0 / torch.sqrt(1.0 - 1.0 / (n_max_t * n_max_t)) - 1.0)
@@ -161,7 +162,7 @@ def muon_track_nodes(
     dth = ds * highland_rate(kin, mass) / radiation_length
     th_acc = torch.cumsum(dth, 1) - 0.5 * dth
     log_term = 1.0 + 0.038 * torch.log((s / radiation_length).clamp_min(1e-3))
-    return {"s": s, "ds": ds, "beta": beta, "t": t, "theta2": th_acc * log_term * log_term}
+    return {"s": s, "ds": ds, "kin": kin, "beta": beta, "t": t, "theta2": th_acc * log_term * log_term}
 
 
 # ----------------------------------------------------------------------------------------------------------

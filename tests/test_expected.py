@@ -490,8 +490,6 @@ def test_node_offset_rigid_motions_match_event_derivatives():
     tracks, since the offsets do not move the wall-exit point; times weighted by mu, as in the likelihood
     (a pruned pair's t_mean is its mu -> 0 limit from the vertex, and the time moments are centred on the
     vertex-PMT distance with a 1/(mu + MU_EPS) weight). Zero offsets leave the outputs unchanged."""
-    from physics import expected as px
-
     resp, p = _bent_track_setup()
     k = resp.n_track_nodes
     v = p["vertex"].clone().requires_grad_()
@@ -507,14 +505,8 @@ def test_node_offset_rigid_motions_match_event_derivatives():
     gv, gd, go = torch.autograd.grad(total, [v, d, off])
     print("vertex rel diff", float((go[..., :3].sum(1) - gv).norm() / gv.norm()))
     assert torch.allclose(go[..., :3].sum(1), gv, rtol=1e-8, atol=1e-10)
-    # node path lengths as the response uses them (physics.expected.muon_track_nodes)
-    med = resp.medium
-    wl, _ = resp._wavelength_nodes(F64, torch.device("cpu"))
-    nodes = px.muon_track_nodes(
-        p["energy"], MUON_MASS, float(med.refractive_index(wl).max()), k,
-        lambda kin: emission.bethe_dedx(kin, MUON_MASS, med, spin_half=True), med.radiation_length,
-    )
-    turn = go[..., 3:].sum(1) + (nodes["s"][..., None] * go[..., :3]).sum(1)
+    s = resp.ms_kinks(p)["s"]  # the node path lengths of the response's track
+    turn = go[..., 3:].sum(1) + (s[..., None] * go[..., :3]).sum(1)
     dn = p["direction"]
     transverse = lambda g: g - (g * dn).sum(-1, keepdim=True) * dn  # noqa: E731
     print("direction rel diff", float((transverse(turn) - transverse(gd)).norm() / gd.norm()))
