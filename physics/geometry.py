@@ -37,10 +37,19 @@ _F64 = torch.float64
 _TINY = 1e-30
 _AX1 = torch.tensor([1, 0, 0])  # cube-map in-face axes for faces normal to x, y, z
 _AX2 = torch.tensor([2, 2, 1])
-# rays per chunk of the PMT look-up: the float64 wall geometry and the ray-disk kernel work on bounded
-# temporaries (0.5-1 MB per array) instead of 1e6-row ones; 2^17 was the fastest of 2^13..2^20 on a 2-core
-# CPU (smaller chunks lose to per-op overhead). Results are per ray, independent of the chunking.
+# rays per chunk of the PMT look-up: on CPU the float64 wall geometry and the ray-disk kernel work on
+# bounded temporaries (0.5-1 MB per array) instead of 1e6-row ones; 2^17 was the fastest of 2^13..2^20 on a
+# 2-core CPU (smaller chunks lose to per-op overhead). On a GPU each op of a chunk is one kernel launch of
+# ~5-10 us host time, so chunks are 2^22 rays (~30 MB per float64 temporary): with 2^17 a 1e7-photon SK
+# transport on an H100 made 54k launches for 0.11 s of GPU work and ran at 1.3e7 photon-steps/s.
+# Results are per ray, independent of the chunking.
 _RAY_CHUNK = 1 << 17
+_RAY_CHUNK_GPU = 1 << 22
+
+
+def ray_chunk(device: torch.device) -> int:
+    """Rays per chunk of the PMT look-up on ``device`` (see ``_RAY_CHUNK``)."""
+    return _RAY_CHUNK if device.type == "cpu" else _RAY_CHUNK_GPU
 
 
 class PresetRow(NamedTuple):
@@ -1050,13 +1059,15 @@ class Detector:
             n_all = pt.shape[1]
             parts: list[tuple[Tensor, ...]] = []
             n_slow = 0.0
-            for s in range(0, n_all, _RAY_CHUNK):  # cache-sized chunks (see _RAY_CHUNK)
-                sl = slice(s, s + _RAY_CHUNK)
+            chunk = ray_chunk(pos.device)
+            for s in range(0, n_all, chunk):  # cache-sized chunks on CPU, large ones on GPU (see _RAY_CHUNK)
+                sl = slice(s, s + chunk)
                 pc, dc = pt[:, sl], dtr[:, sl]
                 t64, surf, start_in, fast, cell = self._grid_prep(pc, dc)
                 t_wall = t64.to(pos.dtype)
                 wd = t_wall if wdd is None else torch.minimum(wdd[sl], t_wall + self.tol)
-                res = self._first_pmt(pc, dc, wd + self.tol, start_in, fast, cell, short=t64 <= self.pad)
+                res = self._first_pmt(pc, dc, wd + self.tol, start_in, fast, cell, chunk=chunk,
+                                      short=t64 <= self.pad)
                 parts.append(res + ((t_wall, surf) if keep_wall else ()))
                 n_slow += self.last_fallback_fraction * pc.shape[1]
             self.last_fallback_fraction = n_slow / max(n_all, 1)
@@ -1096,7 +1107,7 @@ class Detector:
         than ``pad`` (e.g. reflections in a cylinder's cap-barrel corner) lie entirely within pad of h and
         use h's cell alone. The rare remaining rays whose shell path is longer (skimming the wall) are
         tested against all PMTs. Both paths use the same ray-disk test; rays are processed in chunks of
-        ``_RAY_CHUNK`` (per-ray results, independent of the chunking).
+        ``ray_chunk(device)`` (per-ray results, independent of the chunking).
         """
         idx, t_hit, dn_hit, _, _ = self._pmt_core(pos, dir, wall_dist)
         hit = idx < self.n_pmts

@@ -183,6 +183,22 @@ def test_one_pass_wall_and_pmt_query_equals_brute_force(
     assert torch.isinf(dist[~hit]).all() and (cos[~hit] == 0).all() and (cos[hit] > 0).all()
 
 
+def test_pmt_lookup_independent_of_ray_chunk(wcte: Detector, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The look-up is per ray: chunks of 1000 rays (many chunks, as a CPU run of 1e7 rays has) and one chunk
+    of 2^22 (the GPU setting) give bit-identical answers, both against the all-PMT brute force."""
+    import physics.geometry as geometry
+
+    pos, d = _rays(wcte, 5000, 12, torch.float32)
+    got = []
+    for size in (1000, geometry._RAY_CHUNK_GPU):
+        monkeypatch.setattr(geometry, "ray_chunk", lambda device, size=size: size)
+        got.append(wcte.wall_pmt_intersect(pos, d))
+    for a, b in zip(*got, strict=True):
+        assert torch.equal(a, b)
+    pb, _ = _brute(wcte, pos, d, got[0][0])
+    assert torch.equal(got[0][2], pb) and (pb >= 0).float().mean() > 0.05
+
+
 def test_select_is_bitwise_where() -> None:
     """The CPU integer-mask select copies every value exactly as torch.where does (inf, NaN, -0, ints)."""
     g = torch.Generator().manual_seed(0)
