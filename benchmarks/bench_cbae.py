@@ -196,13 +196,20 @@ def evaluate_level(
     return res
 
 
-def encoder_rate(model: CBAE, n_samples: int, batch: int = 65536, reps: int = 5) -> float:
-    x = 200.0 + 5 * torch.randn(batch, n_samples)
+def encoder_rate(
+    model: CBAE, n_samples: int, batch: int = 65536, reps: int = 5, device: str = "cpu"
+) -> float:
+    """Encoder (``CBAE.estimate``) waveforms per second on ``device``, batches of ``batch`` (float32)."""
+    model = model.to(device)
+    x = 200.0 + 5 * torch.randn(batch, n_samples, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         model.estimate(x)
+        sync()
         t0 = time.perf_counter()
         for _ in range(reps):
             model.estimate(x)
+        sync()
         return reps * batch / (time.perf_counter() - t0)
 
 
@@ -217,8 +224,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine-iter", type=int, default=6, help="LM iterations of CBAE.refine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared 2-core CPU: 1)")
+    ap.add_argument("--speed-only", default=None, metavar="DEVICE",
+                    help="only time the encoder on DEVICE (cpu or cuda) and write {--out}")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.speed_only:
+        model = load_cbae(a.model)
+        out = {"model": a.model, "device": a.speed_only,
+               "encoder_waveforms_per_s": {str(b): encoder_rate(model, model.n_samples, batch=b, reps=20,
+                                                                device=a.speed_only)
+                                           for b in (4096, 65536, 262144)}}
+        atomic_write_json(a.out, out)
+        print(out)
+        return out
     if a.quick:
         a.n_test, a.n_oracle = 2000, 200
     torch.manual_seed(0)
