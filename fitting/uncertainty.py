@@ -234,7 +234,8 @@ def track_fit_weights(
         if wall is not None:  # cells beyond the wall do not radiate (as in physics.expected.direct_light)
             exit_d = px.wall_exit_distance(v, d, wall[0], wall[1], wall[2])
             w = w * ((exit_d[:, None] - (s - 0.5 * ds)) / ds.clamp_min(1e-30)).clamp(0.0, 1.0)
-        kv = highland_kink_variance(s - 0.5 * ds, s + 0.5 * ds, kin, mass, x0)
+        path = nodes["path"]
+        kv = highland_kink_variance(path - 0.5 * ds, path + 0.5 * ds, kin, mass, x0)
         u1, u2 = tangent_basis(d)
         e, k = s.shape
         if weighting == "likelihood":
