@@ -3,16 +3,22 @@
 Events: 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only (wall/PMT reflection
 and Rayleigh off) so that the physics response is the truth up to the muon's multiple scattering (MS).
 ``--no-ms`` switches the MC's multiple scattering off
-(physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself.
+(physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself;
+with it, ``--fit-no-ms`` (X0 -> inf in the fit's model) and ``--exact-wavelength`` make the fit's model the
+MC's own physics exactly (a sharp ring needs the wavelength sum: the folded kernel's Gaussian spread of the
+Cherenkov angle is then too crude). ``--track-nodes`` sets the track quadrature.
+Pull widths: standard deviation and the robust half 16-84 % inter-quantile range.
 Pulls are reported with the pure-Hessian uncertainty (``cov_hessian``) and with the reported one (Hessian + MS
 covariance, ``cov``) when the fit provides both.
 Writes benchmarks/results/closure_pulls[_noms].json.
-Usage: python benchmarks/bench_closure_pulls.py [--events N] [--no-ms] [--device cuda] [--seed S]
+Usage: python benchmarks/bench_closure_pulls.py [--events N] [--no-ms [--fit-no-ms --exact-wavelength]]
+    [--track-nodes K] [--device cuda] [--seed S] [--batch-size B] [--name NAME]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 import time
@@ -32,6 +38,12 @@ from physics.emission import track_steps  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 
+def robust_width(x: torch.Tensor) -> float:
+    """Half the 16-84 % inter-quantile range (= sigma for a Gaussian; insensitive to a few outliers)."""
+    q = torch.quantile(x.double(), torch.tensor([0.15865, 0.84135], dtype=torch.float64, device=x.device))
+    return float(0.5 * (q[1] - q[0]))
+
+
 def pull_summary(fit: dict, truth: dict, cov_key: str) -> dict:
     """Pull mean/std (with standard errors) using ``fit[cov_key]`` as the covariance."""
     f = dict(fit)
@@ -45,6 +57,7 @@ def pull_summary(fit: dict, truth: dict, cov_key: str) -> dict:
         "n": n,
         "pull_mean": {k: float(p[:, i].mean()) for i, k in enumerate(names)},
         "pull_std": {k: float(p[:, i].std()) for i, k in enumerate(names)},
+        "pull_width_68": {k: float(robust_width(p[:, i])) for i, k in enumerate(names)},
         "pull_mean_err": 1.0 / math.sqrt(max(n, 1)),
         "pull_std_err": 1.0 / math.sqrt(max(2 * (n - 1), 1)),
         "bias": r["summary"]["bias"],
@@ -60,6 +73,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=101)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the fit's model")
+    ap.add_argument("--exact-wavelength", action="store_true", help="fit: exact wavelength sum")
+    ap.add_argument("--fit-no-ms", action="store_true", help="fit's model without multiple scattering")
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,8 +94,13 @@ def main() -> None:
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
+    medium = sim.medium
+    if args.fit_no_ms:  # X0 -> inf: no scattering in the fit's model (ring smearing, kinks, shortening)
+        medium = copy.deepcopy(sim.medium)
+        medium.radiation_length = math.inf
     resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+        sim.detector, medium, sim.sensors, "mu-", sim.optics, n_track_nodes=args.track_nodes,
+        fold_wavelength=not args.exact_wavelength, ms_covariance=not args.fit_no_ms,
     )
     like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(args.device)
     t0 = time.perf_counter()
@@ -94,6 +115,9 @@ def main() -> None:
         "multiple_scattering": not args.no_ms,
         "seed": args.seed,
         "device": args.device,
+        "track_nodes": args.track_nodes,
+        "fold_wavelength": not args.exact_wavelength,
+        "fit_multiple_scattering": not args.fit_no_ms,
         "n_ok": int(fit["ok"].sum()),
         "seconds_simulate": t_sim,
         "seconds_fit": t_fit,
