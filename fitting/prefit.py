@@ -15,9 +15,11 @@ Units: m, ns, MeV (kinetic), p.e. Shapes: E events x P PMTs (dense hit arrays fr
   arrives at t0 + s*/c + |x - v - s* d| n_g / c (fiTQun's pre-fit track-time residual, Jiang et al. 2019).
 * Direction -- charge-weighted mean of the unit vectors (x_i - v) / |x_i - v| from the vertex to the hit
   PMTs: for a Cherenkov ring it points along the track axis (the ring is symmetric about it).
-* Energy -- total charge Q against the expected total mu of the response model at two reference energies
-  (mu_tot is close to linear in kinetic energy above threshold for a track: light yield ~ track length);
-  E = E_1 + (Q - M_1) (E_2 - E_1) / (M_2 - M_1), clamped to [e_min, e_max].
+* Energy -- total charge Q against the expected total mu_tot(E) of the response model on a ladder of
+  energies (one batched evaluation), inverted by monotone piecewise-linear interpolation (mu_tot is close to
+  linear in kinetic energy above threshold for a track -- light yield ~ track length -- and zero below the
+  Cherenkov threshold, where a seed would leave the fit without any gradient in energy); beyond the ladder
+  the last segment is extended; the seed is clamped to [e_min, e_max].
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from torch import Tensor
 
 from physics.config import ConfigError
 from physics.constants import C_M_PER_NS
+
+# kinetic energies [MeV] of the energy seed's calibration: rungs below and above the muon Cherenkov threshold
+# in water (~54 MeV; showers radiate at all of them), then one segment 300 -> 800 MeV, extended linearly
+# beyond: the seed vertex lies mid-track, so from there a multi-GeV rung would leave the detector and its
+# saturated charge would extrapolate to absurd energies (tried: 1 GeV muons in WCTE then failed 33 of 40 fits)
+ENERGY_LADDER = (20.0, 40.0, 70.0, 120.0, 200.0, 300.0, 800.0)
 
 __all__ = ["time_residual_fit", "track_time_fit", "charge_direction", "energy_from_charge", "prefit"]
 
@@ -153,33 +161,44 @@ def energy_from_charge(
     vertex: Tensor,
     direction: Tensor,
     *,
-    e_ref: tuple[float, float] = (300.0, 800.0),
+    ladder: tuple[float, ...] = ENERGY_LADDER,
     e_min: float = 20.0,
     e_max: float = 1e5,
 ) -> Tensor:
-    """Energy seed (E,) [MeV] from the total charge (E,) [p.e.] by the linear calibration described above.
+    """Energy seed (E,) [MeV] from the total charge (E,) [p.e.]: mu_tot on the energy ``ladder`` [MeV]
+    (increasing), inverted piecewise-linearly (module doc).
 
-    The two reference expectations are computed with ``response`` (a ResponseModel whose event keys are
-    vertex, direction, energy) at the seed vertex and direction, so the detector geometry, the track's exit
-    through the wall and attenuation are included."""
+    The ladder's expectations are computed with ``response`` (a ResponseModel whose event keys are vertex,
+    direction, energy) at the seed vertex and direction, so the detector geometry, the track's exit through
+    the wall, attenuation and the Cherenkov threshold are included. A charge below the first lit rung (the
+    rung before it has mu_tot = 0: the threshold lies between them) gets that rung's energy, so a faint
+    track's seed radiates and the fit has a gradient in energy."""
     n = vertex.shape[0]
     dt = torch.float64
+    dev = vertex.device
+    lad = torch.tensor(ladder, dtype=dt, device=dev)
+    if lad.numel() < 2 or not bool((lad.diff() > 0).all()):
+        raise ConfigError(f"ladder: got {ladder!r}; allowed: at least two increasing energies [MeV]")
+    k = lad.numel()
     with torch.no_grad():
-        e1 = torch.full((n,), e_ref[0], dtype=dt, device=vertex.device)
-        e2 = torch.full((n,), e_ref[1], dtype=dt, device=vertex.device)
         out = response.expected(
             {
-                "vertex": torch.cat([vertex, vertex]).to(dt),
-                "direction": torch.cat([direction, direction]).to(dt),
-                "energy": torch.cat([e1, e2]),
-                "t0": torch.zeros(2 * n, dtype=dt, device=vertex.device),
+                "vertex": vertex.to(dt).repeat_interleave(k, 0),
+                "direction": direction.to(dt).repeat_interleave(k, 0),
+                "energy": lad.repeat(n),
+                "t0": torch.zeros(n * k, dtype=dt, device=dev),
             }
         )
-        tot = out["mu"].sum(1)
-        m1, m2 = tot[:n], tot[n:]
-        slope = (m2 - m1) / (e_ref[1] - e_ref[0])
-        e = e_ref[0] + (total_charge.to(dt) - m1) / slope.clamp_min(1e-9)
-    return e.clamp(e_min, e_max)
+        tot = torch.cummax(out["mu"].sum(1).reshape(n, k), 1).values  # (E,K), monotone
+        q = total_charge.to(dt).reshape(n, 1)
+        j = torch.searchsorted(tot.contiguous(), q, right=True).clamp(1, k - 1)  # segment [j-1, j]
+        lo, hi = j - 1, j
+        m_lo, m_hi = tot.gather(1, lo), tot.gather(1, hi)
+        e_lo, e_hi = lad[lo], lad[hi]
+        e = e_lo + (q - m_lo) * (e_hi - e_lo) / (m_hi - m_lo).clamp_min(1e-9)
+        # below the first lit rung the threshold lies somewhere in the segment: seed at the lit rung
+        e = torch.where(m_lo > 1e-6 * m_hi, e, e_hi)
+    return e[:, 0].clamp(e_min, e_max)
 
 
 def prefit(
