@@ -1,0 +1,100 @@
+"""MC vs expected-model mean first-hit time per PMT: the timing check behind the closure's z bias.
+
+Events: N contained 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only (as in
+bench_closure_pulls.py). Per PMT the MC's mean hit time over the events that hit it is compared with the
+model's mean first-hit time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)),
+from the likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS,
+flat dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak.
+Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
+of the mean. Default: the MC with multiple scattering (MS) against the default fit model (folded
+wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own physics (exact wavelength sum,
+K = 64, X0 -> inf), where the offsets vanish.
+
+    python benchmarks/first_hit_timing.py [--events 400] [--no-ms] [--threads 2]
+Writes benchmarks/results/first_hit_timing[_noms].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import physics.simulate as psim  # noqa: E402
+from benchmarks._util import write_json  # noqa: E402
+from fitting.likelihood import HitLikelihood, time_log_density  # noqa: E402
+from fitting.response import PhysicsResponse  # noqa: E402
+from physics.emission import track_steps  # noqa: E402
+from physics.simulate import SimConfig, Simulator  # noqa: E402
+
+VERTEX, DIRECTION = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)
+BANDS = ((0.5, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 1e9))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--events", type=int, default=400)
+    ap.add_argument("--no-ms", action="store_true", help="MC without MS, fitted model = the MC's physics")
+    ap.add_argument("--seed", type=int, default=17)
+    ap.add_argument("--min-hits", type=int, default=20, help="PMTs hit in fewer events are skipped")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.no_ms:
+        psim.track_steps = partial(track_steps, multiple_scattering=False)
+    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VERTEX, direction=DIRECTION,
+                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
+    sim = Simulator(cfg)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    n_pmt = sim.detector.n_pmts
+    hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
+    count = torch.bincount(hits.pmt, minlength=n_pmt).double()
+    t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double())
+    t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double() ** 2)
+    medium = sim.medium
+    if a.no_ms:
+        medium = copy.deepcopy(sim.medium)
+        medium.radiation_length = math.inf
+    resp = PhysicsResponse(sim.detector, medium, sim.sensors, "mu-", sim.optics,
+                           n_track_nodes=64 if a.no_ms else 32, fold_wavelength=not a.no_ms)
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).double()
+    d = torch.tensor([DIRECTION], dtype=torch.float64)
+    with torch.no_grad():
+        o = resp.expected({"vertex": torch.tensor([VERTEX], dtype=torch.float64), "direction": d / d.norm(),
+                           "energy": torch.tensor([500.0], dtype=torch.float64),
+                           "t0": torch.zeros(1, dtype=torch.float64)})
+        mu, t_mean = o["mu"][0], o["t_mean"][0]
+        sig2 = o["t_var"][0] + sim.sensors.tts_ns**2
+        x = torch.linspace(-8, 12, 4001, dtype=torch.float64)
+        grid = t_mean[:, None] + x[None] * sig2.sqrt()[:, None]
+        dark = torch.full_like(grid, float(like.mu_dark))
+        dens = torch.exp(time_log_density(grid, mu[:, None], t_mean[:, None], sig2[:, None], dark,
+                                          cfg.dark_window_ns))
+        t_model = (dens * grid).sum(1) / dens.sum(1)
+    t_mc = t_sum / count.clamp_min(1)
+    var_mc = (t2_sum / count.clamp_min(1) - t_mc**2).clamp_min(0) / count.clamp_min(1)
+    rows = []
+    for lo, hi in BANDS:
+        m = (mu > lo) & (mu <= hi) & (count >= a.min_hits)
+        if not bool(m.any()):
+            continue
+        diff = (t_mc - t_model)[m]
+        rows.append({"mu_band_pe": [lo, hi], "pmts": int(m.sum()), "mean_ps": 1e3 * float(diff.mean()),
+                     "median_ps": 1e3 * float(diff.median()),
+                     "mean_err_ps": 1e3 * math.sqrt(float(var_mc[m].sum())) / int(m.sum())})
+        r = rows[-1]
+        print(f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
+              f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f})")
+    write_json("first_hit_timing_noms" if a.no_ms else "first_hit_timing",
+               {"events": a.events, "multiple_scattering": not a.no_ms, "seed": a.seed, "bands": rows})
+
+
+if __name__ == "__main__":
+    main()
