@@ -623,7 +623,8 @@ def ms_time_shift(
     tanh(x / 3 sigma)): beyond it the Gaussian tail, not a displaced node, is what the ring kernel describes,
     and an uncapped shift (ns for PMTs far off the ring) trapped a fit started 60 deg off in a false minimum.
     s, theta2 (R,K); inv_d = 1/d, alpha, sig2 (R,C,K); theta_c (R,1|C,K).
-    (Measured effect, 96 closure muons of benchmarks/bench_closure_pulls.py: log E bias -0.82 -> -0.36 %.)"""
+    (Measured effect, 96 closure muons of benchmarks/bench_closure_pulls.py: log E bias -0.82 -> -0.40 %,
+    z bias unchanged.)"""
     s = s[:, None, :]
     r = s * torch.cos(alpha) * inv_d
     cov_u = theta2[:, None, :] * s * (0.5 + r / 3.0)
