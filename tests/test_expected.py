@@ -581,14 +581,17 @@ def test_ms_time_shift_is_the_gaussian_conditional_displacement() -> None:
     u = 0.5 * s * phi + math.sqrt(th2 * s * s / 12.0) * z2
     a = phi + u * math.cos(alpha) / d + math.sqrt(extra) * z3
     sig = math.sqrt(sig2)
+
+    def t(x: float) -> torch.Tensor:
+        return torch.tensor([[x]], dtype=F64)
+
     for delta in (0.5 * sig, -0.5 * sig):
         sel = (a - delta).abs() < 0.02 * sig
         mc = -(ng / C_M_PER_NS) * math.sin(alpha) * float(u[sel].mean())
         err = (ng / C_M_PER_NS) * math.sin(alpha) * float(u[sel].std()) / math.sqrt(int(sel.sum()))
-        t = lambda x: torch.tensor([[x]], dtype=F64)  # noqa: E731
-        got = float(ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(1 / d)[None], t(alpha)[None],
-                                  t(alpha - delta)[None], t(sig2)[None], ng))
+        got = float(ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(r)[None], t(math.sin(alpha))[None],
+                                  t(delta)[None], t(sig2)[None], ng))
         assert abs(got - mc) < 0.03 * abs(mc) + 3 * err, (delta, got, mc, err)
-    on_ring = ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(1 / d)[None], t(alpha)[None],
-                            t(alpha)[None], t(sig2)[None], ng)
+    on_ring = ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(r)[None], t(math.sin(alpha))[None],
+                            t(0.0)[None], t(sig2)[None], ng)
     assert float(on_ring.abs()) == 0.0
