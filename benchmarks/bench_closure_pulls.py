@@ -1,7 +1,8 @@
 """Closure pulls of the reconstruction: residual / reported uncertainty for contained 500 MeV muons.
 
-Events: 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only (wall/PMT reflection
-and Rayleigh off) so that the physics response is the truth up to the muon's multiple scattering (MS).
+Events (``closure_simulator``): 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light
+only (wall/PMT reflection and Rayleigh off) so that the physics response is the truth up to the muon's
+multiple scattering (MS).
 ``--no-ms`` switches the MC's multiple scattering off
 (physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself;
 with it, ``--fit-no-ms`` (X0 -> inf in the fit's model) and ``--exact-wavelength`` make the fit's model the
@@ -36,6 +37,37 @@ from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
+
+VERTEX, DIRECTION = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)
+
+
+def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
+    """The closure events' simulator: 500 MeV mu- in WCTE from VERTEX along DIRECTION, direct light only
+    (wall/PMT reflection and Rayleigh off); ``no_ms`` switches the MC's multiple scattering off (the
+    Simulator calls physics.simulate.track_steps: replaced for the rest of the process)."""
+    if no_ms:
+        psim.track_steps = partial(track_steps, multiple_scattering=False)
+    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VERTEX, direction=DIRECTION,
+                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
+    sim = Simulator(cfg, device=device)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    return sim
+
+
+def fit_model(
+    sim: Simulator, track_nodes: int = 32, exact_wavelength: bool = False, no_ms: bool = False
+) -> tuple[PhysicsResponse, HitLikelihood]:
+    """The fit's physics response and likelihood for ``sim``'s events: folded wavelengths (or the exact sum),
+    ``track_nodes`` track cells; ``no_ms``: X0 -> inf in the model (no ring smearing, kinks, shortening)."""
+    medium = sim.medium
+    if no_ms:
+        medium = copy.deepcopy(sim.medium)
+        medium.radiation_length = math.inf
+    resp = PhysicsResponse(
+        sim.detector, medium, sim.sensors, "mu-", sim.optics, n_track_nodes=track_nodes,
+        fold_wavelength=not exact_wavelength, ms_covariance=not no_ms,
+    )
+    return resp, HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(sim.device)
 
 
 def robust_width(x: torch.Tensor) -> float:
@@ -79,30 +111,11 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.no_ms:  # the Simulator calls physics.simulate.track_steps; switch MS off there
-        psim.track_steps = partial(track_steps, multiple_scattering=False)
-    cfg = SimConfig(
-        detector="wcte",
-        particle="mu-",
-        energy=500.0,
-        vertex=(0.0, 0.0, -1.2),
-        direction=(0.2, 0.1, 1.0),
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
-    )
-    sim = Simulator(cfg, device=args.device)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    sim = closure_simulator(args.no_ms, args.device)
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
-    medium = sim.medium
-    if args.fit_no_ms:  # X0 -> inf: no scattering in the fit's model (ring smearing, kinks, shortening)
-        medium = copy.deepcopy(sim.medium)
-        medium.radiation_length = math.inf
-    resp = PhysicsResponse(
-        sim.detector, medium, sim.sensors, "mu-", sim.optics, n_track_nodes=args.track_nodes,
-        fold_wavelength=not args.exact_wavelength, ms_covariance=not args.fit_no_ms,
-    )
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(args.device)
+    resp, like = fit_model(sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms)
     t0 = time.perf_counter()
     fit = reconstruct(
         res["hits"], args.events, resp, like, "mu-", device=args.device, n_starts=2,

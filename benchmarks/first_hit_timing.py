@@ -1,9 +1,10 @@
 """MC vs expected-model mean first-hit time per PMT: the timing check behind the closure's z bias.
 
-Events: N contained 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only (as in
-bench_closure_pulls.py). Per PMT the MC's mean hit time over the events that hit it is compared with the
-model's mean first-hit time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)),
-from the likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS,
+Events: N contained 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only
+(bench_closure_pulls.closure_simulator). Per PMT the MC's mean hit time over the events that hit it is
+compared with the model's mean first-hit time given a hit,
+E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)), from the likelihood's own time density
+(fitting.likelihood.time_log_density: direct Gaussian with the TTS,
 flat dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak.
 Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
 of the mean. Default: the MC with multiple scattering (MS) against the default fit model (folded
@@ -17,24 +18,18 @@ Writes benchmarks/results/first_hit_timing[_noms].json.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import physics.simulate as psim  # noqa: E402
 from benchmarks._util import write_json  # noqa: E402
-from fitting.likelihood import HitLikelihood, time_log_density  # noqa: E402
-from fitting.response import PhysicsResponse  # noqa: E402
-from physics.emission import track_steps  # noqa: E402
-from physics.simulate import SimConfig, Simulator  # noqa: E402
+from benchmarks.bench_closure_pulls import DIRECTION, VERTEX, closure_simulator, fit_model  # noqa: E402
+from fitting.likelihood import time_log_density  # noqa: E402
 
-VERTEX, DIRECTION = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)
 BANDS = ((0.5, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 1e9))
 
 
@@ -47,24 +42,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.no_ms:
-        psim.track_steps = partial(track_steps, multiple_scattering=False)
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VERTEX, direction=DIRECTION,
-                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    sim = closure_simulator(a.no_ms)
+    cfg = sim.cfg
     n_pmt = sim.detector.n_pmts
     hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
     count = torch.bincount(hits.pmt, minlength=n_pmt).double()
     t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double())
     t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double() ** 2)
-    medium = sim.medium
-    if a.no_ms:
-        medium = copy.deepcopy(sim.medium)
-        medium.radiation_length = math.inf
-    resp = PhysicsResponse(sim.detector, medium, sim.sensors, "mu-", sim.optics,
-                           n_track_nodes=64 if a.no_ms else 32, fold_wavelength=not a.no_ms)
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).double()
+    resp, like = fit_model(sim, 64 if a.no_ms else 32, exact_wavelength=a.no_ms, no_ms=a.no_ms)
+    like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
         o = resp.expected({"vertex": torch.tensor([VERTEX], dtype=torch.float64), "direction": d / d.norm(),
