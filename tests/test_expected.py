@@ -505,7 +505,7 @@ def test_node_offset_rigid_motions_match_event_derivatives():
     gv, gd, go = torch.autograd.grad(total, [v, d, off])
     print("vertex rel diff", float((go[..., :3].sum(1) - gv).norm() / gv.norm()))
     assert torch.allclose(go[..., :3].sum(1), gv, rtol=1e-8, atol=1e-10)
-    s = resp.ms_kinks(p)["s"]  # the node path lengths of the response's track
+    s = resp.ms_kinks(p)["s"]  # the nodes' positions along the response's track
     turn = go[..., 3:].sum(1) + (s[..., None] * go[..., :3]).sum(1)
     dn = p["direction"]
     transverse = lambda g: g - (g * dn).sum(-1, keepdim=True) * dn  # noqa: E731
