@@ -262,6 +262,7 @@ class Optics(nn.Module):
         self.diffuse_fraction = nn.Parameter(torch.tensor(diffuse_fraction))
         self.pmt_reflectivity = nn.Parameter(torch.tensor(pmt_reflectivity))
         self.last_stats: dict[str, int] = {}
+        self._medium_tab: tuple[tuple, Any] | None = None  # (key, table): last fused-kernel medium table
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> Optics:
@@ -554,8 +555,7 @@ class Optics(nn.Module):
         dtype = photons.pos.dtype
         if len(photons) == 0:
             return None
-        wl = photons.wavelength
-        tab = kernel.medium_table(medium, float(wl.min()), float(wl.max()))
+        tab = self._kernel_medium_table(kernel, medium, photons.wavelength)
         if tab is None:
             return None
         if polarization is not None and polarization.shape != photons.dir.shape:
@@ -571,9 +571,10 @@ class Optics(nn.Module):
         steps, status = res["steps"], res["status"]
         stats["steps"] += int(steps.sum())
         stats["rounds"] = max(stats["rounds"], int(steps.max()))
-        stats["truncated"] += int((status == kernel.TRUNCATED).sum())
-        stats["lost"] += int((status == kernel.LOST).sum())
-        stats["outside"] += int((status == kernel.OUTSIDE).sum())
+        n_status = np.bincount(status.view(np.uint8), minlength=4)
+        stats["truncated"] += int(n_status[kernel.TRUNCATED])
+        stats["lost"] += int(n_status[kernel.LOST])
+        stats["outside"] += int(n_status[kernel.OUTSIDE])
         idx = torch.from_numpy(np.flatnonzero(res["pmt"] >= 0))
 
         def rows(name: str) -> Tensor:
@@ -584,6 +585,21 @@ class Optics(nn.Module):
                            cos_incidence=rows("cos_incidence").to(dtype),
                            event=photons.event.index_select(0, idx),
                            indirect=rows("indirect"))
+
+    def _kernel_medium_table(self, kernel: Any, medium: Any, wavelength: Tensor) -> Any:
+        """The fused kernel's medium table over the medium's band widened to ``wavelength`` [nm]; the last one
+        is reused while the medium's type, tensors (parameters and buffers, e.g. calibrated scales) and the
+        band are unchanged (building it costs ~2 ms, per chunk otherwise)."""
+        lo = min(float(wavelength.min()), float(medium.wl_min))
+        hi = max(float(wavelength.max()), float(medium.wl_max))
+        state = medium.state_dict() if isinstance(medium, nn.Module) else None
+        key = (type(medium), lo, hi, None if state is None else tuple(
+            (k, v.detach().cpu().numpy().tobytes()) for k, v in state.items()))
+        if state is not None and self._medium_tab is not None and self._medium_tab[0] == key:
+            return self._medium_tab[1]
+        tab = kernel.medium_table(medium, lo, hi)
+        self._medium_tab = (key, tab)
+        return tab
 
     def forward(self, photons: Photons, detector: Any, medium: Any, generator: torch.Generator,
                 record_wall: bool = False) -> CathodeHits | tuple[CathodeHits, WallHits]:
