@@ -15,10 +15,10 @@ agree statistically, not photon by photon (tests/test_transport_cpu.py checks th
 PMT look-up: the exact grid of :class:`physics.geometry.Detector` (its candidate table per wall cell, the
 same fast-path conditions: the ray's path through the PMT shell lies within ``pad`` of the exit point, with
 the start cell added for starts inside the shell; other rays test every PMT). The ray-disk test is
-t = (c - p).n / (d.n) for d.n < 0, hit if 0 < t <= t_wall + tol and |p + t d - c| <= r (evaluated without the
-division, :func:`_disk`). The look-up is
-skipped for a step that ends in the volume when its start and end lie deeper than every disk (the convex
-inner volume holds the whole segment, so no disk can come first: the same decision, bit for bit).
+t = (c - p).n / (d.n) for d.n < 0, hit if 0 < t <= t_wall + tol and |p + t d - c| <= r (evaluated without
+the division, :func:`_disk`). The look-up is skipped for a step that ends in the volume when its start and
+end lie deeper than every disk (the convex inner volume holds the whole segment, so no disk can come first:
+the same decision, bit for bit).
 Photons starting outside the detector are not transported (status OUTSIDE).
 
 The helpers of the hot path (random numbers, coefficients, wall and PMT look-up) are inlined into the
