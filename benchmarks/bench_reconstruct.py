@@ -31,7 +31,7 @@ from fitting.likelihood import HitLikelihood, hits_to_dense  # noqa: E402
 from fitting.prefit import prefit  # noqa: E402
 from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
-from physics.expected import PRUNE_SIGMA  # noqa: E402
+from physics.expected import PRUNE_MU  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 F64 = torch.float64
@@ -207,9 +207,9 @@ def main() -> None:
     dev = torch.device(a.device)
     out: dict = {
         "config": vars(a),
-        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32, (event, PMT) pairs beyond "
-        f"{PRUNE_SIGMA} ring widths skipped; {a.threads} torch thread(s) on {a.device}; seconds include "
-        "the pre-fit, the optimiser and the float64 Hessian/Newton polish",
+        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32, (event, PMT) pairs with "
+        f"direct light bounded below {PRUNE_MU} p.e. skipped; {a.threads} torch thread(s) on {a.device}; "
+        "seconds include the pre-fit, the optimiser and the float64 Hessian/Newton polish",
     }
     n = a.events
     sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, seed=5, device=a.device)

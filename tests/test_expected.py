@@ -595,3 +595,31 @@ def test_ms_time_shift_is_the_gaussian_conditional_displacement() -> None:
     on_ring = ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(r)[None], t(math.sin(alpha))[None],
                             t(0.0)[None], t(sig2)[None], ng)
     assert float(on_ring.abs()) == 0.0
+
+
+
+def test_track_quadrature_resolves_the_collapsing_cone() -> None:
+    """Track-node quadrature of a stopping 400 MeV muon against a converged sum (K = 2048 cells), no
+    multiple scattering (sharp rings, the hardest case): at K = 64 every PMT above 0.5 p.e. within 2 %, and
+    those within 14 degrees of the track axis seen from the vertex (lit only by the collapsing cone of the
+    track's last MeV) within 0.2 %. Cells uniform in kinetic energy were off by 9.9 % there."""
+    det = _cyl(2.0, 4.0, 0.15, 0.45)
+    med = Medium.load("water")
+    med.radiation_length = math.inf
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts)
+    opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.0)
+    vtx = torch.tensor([[0.0, 0.0, -1.6]], dtype=F64)
+    d = torch.tensor([[0.1, 0.05, 1.0]], dtype=F64)
+    d = d / d.norm()
+    p = {"vertex": vtx, "direction": d, "energy": torch.tensor([400.0], dtype=F64)}
+    mu = {k: PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=k).expected(p)["mu"][0].detach()
+          for k in (64, 2048)}
+    ref = mu[2048]
+    rel = det.pmt_pos.double() - vtx
+    ang = torch.rad2deg(torch.acos(((rel @ d[0]) / rel.norm(dim=1)).clamp(-1, 1)))
+    lit = ref > 0.5
+    end = lit & (ang < 14)
+    assert int(end.sum()) >= 8
+    err = ((mu[64] - ref) / ref).abs()
+    assert float(err[lit].max()) < 0.02, float(err[lit].max())
+    assert float(err[end].max()) < 0.002, float(err[end].max())

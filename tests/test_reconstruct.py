@@ -376,8 +376,8 @@ def test_closure_pull_floor_all_coordinates():
 
 
 def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
-    """The (event, PMT) pruning of expected.direct_light_folded (pairs > PRUNE_SIGMA ring widths off the
-    Cherenkov angle at every node are skipped) against the unpruned sum (prune_sigma=None), float64, WCTE,
+    """The (event, PMT) pruning of expected.direct_light_folded (pairs whose bound on the direct light is
+    below PRUNE_MU are skipped) against the unpruned sum (prune_mu=None), float64, WCTE,
     random contained 500 MeV muons: mu equal to 1e-10 p.e. (the dark-noise mean per PMT is ~2e-4), t_mean
     equal where mu > 1e-6, NLL gradients equal to 1e-8, and fewer than half of the pairs evaluated."""
     import physics.expected as px
@@ -391,8 +391,8 @@ def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
     v = (torch.rand(4, 3, generator=g, dtype=F64) - 0.5) * torch.tensor([1.2, 1.2, 1.6], dtype=F64)
     d = torch.randn(4, 3, generator=g, dtype=F64)
     outs = {}
-    for z in (px.PRUNE_SIGMA, None):
-        monkeypatch.setitem(px.direct_light_folded.__kwdefaults__, "prune_sigma", z)
+    for z in (px.PRUNE_MU, None):
+        monkeypatch.setitem(px.direct_light_folded.__kwdefaults__, "prune_mu", z)
         p = {
             "vertex": v.clone().requires_grad_(),
             "direction": (d / d.norm(dim=-1, keepdim=True)).requires_grad_(),
@@ -405,7 +405,7 @@ def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
             o["mu"] * (o["t_mean"] + o["t_var"])
         ).sum()
         outs[z] = (o, torch.autograd.grad(scal, [p["vertex"], p["direction"]]))
-    (op, gp), (of, gf) = outs[px.PRUNE_SIGMA], outs[None]
+    (op, gp), (of, gf) = outs[px.PRUNE_MU], outs[None]
     lit = of["mu"] > 1e-6
     kept = float((op["mu"] > 0).double().mean())
     print("kept", kept, "max dmu", float((op["mu"] - of["mu"]).detach().abs().max()))
@@ -451,25 +451,29 @@ def test_optimisers_reach_the_same_minimum():
 
 
 def test_bfgs_turns_the_direction_by_60_degrees():
-    """Seed direction 60 deg from the truth (vertex, energy from the truth): the local direction coordinates
-    about one expansion point reach only a hemisphere and grow non-linear long before, so this exercises the
-    re-centring of ``_optimise_bfgs``. The fit must reach the minimum found from the pre-fit seed (NLL within
-    1e-3)."""
-    sim, res, resp, like = _direct_only_sim(2, seed=3)
+    """Seeds 60 deg from the true direction (vertex, energy from the truth), one start each, 8 events: the
+    fit turns through the re-centring of ``_optimise_bfgs`` (at atan(BFGS_REBASE) = 27 deg) and must reach
+    the minimum found from the pre-fit seed (NLL within 1e-3) in at least 7 of them. Not all: from 60 deg
+    the vertex can walk into a false basin (measured: 0-1 of these 8 events, depending on the float32
+    rounding of the 2-thread reductions; in float64 1 of the 2 events of seed 3 does), the reason the
+    default fit runs two starts."""
+    n = 8
+    sim, res, resp, like = _direct_only_sim(n, seed=3)
     tr = res["truth"]
     d = tr["direction"].double()
-    perp = torch.linalg.cross(d, torch.tensor([[1.0, 0.0, 0.0]], dtype=F64).expand(2, 3))
+    perp = torch.linalg.cross(d, torch.tensor([[1.0, 0.0, 0.0]], dtype=F64).expand(n, 3))
     perp = perp / perp.norm(dim=-1, keepdim=True)
     seeds = {
         "vertex": tr["vertex"].double(),
         "direction": 0.5 * d + math.sqrt(0.75) * perp,
         "energy": tr["energy"].double(),
-        "t0": torch.zeros(2, dtype=F64),
+        "t0": torch.zeros(n, dtype=F64),
     }
-    kw = dict(n_starts=1, batch_size=2, max_iter=60, dtype=torch.float32)
-    turned = reconstruct(res["hits"], 2, resp, like, "mu-", seeds=seeds, **kw)
-    ref = reconstruct(res["hits"], 2, resp, like, "mu-", **kw)
+    kw = dict(n_starts=1, batch_size=n, max_iter=60, dtype=torch.float32)
+    turned = reconstruct(res["hits"], n, resp, like, "mu-", seeds=seeds, **kw)
+    ref = reconstruct(res["hits"], n, resp, like, "mu-", **kw)
     angle = torch.rad2deg(torch.arccos((turned["direction"] * d).sum(-1).clamp(-1, 1)))
-    print("nll", turned["nll"].tolist(), ref["nll"].tolist(), "angle to truth", angle.tolist())
-    assert bool(turned["ok"].all())
-    assert float((turned["nll"] - ref["nll"]).abs().max()) < 1e-3
+    print("dnll", (turned["nll"] - ref["nll"]).tolist(), "angle to truth", angle.tolist())
+    same = (turned["nll"] - ref["nll"]).abs() < 1e-3
+    assert int(same.sum()) >= n - 1, same.tolist()
+    assert bool((angle[same] < 3.0).all()), angle.tolist()
