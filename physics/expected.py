@@ -457,13 +457,14 @@ def direct_light_folded(
 
     prune_mu = B (default ``PRUNE_MU`` = 1e-12 p.e.; None: off): an (event, PMT) pair is not evaluated
     (mu = 0, t_mean = its mu -> 0 limit t0 + |x - v| n_g/c + offset, t_var = 0) when an upper bound on its
-    direct light, sum_k emit_k det Omega_k A_k (alpha_k / sin alpha_k) exp(-z_k^2 / 2) / (2 pi sigma_k^2),
-    z_k = (alpha_k - theta_c,k) / sigma_k, is below B: the node terms below without the two factors <= 1,
-    i0e (ring kernel) and S_0 (attenuation). The bound weighs each node by its emission, so the nodes near
-    the Cherenkov threshold (sin^2 theta_c -> 0, a ring width blown up by the chromatic term) do not keep
-    every pair, as a pure ring-width cut did. Measured (500 MeV muons, random vertices/directions, K = 32,
-    WCTE): evaluated pairs < 50 %, mu equal to the unpruned sum to 1e-10 p.e. (the dark-noise mean per PMT
-    is ~2e-4 p.e.); tests/test_reconstruct.py checks the agreement with prune_mu=None.
+    direct light, sum_k emit_k det Omega_k A_k (alpha_k / sin alpha_k) ring_k / (2 pi sigma_k^2) (ring_k the
+    ring kernel below), is below B: the node terms below without the attenuation factor S_0 <= 1 (what the
+    full evaluation adds is the Hermite table look-up and the time moments). The bound weighs each node by
+    its emission, so the nodes near the Cherenkov threshold (sin^2 theta_c -> 0, a ring width blown up by
+    the chromatic term) do not keep every pair, as a pure ring-width cut did. Measured (500 MeV muons,
+    random vertices/directions, K = 32, WCTE): 18 % of the pairs evaluated, mu equal to the unpruned sum to
+    1e-12 p.e. (the dark-noise mean per PMT is ~2e-4 p.e.); tests/test_reconstruct.py checks the agreement
+    with prune_mu=None and that the bound covers every pair's direct light.
     node_offset (E,K,6) [m, rad], optional: per-node displacement (:3) and direction change (3:) of a bent
     track (see ``_ring_geometry``; the pruning uses the straight track), e.g. zeros with requires_grad to
     differentiate the expectation with respect to multiple-scattering kinks.
@@ -508,7 +509,7 @@ def direct_light_folded(
             off,
         )
     with torch.no_grad():
-        keep = _lit_pairs(
+        keep = _light_bound(
             q.detach(),
             q2.detach(),
             direction.detach(),
@@ -517,9 +518,8 @@ def direct_light_folded(
             nrm,
             det.detach(),
             acceptance,
-            float(prune_mu),
             min_sigma,
-        )
+        ) > float(prune_mu)
     ei, pi = keep.nonzero(as_tuple=True)
     out = _folded_pairs(
         q[ei, pi][:, None],
@@ -595,16 +595,18 @@ def _ring_geometry(
     return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, r
 
 
-def _lit_pairs(q, q2, direction, ev, a, nrm, det, acceptance, mu_max: float, min_sigma: float) -> Tensor:
-    """(E,P) bool: the bound on the pair's direct light exceeds mu_max [p.e.] (see prune_mu)."""
+def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float) -> Tensor:
+    """(E,P) upper bound [p.e.] on each pair's folded direct light (see prune_mu): the node terms of
+    ``_folded_pairs`` without the attenuation factor S_0 <= 1."""
     dist, _, _, cos_inc, sin_a, alpha, sig2, _ = _ring_geometry(
         q, q2, direction, ev["s"], ev["theta2"], a, nrm[None], min_sigma
     )
     sig2 = sig2 + ev["var_th"][:, None, :]
-    z2 = (alpha - ev["th"][:, None, :]) ** 2 / sig2
+    th = ev["th"][:, None, :]
+    ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * torch.special.i0e(alpha * th / sig2)
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
-    w = torch.exp(-0.5 * z2) * geo * (alpha / sin_a) / (2.0 * math.pi * sig2) * ev["emit"][:, None, :]
-    return (w * det).sum(-1) > mu_max
+    w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2) * ev["emit"][:, None, :]
+    return (w * det).sum(-1)
 
 
 def _folded_pairs(
