@@ -595,27 +595,14 @@ def _ring_geometry(
     return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, r
 
 
-def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float) -> Tensor:
-    """(E,P) upper bound [p.e.] on each pair's folded direct light (see prune_mu): the node terms of
-    ``_folded_pairs`` without the attenuation factor S_0 <= 1."""
-    dist, _, _, cos_inc, sin_a, alpha, sig2, _ = _ring_geometry(
-        q, q2, direction, ev["s"], ev["theta2"], a, nrm[None], min_sigma
-    )
-    sig2 = sig2 + ev["var_th"][:, None, :]
-    th = ev["th"][:, None, :]
-    ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * torch.special.i0e(alpha * th / sig2)
-    geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
-    w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2) * ev["emit"][:, None, :]
-    return (w * det).sum(-1)
-
-
-def _folded_pairs(
-    q, q2, nrm, direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma, offset=None
-) -> dict[str, Tensor]:
-    """Folded direct light for R x C (event, PMT) pairs (shapes as in ``_ring_geometry``; ev holds the
-    per-event node tensors (R,K) s, theta2, t, th, var_th, emit; det (R|1,C,1) PMT detection factor;
-    offset: optional per-node (dx, dd) (R,K,3) each, see ``_ring_geometry``)."""
-    dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, r = _ring_geometry(
+def _node_light(
+    q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None
+) -> tuple[Tensor, ...]:
+    """Per-node folded direct light before attenuation w (R,C,K) [p.e.] (the ring kernel times solid angle,
+    acceptance, emission and detection; shapes and ev as in ``_folded_pairs``) and the geometry the time
+    moments use: dist, cos_inc, sin alpha, ring offset alpha - theta_c, ring variance (chromatic term
+    included) and the MS lever ratio r, all (R,C,K)."""
+    dist, _, _, cos_inc, sin_a, alpha, sig2, r = _ring_geometry(
         q, q2, direction, ev["s"], ev["theta2"], a, nrm, min_sigma, offset
     )
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
@@ -624,8 +611,26 @@ def _folded_pairs(
     ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * torch.special.i0e(alpha * th / sig2)
     w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2)
     w = w * ev["emit"][:, None, :] * det
+    return w, dist, cos_inc, sin_a, alpha - th, sig2, r
+
+
+def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float) -> Tensor:
+    """(E,P) upper bound [p.e.] on each pair's folded direct light (see prune_mu): the node terms of
+    ``_folded_pairs`` summed without the attenuation factor S_0 <= 1."""
+    return _node_light(q, q2, nrm[None], direction, ev, a, det, acceptance, min_sigma)[0].sum(-1)
+
+
+def _folded_pairs(
+    q, q2, nrm, direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma, offset=None
+) -> dict[str, Tensor]:
+    """Folded direct light for R x C (event, PMT) pairs (shapes as in ``_ring_geometry``; ev holds the
+    per-event node tensors (R,K) s, theta2, t, th, var_th, emit; det (R|1,C,1) PMT detection factor;
+    offset: optional per-node (dx, dd) (R,K,3) each, see ``_ring_geometry``)."""
+    w, dist, cos_inc, sin_a, ring_off, sig2, r = _node_light(
+        q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset
+    )
     mom = _hermite_lookup(table, h, dist) * w[..., None]  # (R,C,K,3)
-    t_emit = ev["t"][:, None, :] + ms_time_shift(ev["s"], ev["theta2"], r, sin_a, alpha - th, sig2, ng_ref)
+    t_emit = ev["t"][:, None, :] + ms_time_shift(ev["s"], ev["theta2"], r, sin_a, ring_off, sig2, ng_ref)
     return _arrival_moments(mom, t_emit, dist, cos_inc, a, q2, ng_ref, t0, time_offset)
 
 
