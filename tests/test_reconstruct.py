@@ -425,13 +425,7 @@ def test_pruning_bound_covers_the_direct_light(monkeypatch):
     mu where mu > 1 p.e.: it leaves out only the attenuation, exp(-d / L_abs) ~ 0.95 over WCTE's metres)."""
     import physics.expected as px
 
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VTX, direction=DIR,
-                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
-    resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
-    )
+    _, _, resp, _ = _direct_only_sim(1, seed=12)  # direct light only, folded, K = 32
     g = torch.Generator().manual_seed(12)
     d = torch.randn(6, 3, generator=g, dtype=F64)
     p = {
