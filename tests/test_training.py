@@ -15,7 +15,7 @@ from physics.waveforms import make_waveform_file, read_waveforms
 from surrogate import load_cbae
 from training.cli import add_train_parser, add_waveforms_parser, main
 from training.data import WaveformDataModule
-from training.module import CBAEModule, label_weights
+from training.module import CBAEModule, label_weights, profile_mse
 from training.run import load_train_config, make_logger, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,3 +212,32 @@ def test_label_beta_weighting():
     torch.testing.assert_close(w[:2], torch.tensor([[4 / 3, 1.0], [2 / 3, 1.0]]))
     with pytest.raises(ConfigError, match="label_beta"):
         CBAEModule({**model_cfg, "n_free": 1}, norm, {"label_beta": 1.5}, optim)
+
+
+def test_profile_weighted_reconstruction_is_the_profile_likelihood_gradient():
+    """recon_weight=profile: the gradient of the weighted MSE is parallel to that of the profile Gaussian
+    likelihood with an unknown noise variance per waveform, sum_i (S/2) log RSS_i (independent closed form);
+    uniform = plain MSE; masked rows do not contribute."""
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.1, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)[:, None]
+    target = torch.randn(5, 64, generator=g, dtype=torch.float64) * scale
+    pred = (0.1 * torch.randn(5, 64, generator=g, dtype=torch.float64)).requires_grad_()
+    (g_prof,) = torch.autograd.grad(profile_mse(pred, target, True), pred)
+    (g_like,) = torch.autograd.grad((32.0 * torch.log((pred - target).pow(2).mean(1))).sum(), pred)
+    ratio = g_like / g_prof
+    torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio))
+    assert float(ratio.mean()) > 0
+    # the quietest waveform gets ~ (5 / 0.1)^2 the weight of the noisiest per unit residual
+    w = g_prof.abs().sum(1) / (pred - target).detach().abs().sum(1)
+    assert float(w[0] / w[4]) > 1000
+    plain = profile_mse(pred, target, False)
+    torch.testing.assert_close(plain, (pred - target).pow(2).mean())
+    mask = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(profile_mse(pred, target, False, mask), (pred - target)[:2].pow(2).mean())
+
+
+def test_recon_weight_is_validated():
+    norm = {"wf_offset": 200.0, "wf_scale": 40.0, "n_samples": 64}
+    model_cfg = {"enc_hidden": [8], "dec_hidden": [8], "n_free": 1}
+    with pytest.raises(ConfigError, match=r"train\.loss\.recon_weight.*'whiten'"):
+        CBAEModule(model_cfg, norm, {"recon_weight": "whiten"}, {"lr": 1e-3, "max_epochs": 1})

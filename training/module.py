@@ -15,6 +15,10 @@ stopgrad(var)^(beta - 1) (normalised to unit batch mean), the gradient of the be
 al., "On the pitfalls of heteroscedastic uncertainty estimation with probabilistic neural networks",
 ICLR 2022 (arXiv:2203.09168): beta = 0.5 weights each waveform by 1/sigma, so precisely measurable pulses
 (large charge, low noise) are not drowned by the squared errors of barely visible ones.
+``recon_weight: profile`` weights the two decoder terms per waveform by stopgrad(1 / its mean squared
+residual) (:func:`profile_mse`), the gradient of the Gaussian likelihood with an unknown noise variance
+per waveform profiled out: with noise levels spread over a decade, the decoder is fitted to the quiet
+waveforms' precision instead of the noisy ones' scatter (``uniform``, the default, is the plain MSE).
 ``decoder_batch`` > 0 evaluates the two decoder terms on that many waveforms of each training batch (CPU
 cost; the encoder's label term always uses the whole batch).
 """
@@ -31,9 +35,30 @@ from torch import Tensor
 from physics.config import ConfigError, check_choice, check_keys, check_number
 from surrogate.cbae import CBAE, gaussian_nll
 
-LOSS_KEYS = ["recon", "label", "teacher", "free_l2", "recon_target", "decoder_batch", "label_beta"]
+LOSS_KEYS = [
+    "recon",
+    "label",
+    "teacher",
+    "free_l2",
+    "recon_target",
+    "decoder_batch",
+    "label_beta",
+    "recon_weight",
+]
 OPTIM_KEYS_REQ = ["lr", "max_epochs"]
 OPTIM_KEYS_OPT = ["weight_decay", "patience", "max_minutes", "min_lr_factor", "grad_clip"]
+
+
+def profile_mse(pred: Tensor, target: Tensor, weighted: bool, mask: Tensor | None = None) -> Tensor:
+    """Mean squared residual of (N, S) waveforms; ``weighted``: each waveform weighted by stopgrad(1/RSS_i)
+    normalised to unit batch mean, RSS_i = its mean squared residual. That is the gradient of the profile
+    Gaussian likelihood with an unknown noise variance per waveform, sum_i (S/2) log RSS_i (heteroscedastic
+    noise: quiet waveforms are not drowned by noisy ones). ``mask`` (N,) 0/1: only those waveforms."""
+    r2 = (pred - target).pow(2).mean(1)
+    w = 1.0 / r2.detach().clamp_min(1e-12) if weighted else torch.ones_like(r2)
+    if mask is not None:
+        w = w * mask.to(w.dtype)
+    return (w * r2).sum() / w.sum().clamp_min(1e-12)
 
 
 def label_weights(logvar: Tensor, labelled: Tensor, beta: float) -> Tensor:
@@ -74,6 +99,9 @@ class CBAEModule(L.LightningModule):
         self.label_beta = check_number(
             loss.get("label_beta", 1.0), "train.loss.label_beta", minimum=0.0, maximum=1.0
         )
+        self.recon_weight = check_choice(
+            loss.get("recon_weight", "uniform"), "train.loss.recon_weight", ["uniform", "profile"]
+        )
         self.recon_target = check_choice(
             loss.get("recon_target", "noisy"), "train.loss.recon_target", ["noisy", "clean"]
         )
@@ -106,10 +134,11 @@ class CBAEModule(L.LightningModule):
         # decoder terms on the first decoder_batch waveforms only (the decoder is the costly half)
         k = self.decoder_batch if 0 < self.decoder_batch < adc.shape[0] and self.training else adc.shape[0]
         rec = m.decode(torch.cat([mu[:k], free[:k]], 1))
-        l_rec = (((rec - target[:k]) / s) ** 2).mean()
+        prof = self.recon_weight == "profile"
+        l_rec = profile_mse(rec / s, target[:k] / s, prof)
         if self.w["teacher"] > 0:
             dec = m.decode(torch.cat([yn[:k], yn.new_zeros(k, m.n_free)], 1))
-            l_teach = ((((dec - target[:k]) / s) ** 2).mean(1) * lab[:k]).sum() / lab[:k].sum().clamp_min(1.0)
+            l_teach = profile_mse(dec / s, target[:k] / s, prof, lab[:k])
         else:
             l_teach = l_rec.new_zeros(())
         l_free = (free**2).mean() if m.n_free else l_rec.new_zeros(())
