@@ -51,7 +51,7 @@ PARAM_NAMES = ("charge", "time")
 PARAM_UNITS = ("p.e.", "ns")
 FORMAT = "photonfit-cbae"
 FORMAT_VERSION = 1
-LOGVAR_MIN, LOGVAR_MAX = -12.0, 4.0
+LOGVAR_MIN, LOGVAR_MAX = -20.0, 4.0
 ENCODERS = ("aligned", "aligned_raw", "mlp")
 DECODERS = ("shift", "shift_linear", "mlp")
 
