@@ -19,7 +19,9 @@ the global start search through the decoder (``scan_step`` 1 ns) before the LM, 
 Second oracle ``oracle_global``: the same true-template least squares WITHOUT the truth (global grid scan
 over the prior box, then bounded LS), i.e. what a perfectly informed real fit achieves.
 Floor (issue 4): per level and parameter, resolution (RMS) within 10% of oracle_ls and |bias| < 0.1 x the
-oracle RMS; ``floor`` lists ratio, bias/oracle RMS and pass/fail for cbae, cbae_refine, cbae_refine_scan.
+oracle RMS; ``floor`` lists ratio, bias/oracle RMS and pass/fail for cbae, cbae_refine, cbae_refine_scan,
+and the RMS ratio to oracle_global (at high noise a few 0.5-2 p.e. pulses lose to a noise peak for any
+estimator that is not handed the truth).
 All resolutions are over the same waveforms for every method; RMS and 68% half-width (w68) both given.
 
 Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--quick]
@@ -134,6 +136,7 @@ def evaluate_level(
                 brel = abs(r_[v]["bias"]) / o[v]["rms"]
                 f[v] = {
                     "rms_ratio": ratio,
+                    "rms_ratio_to_oracle_global": r_[v]["rms"] / res["oracle_global"][v]["rms"],
                     "w68_ratio": r_[v]["w68"] / o[v]["w68"],
                     "abs_bias_over_oracle_rms": brel,
                     "pass": bool(ratio <= 1.10 and brel <= 0.10),
@@ -224,16 +227,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--refine-iter", type=int, default=6, help="LM iterations of CBAE.refine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared 2-core CPU: 1)")
-    ap.add_argument("--speed-only", default=None, metavar="DEVICE",
-                    help="only time the encoder on DEVICE (cpu or cuda) and write {--out}")
+    ap.add_argument(
+        "--speed-only",
+        default=None,
+        metavar="DEVICE",
+        help="only time the encoder on DEVICE (cpu or cuda) and write {--out}",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.speed_only:
         model = load_cbae(a.model)
-        out = {"model": a.model, "device": a.speed_only,
-               "encoder_waveforms_per_s": {str(b): encoder_rate(model, model.n_samples, batch=b, reps=20,
-                                                                device=a.speed_only)
-                                           for b in (4096, 65536, 262144)}}
+        out = {
+            "model": a.model,
+            "device": a.speed_only,
+            "encoder_waveforms_per_s": {
+                str(b): encoder_rate(model, model.n_samples, batch=b, reps=20, device=a.speed_only)
+                for b in (4096, 65536, 262144)
+            },
+        }
         atomic_write_json(a.out, out)
         print(out)
         return out
@@ -345,7 +356,8 @@ def print_table(out: dict) -> None:
             print(
                 f"{lvl:7s} floor {name:16s} "
                 + " ".join(
-                    f"{v}: rms x{f[v]['rms_ratio']:.3f} |bias|/oracle {f[v]['abs_bias_over_oracle_rms']:.3f} "
+                    f"{v}: rms x{f[v]['rms_ratio']:.3f} (x{f[v]['rms_ratio_to_oracle_global']:.3f} no-truth) "
+                    f"|bias|/oracle {f[v]['abs_bias_over_oracle_rms']:.3f} "
                     f"{'PASS' if f[v]['pass'] else 'FAIL'}"
                     for v in ("charge", "time")
                 )
