@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,10 @@ import pytest
 import torch
 
 from physics.config import ConfigError
-from physics.electronics import Electronics, ar1_cholesky
+from physics.electronics import Electronics
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms
 from surrogate import CBAE, load_cbae, save_cbae
-from surrogate.baselines import conventional, oracle_fit, oracle_fit_global
+from surrogate.baselines import conventional, noise_cholesky, oracle_fit, oracle_fit_global
 from surrogate.cbae import ENCODERS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "cbae_default.pt"
@@ -241,10 +240,8 @@ def test_refine_vs_encoder_and_oracle_medium_noise(shipped):
     assert 0.9 < float(pull[:, 1].std()) < 1.15 and 1.1 < float(pull[:, 0].std()) < 1.5, pull.std(0)
     # Gauss-Markov: with the electronics' own noise covariance (AR(1) + white + quantisation) the charge
     # pulls come to unit width (measured SD 0.97 charge, 1.04 time)
-    phi = math.exp(-el.sampling_period / el.corr_time)
-    cov = ar1_cholesky(64, phi, float(el.corr_sigma), dtype=torch.float64)
-    cov = cov @ cov.T + (float(el.white_sigma) ** 2 + 1 / 12) * torch.eye(64, dtype=torch.float64)
-    pc, sc = model.refine(d["adc"][:k].float(), noise_cov=cov.float())
+    chol = torch.from_numpy(noise_cholesky(el, NOISE_LEVELS["medium"]))
+    pc, sc = model.refine(d["adc"][:k].float(), noise_cov=(chol @ chol.T).float())
     pull = (pc.double() - torch.stack([q, t], 1)) / sc.double()
     assert 0.85 < float(pull[:, 0].std()) < 1.15 and 0.85 < float(pull[:, 1].std()) < 1.15, pull.std(0)
 
