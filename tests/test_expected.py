@@ -597,7 +597,6 @@ def test_ms_time_shift_is_the_gaussian_conditional_displacement() -> None:
     assert float(on_ring.abs()) == 0.0
 
 
-
 def test_track_quadrature_resolves_the_collapsing_cone() -> None:
     """Track-node quadrature of a stopping 400 MeV muon against a converged sum (K = 2048 cells), no
     multiple scattering (sharp rings, the hardest case): at K = 64 every PMT above 0.5 p.e. within 2 %, and
