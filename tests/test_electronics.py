@@ -168,3 +168,28 @@ def test_waveform_file_roundtrip_and_lazy_dataset(tmp_path):
     assert torch.equal(ds[250]["adc"], b["adc"][2])
     with pytest.raises(ConfigError):
         simulate_waveforms(el, 10, torch.Generator(), noise="loud")
+
+
+def test_log_uniform_priors_of_charge_and_noise():
+    """charge_prior / noise_prior 'log': log q and log(noise scale) uniform on their ranges (KS), and the
+    mean charge equals the log-uniform closed form (hi - lo) / ln(hi / lo); bad names and lo = 0 raise."""
+    el = Electronics.load("default")
+    n, (qlo, qhi), (slo, shi) = 4000, (0.5, 30.0), (0.3, 3.0)
+
+    def log_u(x, lo, hi):  # uniform on [0, 1] when x is log-uniform on [lo, hi]
+        return (np.log(x.double().numpy()) - math.log(lo)) / math.log(hi / lo)
+
+    g = torch.Generator().manual_seed(11)
+    d = simulate_waveforms(el, n, g, (qlo, qhi), noise=[slo, shi], charge_prior="log", noise_prior="log")
+    assert stats.kstest(log_u(d["charge"], qlo, qhi), "uniform").pvalue > 1e-3
+    assert stats.kstest(log_u(d["noise_scale"], slo, shi), "uniform").pvalue > 1e-3
+    mean = (qhi - qlo) / math.log(qhi / qlo)
+    sd = math.sqrt((qhi**2 - qlo**2) / (2 * math.log(qhi / qlo)) - mean**2)
+    assert abs(float(d["charge"].double().mean()) - mean) < 4 * sd / math.sqrt(n)
+    # the default is still uniform: such a draw fails the log-uniform KS test
+    u = simulate_waveforms(el, n, torch.Generator().manual_seed(11), (qlo, qhi), noise="medium")["charge"]
+    assert stats.kstest(log_u(u, qlo, qhi), "uniform").pvalue < 1e-6
+    with pytest.raises(ConfigError, match="charge_prior"):
+        simulate_waveforms(el, 10, torch.Generator(), charge_prior="logarithmic")
+    with pytest.raises(ConfigError, match="noise_prior.*lo > 0"):
+        simulate_waveforms(el, 10, torch.Generator(), noise=[0.0, 2.0], noise_prior="log")

@@ -127,12 +127,15 @@ def test_cli_simulate_analyze_generate(tmp_path):
                 "500",
                 "--seed",
                 "3",
+                "--charge-prior",
+                "log",
                 "-o",
                 str(wf),
             ]
         )
         == 0
     )
+    assert read_waveforms(wf)[1]["generator"]["charge_prior"] == "log"
     out = tmp_path / "out.h5"
     assert main(["waveforms", "analyze", str(wf), "--model", str(model), "-o", str(out)]) == 0
     res, _ = read_waveforms(out, group="analysis")

@@ -16,7 +16,7 @@ import torch
 
 from physics.config import ConfigError
 from physics.electronics import Electronics
-from physics.waveforms import make_waveform_file, read_waveforms, write_waveforms
+from physics.waveforms import PRIORS, make_waveform_file, read_waveforms, write_waveforms
 
 SHAPE_PRESETS = {"lognormal": "default", "biexp": "biexp", "ringing": "ringing"}
 
@@ -40,6 +40,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         time_range=tuple(args.time),
         noise=args.noise,
         pileup_mean=args.pileup,
+        charge_prior=args.charge_prior,
+        noise_prior=args.noise_prior,
     )
     print(f"wrote {args.n} waveforms ({el.shape}, {el.n_samples} samples, noise {args.noise}) to {path}")
     return 0
@@ -180,6 +182,8 @@ def add_waveforms_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     s.add_argument("--charge", type=float, nargs=2, default=[0.5, 30.0], metavar=("LO", "HI"), help="p.e.")
     s.add_argument("--time", type=float, nargs=2, default=[-5.0, 40.0], metavar=("LO", "HI"), help="ns")
     s.add_argument("--pileup", type=float, default=0.0, help="mean number of extra pulses per waveform")
+    for what in ("charge", "noise"):
+        s.add_argument(f"--{what}-prior", choices=PRIORS, default="uniform", help="uniform or log-uniform")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("-o", "--output", required=True)

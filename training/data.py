@@ -23,7 +23,17 @@ from physics.electronics import Electronics
 from physics.waveforms import WaveformDataset, collate_batch, make_waveform_file
 
 DATA_KEYS_REQ = ["n_train", "n_val", "seed", "noise", "charge_range", "time_range", "batch_size"]
-DATA_KEYS_OPT = ["dir", "pileup_mean", "label_fraction", "num_workers", "train_file", "val_file", "block"]
+DATA_KEYS_OPT = [
+    "dir",
+    "pileup_mean",
+    "label_fraction",
+    "num_workers",
+    "train_file",
+    "val_file",
+    "block",
+    "charge_prior",
+    "noise_prior",
+]
 
 
 class BlockShuffleBatchSampler(Sampler[list[int]]):
@@ -66,6 +76,9 @@ def _file_for(cfg: Mapping[str, Any], electronics: str, split: str, n: int, seed
         "time_range": cfg["time_range"],
         "pileup_mean": cfg.get("pileup_mean", 0.0),
     }
+    for k in ("charge_prior", "noise_prior"):  # hashed only when set, so earlier cached sets keep their names
+        if cfg.get(k, "uniform") != "uniform":
+            gen[k] = cfg[k]
     h = hashlib.sha1(json.dumps(gen, sort_keys=True).encode()).hexdigest()[:10]
     name = Path(str(electronics)).stem
     return Path(cfg.get("dir", "data/cbae")) / f"{name}_{split}_n{n}_s{seed}_{h}.h5"
@@ -113,6 +126,8 @@ class WaveformDataModule(L.LightningDataModule):
             "time_range": tuple(c["time_range"]),
             "noise": c["noise"],
             "pileup_mean": float(c.get("pileup_mean", 0.0)),
+            "charge_prior": c.get("charge_prior", "uniform"),
+            "noise_prior": c.get("noise_prior", "uniform"),
         }
         for path, n, seed, given in zip(
             self.files(),
