@@ -43,7 +43,7 @@ UNITS = {
 }
 
 
-PRIORS = ("uniform", "log")  # how simulate_waveforms draws charges and noise scales in their ranges
+PRIORS = ("uniform", "log", "mixed")  # how simulate_waveforms draws charges and noise scales in their ranges
 
 
 def noise_range(noise: str | float | Sequence[float]) -> tuple[float, float]:
@@ -92,9 +92,11 @@ def simulate_waveforms(
 ) -> dict[str, Tensor]:
     """Draw ``n`` labelled waveforms; returns a dict of CPU tensors (see module docstring for fields).
 
-    charge_prior / noise_prior: how charges [p.e.] and noise scales are drawn in their ranges, "uniform"
-    or "log" (log-uniform: equal numbers per decade; needs lo > 0). A training set drawn log-uniformly
-    puts ~10x more dim, quiet waveforms into the corner that a uniform draw leaves nearly empty.
+    charge_prior / noise_prior: how charges [p.e.] and noise scales are drawn in their ranges: "uniform",
+    "log" (log-uniform: equal numbers per decade; needs lo > 0) or "mixed" (each draw uniform or
+    log-uniform with probability 1/2). A training set drawn log-uniformly in charge puts ~10x more dim
+    pulses into the dim, quiet corner that a uniform draw leaves nearly empty; "mixed" keeps half of
+    the bright ones.
     Vectorised over waveforms and pulses (one ``Electronics.expect`` call with n*P rows).
     """
     n = check_number(n, "n", minimum=1, integer=True)
@@ -109,14 +111,18 @@ def simulate_waveforms(
     for field, prior, lo in (("charge_prior", charge_prior, qlo), ("noise_prior", noise_prior, nlo)):
         if prior not in PRIORS:
             raise ConfigError(f"{field}: got {prior!r}, allowed: {list(PRIORS)}")
-        if prior == "log" and not lo > 0:
-            raise ConfigError(f"{field}: 'log' needs a range with lo > 0, got lo = {lo!r}")
+        if prior in ("log", "mixed") and not lo > 0:
+            raise ConfigError(f"{field}: {prior!r} needs a range with lo > 0, got lo = {lo!r}")
 
     def u(lo: float, hi: float, *shape: int, prior: str = "uniform") -> Tensor:
         r = torch.rand(*shape, generator=generator, device=dev, dtype=dt)
+        if prior == "uniform":
+            return lo + (hi - lo) * r
+        log_u = lo * (hi / lo) ** r
         if prior == "log":
-            return lo * (hi / lo) ** r
-        return lo + (hi - lo) * r
+            return log_u
+        pick = torch.rand(*shape, generator=generator, device=dev, dtype=dt) < 0.5
+        return torch.where(pick, log_u, lo + (hi - lo) * r)
 
     q = u(qlo, qhi, n, P, prior=charge_prior)
     t = u(tlo, thi, n, P)

@@ -172,7 +172,8 @@ def test_waveform_file_roundtrip_and_lazy_dataset(tmp_path):
 
 def test_log_uniform_priors_of_charge_and_noise():
     """charge_prior / noise_prior 'log': log q and log(noise scale) uniform on their ranges (KS), and the
-    mean charge equals the log-uniform closed form (hi - lo) / ln(hi / lo); bad names and lo = 0 raise."""
+    mean charge equals the log-uniform closed form (hi - lo) / ln(hi / lo); 'mixed' follows the mean of the
+    uniform and log-uniform CDFs (KS); bad names and lo = 0 raise."""
     el = Electronics.load("default")
     n, (qlo, qhi), (slo, shi) = 4000, (0.5, 30.0), (0.3, 3.0)
 
@@ -186,6 +187,15 @@ def test_log_uniform_priors_of_charge_and_noise():
     mean = (qhi - qlo) / math.log(qhi / qlo)
     sd = math.sqrt((qhi**2 - qlo**2) / (2 * math.log(qhi / qlo)) - mean**2)
     assert abs(float(d["charge"].double().mean()) - mean) < 4 * sd / math.sqrt(n)
+    # 'mixed': half uniform, half log-uniform, so the CDF is the mean of the two CDFs
+    g = torch.Generator().manual_seed(12)
+    m = simulate_waveforms(el, n, g, (qlo, qhi), charge_prior="mixed")["charge"]
+
+    def cdf(x):
+        return 0.5 * (x - qlo) / (qhi - qlo) + 0.5 * np.log(x / qlo) / math.log(qhi / qlo)
+
+    assert stats.kstest(m.double().numpy(), cdf).pvalue > 1e-3
+    assert stats.kstest(log_u(m, qlo, qhi), "uniform").pvalue < 1e-6
     # the default is still uniform: such a draw fails the log-uniform KS test
     u = simulate_waveforms(el, n, torch.Generator().manual_seed(11), (qlo, qhi), noise="medium")["charge"]
     assert stats.kstest(log_u(u, qlo, qhi), "uniform").pvalue < 1e-6
