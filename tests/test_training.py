@@ -244,3 +244,27 @@ def test_recon_weight_is_validated():
     model_cfg = {"enc_hidden": [8], "dec_hidden": [8], "n_free": 1}
     with pytest.raises(ConfigError, match=r"train\.loss\.recon_weight.*'whiten'"):
         CBAEModule(model_cfg, norm, {"recon_weight": "whiten"}, {"lr": 1e-3, "max_epochs": 1})
+
+
+def test_ema_weights_follow_the_exponential_average():
+    """optim.ema_decay d: after the first step the average holds the weights, then w_ema = d w_ema + (1-d) w;
+    the averaged model is the one validated and exported; d outside [0, 1) raises."""
+    norm = {"wf_offset": 200.0, "wf_scale": 40.0, "n_samples": 64}
+    model_cfg = {"enc_hidden": [8], "dec_hidden": [8], "n_free": 1}
+    d = 0.9
+    mod = CBAEModule(model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1, "ema_decay": d})
+    w = mod.model.encoder[0].weight
+    with torch.no_grad():
+        w.fill_(1.0)
+    mod.on_train_batch_end(None, None, 0)
+    with torch.no_grad():
+        w.fill_(3.0)
+    mod.on_train_batch_end(None, None, 1)
+    ema_w = mod.final_model.encoder[0].weight
+    assert mod.final_model is not mod.model
+    torch.testing.assert_close(ema_w, torch.full_like(ema_w, d * 1.0 + (1 - d) * 3.0))
+    torch.testing.assert_close(w, torch.full_like(w, 3.0))  # the trained weights are untouched
+    off = CBAEModule(model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1})
+    assert off.final_model is off.model
+    with pytest.raises(ConfigError, match=r"train\.optim\.ema_decay"):
+        CBAEModule(model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1, "ema_decay": 1.0})

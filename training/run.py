@@ -2,7 +2,8 @@
 
 Config blocks: ``seed``, ``electronics`` (preset name or YAML path), ``data`` (see training/data.py),
 ``model`` (enc_hidden, dec_hidden, n_free), ``loss`` (training/module.py), ``optim`` (lr, max_epochs,
-patience, max_minutes, weight_decay), ``logger`` (kind: wandb|csv, project), ``output`` (dir, export).
+patience, max_minutes, weight_decay, min_lr_factor, grad_clip, ema_decay), ``logger`` (kind: wandb|csv,
+project), ``output`` (dir, export).
 The run directory gets the resolved config (``config.yaml``, atomic), logs, Lightning checkpoints and the
 exported model (``model.pt`` + ``model.json`` metadata); ``output.export`` copies them to e.g. checkpoints/.
 """
@@ -194,9 +195,9 @@ def train(
         "data_seconds": t_data,
         "threads": torch.get_num_threads(),
         "best_checkpoint": best,
-        "parameters": int(sum(p.numel() for p in module.model.parameters())),
+        "parameters": int(sum(p.numel() for p in module.final_model.parameters())),
     }
-    model_path = save_cbae(module.model.cpu(), run_dir / "model.pt", meta)
+    model_path = save_cbae(module.final_model.cpu(), run_dir / "model.pt", meta)
     _atomic_write(run_dir / "model.json", json.dumps(meta, indent=2, default=str))
     export = cfg["output"].get("export")
     if export and not fast_dev_run:
