@@ -53,7 +53,7 @@ def check_keys(cfg: Mapping[str, Any], *, required: Iterable[str], optional: Ite
 
 
 def check_number(value: Any, field: str, *, minimum: float | None = None, maximum: float | None = None,
-                 strict_min: bool = False, integer: bool = False) -> float:
+                 strict_min: bool = False, strict_max: bool = False, integer: bool = False) -> float:
     """Validate a real (or integer) number within bounds; returns it as float (or int)."""
     ok_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):
@@ -65,8 +65,9 @@ def check_number(value: Any, field: str, *, minimum: float | None = None, maximu
     if minimum is not None and (v < minimum or (strict_min and v == minimum)):
         op = ">" if strict_min else ">="
         raise ConfigError(f"{field}: got {value!r}, allowed: {op} {minimum}")
-    if maximum is not None and v > maximum:
-        raise ConfigError(f"{field}: got {value!r}, allowed: <= {maximum}")
+    if maximum is not None and (v > maximum or (strict_max and v == maximum)):
+        op = "<" if strict_max else "<="
+        raise ConfigError(f"{field}: got {value!r}, allowed: {op} {maximum}")
     return int(value) if integer else v
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from physics import __version__
-from physics.config import ConfigError, check_number
+from physics.config import ConfigError, check_choice, check_number
 from physics.electronics import Electronics
 
 NOISE_LEVELS: dict[str, float] = {"none": 0.0, "low": 0.3, "medium": 1.0, "high": 3.0}
@@ -109,9 +109,8 @@ def simulate_waveforms(
     dt = torch.float64
 
     for field, prior, lo in (("charge_prior", charge_prior, qlo), ("noise_prior", noise_prior, nlo)):
-        if prior not in PRIORS:
-            raise ConfigError(f"{field}: got {prior!r}, allowed: {list(PRIORS)}")
-        if prior in ("log", "mixed") and not lo > 0:
+        check_choice(prior, field, PRIORS)
+        if prior != "uniform" and not lo > 0:
             raise ConfigError(f"{field}: {prior!r} needs a range with lo > 0, got lo = {lo!r}")
 
     def u(lo: float, hi: float, *shape: int, prior: str = "uniform") -> Tensor:

@@ -183,7 +183,12 @@ def add_waveforms_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     s.add_argument("--time", type=float, nargs=2, default=[-5.0, 40.0], metavar=("LO", "HI"), help="ns")
     s.add_argument("--pileup", type=float, default=0.0, help="mean number of extra pulses per waveform")
     for what in ("charge", "noise"):
-        s.add_argument(f"--{what}-prior", choices=PRIORS, default="uniform", help="uniform or log-uniform")
+        s.add_argument(
+            f"--{what}-prior",
+            choices=PRIORS,
+            default="uniform",
+            help="uniform, log(-uniform) or mixed (half each)",
+        )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("-o", "--output", required=True)

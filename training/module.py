@@ -120,10 +120,8 @@ class CBAEModule(L.LightningModule):
             optim.get("min_lr_factor", 0.02), "train.optim.min_lr_factor", minimum=0.0, maximum=1.0
         )
         self.ema_decay = check_number(
-            optim.get("ema_decay", 0.0), "train.optim.ema_decay", minimum=0.0, maximum=1.0
+            optim.get("ema_decay", 0.0), "train.optim.ema_decay", minimum=0.0, maximum=1.0, strict_max=True
         )
-        if self.ema_decay >= 1.0:
-            raise ConfigError(f"train.optim.ema_decay: got {self.ema_decay!r}, allowed: 0 <= ema_decay < 1")
         try:
             self.model = CBAE(**dict(model_cfg), **dict(norm))
         except TypeError as exc:
