@@ -139,16 +139,17 @@ def evaluate_level(
         res["oracle_global"] = {"charge": stats(gq - q[sub].numpy()), "time": stats(gt - t[sub].numpy())}
         o = res["oracle_ls"]
         res["floor"] = {}
-        oracle_err = {"charge": oq - q[sub].numpy(), "time": ot - t[sub].numpy()}
-        for name, r_ in (("cbae", cb), ("cbae_refine", rf), ("cbae_refine_scan", rs)):
+        truth = torch.stack([q[sub], t[sub]], 1).numpy()
+        oracle_err = np.stack([oq, ot], 1) - truth
+        for name, r_, est in (("cbae", cb, p[sub]), ("cbae_refine", rf, pr), ("cbae_refine_scan", rs, ps)):
             f = {}
+            err = est.numpy() - truth
             for i, v in enumerate(("charge", "time")):
                 ratio = r_[v]["rms"] / o[v]["rms"]
                 brel = abs(r_[v]["bias"]) / o[v]["rms"]
-                est = {"cbae": p[sub], "cbae_refine": pr, "cbae_refine_scan": ps}[name][:, i].numpy()
                 f[v] = {
                     "rms_ratio": ratio,
-                    "rms_ratio_ci68": rms_ratio_interval(est - (q, t)[i][sub].numpy(), oracle_err[v]),
+                    "rms_ratio_ci68": rms_ratio_interval(err[:, i], oracle_err[:, i]),
                     "rms_ratio_to_oracle_global": r_[v]["rms"] / res["oracle_global"][v]["rms"],
                     "w68_ratio": r_[v]["w68"] / o[v]["w68"],
                     "abs_bias_over_oracle_rms": brel,
