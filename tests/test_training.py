@@ -268,3 +268,56 @@ def test_ema_weights_follow_the_exponential_average():
     assert off.final_model is off.model
     with pytest.raises(ConfigError, match=r"train\.optim\.ema_decay"):
         CBAEModule(model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1, "ema_decay": 1.0})
+
+
+def test_variance_refit_calibrates_the_exported_head_only():
+    """optim.var_refit_epochs: refitting the variance head by the Gaussian NLL about the exported (moving
+    average) means drives the mean squared pull of the labelled waveforms to 1 per parameter (the NLL's
+    stationarity in the last bias, a closed form), leaves every other weight bit for bit and ignores the
+    unlabelled waveforms (their labels here are absurd); a negative epoch count raises."""
+    from physics.electronics import Electronics
+    from physics.waveforms import simulate_waveforms
+
+    el = Electronics.load("default")
+    d = simulate_waveforms(el, 384, torch.Generator().manual_seed(4), (0.5, 30.0), (-5.0, 40.0), [0.3, 3.0])
+    norm = {
+        "wf_offset": 200.0,
+        "wf_scale": 40.0,
+        "param_mean": [15.0, 17.0],
+        "param_std": [8.5, 13.0],
+        "sample_times": d["sample_times"].tolist(),
+        "n_samples": 64,
+    }
+    model_cfg = {
+        "encoder": "aligned_raw",
+        "decoder": "shift_linear",
+        "enc_hidden": [16],
+        "dec_hidden": [8],
+        "n_free": 1,
+    }
+    torch.manual_seed(0)
+    mod = CBAEModule(
+        model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1, "ema_decay": 0.5, "var_refit_epochs": 3}
+    )
+    assert mod.var_refit_epochs == 3
+    mod.on_train_batch_end(None, None, 0)
+    lab = torch.arange(384) % 3 != 0
+    params = torch.stack([d["charge"], d["time"]], 1)
+    params[~lab] = 1e3
+    batch = {"adc": d["adc"].float(), "params": params, "labelled": lab}
+    m = mod.final_model
+    frozen = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("var_head")}
+    raw = {k: v.clone() for k, v in mod.model.state_dict().items()}
+    mod.refit_variance([batch], epochs=600, lr=1e-2)
+    for k, v in m.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+    for k, v in mod.model.state_dict().items():
+        assert torch.equal(v, raw[k]), k
+    assert all(p.requires_grad for p in m.parameters())
+    with torch.no_grad():
+        mu, logvar, _ = m.encode(batch["adc"][lab])
+    pull2 = ((mu - m.normalise_params(params[lab])) ** 2 * torch.exp(-logvar)).mean(0)
+    torch.testing.assert_close(pull2, torch.ones(2), atol=0.03, rtol=0)
+    with pytest.raises(ConfigError, match=r"train\.optim\.var_refit_epochs"):
+        CBAEModule(model_cfg, norm, {}, {"lr": 1e-3, "max_epochs": 1, "var_refit_epochs": -1})

@@ -2,8 +2,8 @@
 
 Config blocks: ``seed``, ``electronics`` (preset name or YAML path), ``data`` (see training/data.py),
 ``model`` (enc_hidden, dec_hidden, n_free), ``loss`` (training/module.py), ``optim`` (lr, max_epochs,
-patience, max_minutes, weight_decay, min_lr_factor, grad_clip, ema_decay), ``logger`` (kind: wandb|csv,
-project), ``output`` (dir, export).
+patience, max_minutes, weight_decay, min_lr_factor, grad_clip, ema_decay, var_refit_epochs), ``logger``
+(kind: wandb|csv, project), ``output`` (dir, export).
 The run directory gets the resolved config (``config.yaml``, atomic), logs, Lightning checkpoints and the
 exported model (``model.pt`` + ``model.json`` metadata); ``output.export`` copies them to e.g. checkpoints/.
 """
@@ -171,6 +171,11 @@ def train(
     if best and not fast_dev_run:
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
+    t_refit = 0.0
+    if module.var_refit_epochs and not fast_dev_run:
+        t2 = time.perf_counter()
+        module.refit_variance(dm.train_dataloader(), module.var_refit_epochs)
+        t_refit = time.perf_counter() - t2
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if not fast_dev_run and best:
         val = trainer.validate(module, datamodule=dm, verbose=False)
@@ -192,6 +197,7 @@ def train(
         "metrics": metrics,
         "epochs": int(trainer.current_epoch),
         "train_seconds": t_train,
+        "var_refit_seconds": t_refit,
         "data_seconds": t_data,
         "threads": torch.get_num_threads(),
         "best_checkpoint": best,
