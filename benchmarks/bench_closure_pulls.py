@@ -32,13 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import physics.simulate as psim  # noqa: E402
 from benchmarks._util import write_json  # noqa: E402
+from benchmarks.bench_reconstruct import direct_light_simulator  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
 from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
-from physics.simulate import SimConfig, Simulator  # noqa: E402
+from physics.simulate import Simulator  # noqa: E402
 
-VERTEX, DIRECTION = (0.0, 0.0, -1.2), (0.2, 0.1, 1.0)
+VERTEX = (0.0, 0.0, -1.2)
 
 
 def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
@@ -47,11 +48,7 @@ def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
     Simulator calls physics.simulate.track_steps: replaced for the rest of the process)."""
     if no_ms:
         psim.track_steps = partial(track_steps, multiple_scattering=False)
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VERTEX, direction=DIRECTION,
-                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
-    sim = Simulator(cfg, device=device)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
-    return sim
+    return direct_light_simulator("wcte", VERTEX, device)
 
 
 def fit_model(

@@ -37,22 +37,33 @@ from physics.simulate import SimConfig, Simulator  # noqa: E402
 F64 = torch.float64
 
 
-def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu"):
+DIRECTION = (0.2, 0.1, 1.0)
+
+
+def direct_light_simulator(detector: str, vertex, device: str = "cpu") -> Simulator:
+    """The benchmark events' simulator: 500 MeV mu- from ``vertex`` [m] along DIRECTION in ``detector``,
+    direct light only (wall/PMT reflection and Rayleigh off), so that the physics response is the truth."""
     cfg = SimConfig(
         detector=detector,
         particle="mu-",
         energy=500.0,
         vertex=vertex,
-        direction=(0.2, 0.1, 1.0),
+        direction=DIRECTION,
         optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
     )
     sim = Simulator(cfg, device=device)
     sim.medium.rayleigh_scale.data.fill_(math.inf)
+    return sim
+
+
+def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu"):
+    """(simulator, n simulated events, physics response, likelihood) of the benchmark's events."""
+    sim = direct_light_simulator(detector, vertex, device)
     res = sim.run(n, seed=seed, batch_size=n)
     resp = PhysicsResponse(
         sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
     )
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(device)
+    like = HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(device)
     return sim, res, resp, like
 
 
@@ -63,7 +74,7 @@ def time_expected(sim, k: int, fold: bool, dtype) -> float:
     dev = sim.detector.pmt_pos.device
     p = {
         "vertex": torch.tensor([[0.0, 0.0, -1.2]], dtype=dtype, requires_grad=True, device=dev),
-        "direction": torch.tensor([[0.2, 0.1, 1.0]], dtype=dtype, requires_grad=True, device=dev),
+        "direction": torch.tensor([DIRECTION], dtype=dtype, requires_grad=True, device=dev),
         "energy": torch.tensor([500.0], dtype=dtype, requires_grad=True, device=dev),
         "t0": torch.zeros(1, dtype=dtype, requires_grad=True, device=dev),
     }
