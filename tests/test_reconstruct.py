@@ -376,6 +376,20 @@ def test_closure_pull_floor_all_coordinates():
         assert abs(s["pull_mean"][k]) < 2.0 / math.sqrt(s["n_ok"]), (k, s["pull_mean"][k])
 
 
+def _random_contained_muons(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """n 500 MeV muons (float64) from uniform vertices in WCTE's inner box (+-0.6, +-0.6, +-0.8) m along
+    isotropic directions, t0 = 0: the pruning tests' events."""
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.rand(n, 3, generator=g, dtype=F64) - 0.5) * torch.tensor([1.2, 1.2, 1.6], dtype=F64)
+    d = torch.randn(n, 3, generator=g, dtype=F64)
+    return {
+        "vertex": v,
+        "direction": d / d.norm(dim=-1, keepdim=True),
+        "energy": torch.full((n,), 500.0, dtype=F64),
+        "t0": torch.zeros(n, dtype=F64),
+    }
+
+
 def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
     """The (event, PMT) pruning of expected.direct_light_folded (pairs whose bound on the direct light is
     below PRUNE_MU are skipped) against the unpruned sum (prune_mu=None), float64, WCTE,
@@ -388,18 +402,13 @@ def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
     resp = PhysicsResponse(
         sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
     )
-    g = torch.Generator().manual_seed(11)
-    v = (torch.rand(4, 3, generator=g, dtype=F64) - 0.5) * torch.tensor([1.2, 1.2, 1.6], dtype=F64)
-    d = torch.randn(4, 3, generator=g, dtype=F64)
+    events = _random_contained_muons(4, seed=11)
     outs = {}
     for z in (px.PRUNE_MU, None):
         monkeypatch.setitem(px.direct_light_folded.__kwdefaults__, "prune_mu", z)
-        p = {
-            "vertex": v.clone().requires_grad_(),
-            "direction": (d / d.norm(dim=-1, keepdim=True)).requires_grad_(),
-            "energy": torch.full((4,), 500.0, dtype=F64),
-            "t0": torch.zeros(4, dtype=F64),
-        }
+        p = dict(events)
+        p["vertex"] = events["vertex"].clone().requires_grad_()
+        p["direction"] = events["direction"].clone().requires_grad_()
         o = resp.expected(p)
         # a likelihood-like scalar: Poisson term + mu-weighted times
         scal = (o["mu"] - 3.0 * torch.log(o["mu"] + 2e-4)).sum() + (
@@ -426,14 +435,7 @@ def test_pruning_bound_covers_the_direct_light(monkeypatch):
     import physics.expected as px
 
     _, _, resp, _ = _direct_only_sim(1, seed=12)  # direct light only, folded, K = 32
-    g = torch.Generator().manual_seed(12)
-    d = torch.randn(6, 3, generator=g, dtype=F64)
-    p = {
-        "vertex": (torch.rand(6, 3, generator=g, dtype=F64) - 0.5) * torch.tensor([1.2, 1.2, 1.6], dtype=F64),
-        "direction": d / d.norm(dim=-1, keepdim=True),
-        "energy": torch.full((6,), 500.0, dtype=F64),
-        "t0": torch.zeros(6, dtype=F64),
-    }
+    p = _random_contained_muons(6, seed=12)
     bounds = []
     bound_fn = px._light_bound
 
