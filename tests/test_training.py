@@ -174,15 +174,14 @@ def test_cli_simulate_analyze_generate(tmp_path):
     assert main(["waveforms", "analyze", str(bad), "--model", str(tmp_path / "none.pt"), "-o", str(out)]) == 2
 
 
-def test_label_beta_weighting():
-    """beta-NLL weighting (Seitzer et al. 2022) of the label term: weights var^(beta-1) normalised to unit
-    mean, so with a constant predicted variance it reduces exactly to the plain squared error (beta = 1),
-    and with varying variance it differs; beta outside [0, 1] is rejected."""
+def _default_waveforms(n: int, seed: int) -> tuple[dict, dict]:
+    """n labelled waveforms of the default electronics (charges U(0.5, 30) p.e., noise scale U(0.3, 3)) and
+    a fixed normalisation for a small CBAE built on them."""
     from physics.electronics import Electronics
     from physics.waveforms import simulate_waveforms
 
     el = Electronics.load("default")
-    d = simulate_waveforms(el, 256, torch.Generator().manual_seed(3), (0.5, 30.0), (-5.0, 40.0), [0.3, 3.0])
+    d = simulate_waveforms(el, n, torch.Generator().manual_seed(seed), (0.5, 30.0), (-5.0, 40.0), [0.3, 3.0])
     norm = {
         "wf_offset": 200.0,
         "wf_scale": 40.0,
@@ -191,6 +190,14 @@ def test_label_beta_weighting():
         "sample_times": d["sample_times"].tolist(),
         "n_samples": 64,
     }
+    return d, norm
+
+
+def test_label_beta_weighting():
+    """beta-NLL weighting (Seitzer et al. 2022) of the label term: weights var^(beta-1) normalised to unit
+    mean, so with a constant predicted variance it reduces exactly to the plain squared error (beta = 1),
+    and with varying variance it differs; beta outside [0, 1] is rejected."""
+    d, norm = _default_waveforms(256, seed=3)
     batch = {
         "adc": d["adc"].float(),
         "clean": d["clean"],
@@ -275,19 +282,7 @@ def test_variance_refit_calibrates_the_exported_head_only():
     average) means drives the mean squared pull of the labelled waveforms to 1 per parameter (the NLL's
     stationarity in the last bias, a closed form), leaves every other weight bit for bit and ignores the
     unlabelled waveforms (their labels here are absurd); a negative epoch count raises."""
-    from physics.electronics import Electronics
-    from physics.waveforms import simulate_waveforms
-
-    el = Electronics.load("default")
-    d = simulate_waveforms(el, 384, torch.Generator().manual_seed(4), (0.5, 30.0), (-5.0, 40.0), [0.3, 3.0])
-    norm = {
-        "wf_offset": 200.0,
-        "wf_scale": 40.0,
-        "param_mean": [15.0, 17.0],
-        "param_std": [8.5, 13.0],
-        "sample_times": d["sample_times"].tolist(),
-        "n_samples": 64,
-    }
+    d, norm = _default_waveforms(384, seed=4)
     model_cfg = {
         "encoder": "aligned_raw",
         "decoder": "shift_linear",
