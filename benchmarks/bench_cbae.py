@@ -24,7 +24,7 @@ for cbae, cbae_refine, cbae_refine_scan, and the RMS ratio to oracle_global (at 
 pulses lose to a noise peak for any estimator that is not handed the truth).
 All resolutions are over the same waveforms for every method; RMS and 68% half-width (w68) both given.
 
-Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 1000] [--quick]
+Usage: python benchmarks/bench_cbae.py [--n-test 20000] [--n-oracle 3000] [--quick]
 """
 
 from __future__ import annotations
@@ -236,7 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--biexp-model", default=str(ROOT / "checkpoints/cbae_biexp.pt"))
     ap.add_argument("--semisup-model", default=str(ROOT / "checkpoints/cbae_semisup.pt"))
     ap.add_argument("--n-test", type=int, default=20000)
-    ap.add_argument("--n-oracle", type=int, default=1000)
+    ap.add_argument(
+        "--n-oracle", type=int, default=3000, help="waveforms per level for the fits (1000: ratios +-0.1)"
+    )
     ap.add_argument("--quick", action="store_true", help="small sets (smoke run)")
     ap.add_argument("--refine-iter", type=int, default=6, help="LM iterations of CBAE.refine")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cbae.json"))
