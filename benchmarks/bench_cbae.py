@@ -16,6 +16,9 @@ CBAE+refine (``CBAE.refine``): Levenberg-Marquardt least-squares fit of the lear
 started at the encoder estimate (plain LS, as oracle_ls), on the oracle subset; ``cbae_refine_scan`` adds
 the global start search through the decoder (``scan_step`` 1 ns) before the LM, with the test prior box
 (charge, time ranges) as bounds and the free units at 0 (the teacher-trained response model).
+Bound ``posterior_mean`` / ``mmse_rms``: the Bayes posterior mean with the true template, noise covariance
+and the test priors, and sqrt(mean posterior variance), the smallest RMS any estimator can reach on these
+waveforms (``rms_ratio_to_mmse`` in ``floor``). At high noise it lies far above the truth-started oracle's.
 Second oracle ``oracle_global``: the same true-template least squares WITHOUT the truth (global grid scan
 over the prior box, then bounded LS), i.e. what a perfectly informed real fit achieves.
 Floor (issue 4): per level and parameter, resolution (RMS) within 10% of oracle_ls and |bias| < 0.1 x the
@@ -44,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._util import atomic_write_json  # noqa: E402
 from physics.electronics import Electronics  # noqa: E402
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms  # noqa: E402
-from surrogate.baselines import conventional, oracle_fit, oracle_fit_global  # noqa: E402
+from surrogate.baselines import conventional, oracle_fit, oracle_fit_global, posterior_mean  # noqa: E402
 from surrogate.cbae import CBAE, load_cbae  # noqa: E402
 
 LEVELS = ("low", "medium", "high")
@@ -137,6 +140,12 @@ def evaluate_level(
         res["oracle_fits_per_s"] = k / dt_fit
         gq, gt = oracle_fit_global(el, adc[sub], CHARGE, TIME)
         res["oracle_global"] = {"charge": stats(gq - q[sub].numpy()), "time": stats(gt - t[sub].numpy())}
+        pm, pv = posterior_mean(el, adc[sub], scale, CHARGE, TIME)
+        res["posterior_mean"] = {
+            v: stats((pm[:, i] - (q, t)[i][sub]).numpy()) for i, v in enumerate(("charge", "time"))
+        }
+        # the smallest RMS any estimator can have here: sqrt(mean posterior variance) (MMSE)
+        res["mmse_rms"] = {v: float(pv[:, i].mean().sqrt()) for i, v in enumerate(("charge", "time"))}
         o = res["oracle_ls"]
         res["floor"] = {}
         truth = torch.stack([q[sub], t[sub]], 1).numpy()
@@ -151,6 +160,7 @@ def evaluate_level(
                     "rms_ratio": ratio,
                     "rms_ratio_ci68": rms_ratio_interval(err[:, i], oracle_err[:, i]),
                     "rms_ratio_to_oracle_global": r_[v]["rms"] / res["oracle_global"][v]["rms"],
+                    "rms_ratio_to_mmse": r_[v]["rms"] / res["mmse_rms"][v],
                     "w68_ratio": r_[v]["w68"] / o[v]["w68"],
                     "abs_bias_over_oracle_rms": brel,
                     "pass": bool(ratio <= 1.10 and brel <= 0.10),
@@ -342,6 +352,7 @@ def print_table(out: dict) -> None:
             "oracle_ls",
             "oracle_global",
             "oracle_ml",
+            "posterior_mean",
             "conventional",
         ):
             if m in r:
@@ -372,11 +383,19 @@ def print_table(out: dict) -> None:
             print(
                 f"{lvl:7s} floor {name:16s} "
                 + " ".join(
-                    f"{v}: rms x{f[v]['rms_ratio']:.3f} (x{f[v]['rms_ratio_to_oracle_global']:.3f} no-truth) "
+                    f"{v}: rms x{f[v]['rms_ratio']:.3f} (x{f[v]['rms_ratio_to_oracle_global']:.3f} no-truth, "
+                    f"x{f[v]['rms_ratio_to_mmse']:.3f} MMSE) "
                     f"|bias|/oracle {f[v]['abs_bias_over_oracle_rms']:.3f} "
                     f"{'PASS' if f[v]['pass'] else 'FAIL'}"
                     for v in ("charge", "time")
                 )
+            )
+        if "mmse_rms" in r:
+            mm, ol = r["mmse_rms"], r["oracle_ls"]
+            print(
+                f"{lvl:7s} MMSE bound (sqrt mean posterior variance): q {mm['charge']:.4f} "
+                f"t {mm['time']:.4f} = x{mm['charge'] / ol['charge']['rms']:.3f} / "
+                f"x{mm['time'] / ol['time']['rms']:.3f} oracle_ls"
             )
         print(
             f"{lvl:7s} pull RMS (encoder sigma heads) q {r['cbae_pull_rms']['charge']:.3f} "

@@ -4,6 +4,9 @@
   scipy.optimize.least_squares, started at the true parameters, one waveform at a time. With
   ``whiten=True`` the residuals are whitened with the Cholesky factor of the true noise covariance
   (white + AR(1) + quantisation 1/12 LSB^2), i.e. the Gaussian maximum-likelihood fit.
+* ``posterior_mean``: the Bayes posterior mean of (charge, time) with the TRUE template and noise covariance
+  under uniform priors on the test box: the minimum-mean-squared-error estimator, so no estimator, with or
+  without the truth in its start, has a smaller RMS error on data drawn from those priors.
 * ``conventional``: window integral for the charge, Q = sum_k (adc_k - baseline) dt / gain, and
   constant-fraction timing: linear interpolation of the leading-edge crossing of f x peak, minus the
   template's own constant-fraction delay (computed from the template on a fine grid; no truth used).
@@ -21,6 +24,7 @@ from scipy.linalg import solve_triangular
 from scipy.optimize import least_squares
 from torch import Tensor
 
+from physics.config import ConfigError
 from physics.electronics import Electronics, ar1_cholesky
 
 
@@ -129,3 +133,62 @@ def oracle_fit_global(
         r = least_squares(lambda p, yi=yi: model(p) - yi, x0=x0, bounds=(lo, hi), method="trf")
         qs[i], ts[i] = r.x
     return qs, ts
+
+
+def _log_prob_between(lo: Tensor, hi: Tensor) -> Tensor:
+    """log(Phi(hi) - Phi(lo)) for hi > lo, stable in both tails (the upper tail is mirrored to the lower)."""
+    flip = lo > 0
+    u, v = torch.where(flip, -lo, hi), torch.where(flip, -hi, lo)
+    a, b = torch.special.log_ndtr(u), torch.special.log_ndtr(v)
+    return a + torch.log1p(-torch.exp(b - a).clamp(max=1.0 - 1e-16))
+
+
+def posterior_mean(
+    el: Electronics,
+    adc: Tensor,
+    noise_scale: float,
+    charge_range: tuple[float, float] = (0.5, 30.0),
+    time_range: tuple[float, float] = (-5.0, 40.0),
+    grid_step: float = 0.02,
+) -> tuple[Tensor, Tensor]:
+    """Bayes posterior means (N, 2) [q p.e., t ns] and posterior variances (N, 2) [p.e.^2, ns^2], float64, of
+    single-pulse waveforms (N, S) [ADC].
+
+    Model: y = baseline + q g f(t_k - t) + n, n ~ N(0, C) with C the true noise covariance at ``noise_scale``
+    (white + AR(1) + quantisation 1/12 LSB^2, :func:`noise_cholesky`); priors uniform on ``charge_range`` x
+    ``time_range``. With the whitened template w_t = L^-1 g f(. - t) and data z = L^-1 (y - b), a(t) = |w_t|^2
+    and b(t) = w_t . z, the likelihood is Gaussian in q, so q is integrated in closed form: p(t | y) ~ a^-1/2
+    exp(b^2 / 2a) [Phi((q_hi - b/a) a^1/2) - Phi((q_lo - b/a) a^1/2)], and E[q | t, y] is the mean of N(b/a,
+    1/a) truncated to the charge range. t is summed on a ``grid_step`` [ns] grid (uniform prior). The
+    posterior mean minimises the expected squared error (S. M. Kay, "Fundamentals of Statistical Signal
+    Processing: Estimation Theory", 1993, ch. 10): on data drawn from these priors no estimator has a smaller
+    RMS error. It is the bound to quote beside the truth-started ``oracle_fit``, which a dim pulse lost to a
+    noise peak never fools. The mean posterior variance over such data is that smallest mean squared error,
+    E[(theta - E[theta | y])^2] = E[Var(theta | y)]: a far less noisy estimate of the bound than the sample
+    RMS, which a few lost pulses dominate. Vectorised: one (N, G) matrix for G grid times.
+    """
+    if not grid_step > 0:
+        raise ConfigError(f"posterior_mean: grid_step={grid_step!r}; allowed: > 0 ns")
+    offs = el.sample_offsets(torch.float64, "cpu")
+    tg = torch.arange(time_range[0], time_range[1] + 1e-9, grid_step, dtype=torch.float64)
+    F = float(el.gain) * el.pulse(offs[None, :] - tg[:, None])  # (G, S) ADC per p.e.
+    L = torch.from_numpy(noise_cholesky(el, noise_scale))
+    W = torch.linalg.solve_triangular(L, F.T, upper=False).T  # (G, S) whitened templates
+    z = torch.linalg.solve_triangular(L, (adc.double().cpu() - float(el.baseline)).T, upper=False).T
+    a = (W * W).sum(1).clamp_min(1e-30)  # (G,)
+    b = z @ W.T  # (N, G)
+    mu, sd = b / a, a.rsqrt()
+    lo, hi = (charge_range[0] - mu) / sd, (charge_range[1] - mu) / sd
+    log_z = _log_prob_between(lo, hi)
+    w = torch.softmax(0.5 * b * mu - 0.5 * torch.log(a) + log_z, 1)  # p(t | y) on the grid
+    log_phi = lambda x: -0.5 * x * x - 0.5 * math.log(2.0 * math.pi)  # noqa: E731
+    f_lo, f_hi = torch.exp(log_phi(lo) - log_z), torch.exp(log_phi(hi) - log_z)
+    q_t = mu + sd * (f_lo - f_hi)  # E[q | t, y]: truncated-normal mean
+    # truncated-normal variance (at an infinite bound the phi x bound product is 0)
+    lo_f = torch.where(torch.isfinite(lo), lo * f_lo, 0.0)
+    hi_f = torch.where(torch.isfinite(hi), hi * f_hi, 0.0)
+    v_t = sd * sd * (1.0 + lo_f - hi_f - (f_lo - f_hi) ** 2)
+    q_m, t_m = (w * q_t).sum(1), (w * tg).sum(1)
+    q_v = (w * (v_t + (q_t - q_m[:, None]) ** 2)).sum(1)
+    t_v = (w * (tg - t_m[:, None]) ** 2).sum(1)
+    return torch.stack([q_m, t_m], 1), torch.stack([q_v, t_v], 1)

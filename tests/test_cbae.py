@@ -12,7 +12,13 @@ from physics.config import ConfigError
 from physics.electronics import Electronics
 from physics.waveforms import NOISE_LEVELS, simulate_waveforms
 from surrogate import CBAE, load_cbae, save_cbae
-from surrogate.baselines import conventional, noise_cholesky, oracle_fit, oracle_fit_global
+from surrogate.baselines import (
+    conventional,
+    noise_cholesky,
+    oracle_fit,
+    oracle_fit_global,
+    posterior_mean,
+)
 from surrogate.cbae import ENCODERS
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "cbae_default.pt"
@@ -311,6 +317,58 @@ def test_oracle_fit_global_noise_free_and_vs_truth_start():
     oq, ot = oracle_fit(el, d["adc"], d["charge"].double(), d["time"].double())
     np.testing.assert_allclose(t, ot, atol=2e-4)
     np.testing.assert_allclose(q, oq, atol=2e-3)
+
+
+def test_posterior_mean_closed_form_charge_integral_vs_quadrature():
+    """The posterior integrates the charge in closed form (truncated Gaussian); a second method, sums of the
+    whitened likelihood over a fine (q, t) grid, gives the same means and variances of (q, t) (to 1e-3
+    p.e. / ns and 1 %); a non-positive grid step raises."""
+    el = Electronics.load("default")
+    d = simulate_waveforms(el, 6, torch.Generator().manual_seed(8), (0.5, 30.0), (-5.0, 40.0), "high")
+    mean, var = posterior_mean(el, d["adc"], NOISE_LEVELS["high"], grid_step=0.1)
+    offs = el.sample_offsets(torch.float64, "cpu")
+    tg = torch.arange(-5.0, 40.0 + 1e-9, 0.1, dtype=torch.float64)
+    qg = torch.linspace(0.5, 30.0, 20001, dtype=torch.float64)
+    L = torch.from_numpy(noise_cholesky(el, NOISE_LEVELS["high"]))
+    F = float(el.gain) * el.pulse(offs[None, :] - tg[:, None])
+    W = torch.linalg.solve_triangular(L, F.T, upper=False).T
+    y = (d["adc"].double() - float(el.baseline)).T
+    Z = torch.linalg.solve_triangular(L, y, upper=False).T
+    for i in range(6):
+        b, a = W @ Z[i], (W * W).sum(1)  # chi^2(q, t) = |z|^2 - 2 q b(t) + q^2 a(t)
+        w = torch.softmax((qg[None, :] * b[:, None] - 0.5 * qg[None, :] ** 2 * a[:, None]).flatten(), 0)
+        w = w.view(len(tg), len(qg))
+        pq, pt = w.sum(0), w.sum(1)
+        m = torch.stack([(pq * qg).sum(), (pt * tg).sum()])
+        v = torch.stack([(pq * (qg - m[0]) ** 2).sum(), (pt * (tg - m[1]) ** 2).sum()])
+        torch.testing.assert_close(mean[i], m, atol=1e-3, rtol=0)
+        torch.testing.assert_close(var[i], v, rtol=0.01, atol=1e-6)
+    with pytest.raises(ConfigError, match="grid_step"):
+        posterior_mean(el, d["adc"], 1.0, grid_step=0.0)
+
+
+def test_posterior_mean_is_the_minimum_mean_square_error_estimator():
+    """On waveforms drawn from the priors it assumes (high noise, charge U(0.5, 30), time U(-5, 40)), the
+    posterior mean has the properties of the MMSE estimator (Kay 1993, ch. 10): unbiased, its error
+    orthogonal to the estimate (|corr(error, estimate)| within 3 standard errors of 0), and its squared
+    error per waveform equal on average to the posterior variance (mean of error^2 / variance = 1 within 4
+    standard errors: E[(theta - E[theta|y])^2 | y] = Var(theta | y)). The least-squares fit started at the
+    truth, which no estimator can be, has a time RMS far below the bound, sqrt(mean posterior variance)
+    (measured on 20000 such waveforms: bound 0.99 ns, truth-started fit 0.23 ns)."""
+    el = Electronics.load("default")
+    n = 1500
+    d = simulate_waveforms(el, n, torch.Generator().manual_seed(31), (0.5, 30.0), (-5.0, 40.0), "high")
+    truth = torch.stack([d["charge"], d["time"]], 1).double()
+    mean, var = posterior_mean(el, d["adc"], NOISE_LEVELS["high"])
+    for j in range(2):
+        e = mean[:, j] - truth[:, j]
+        assert abs(float(e.mean())) < 3 * float(e.std()) / n**0.5
+        corr = float(torch.corrcoef(torch.stack([e, mean[:, j]]))[0, 1])
+        assert abs(corr) < 3 / n**0.5, corr
+        z = e * e / var[:, j]
+        assert abs(float(z.mean()) - 1.0) < 4 * float(z.std()) / n**0.5, float(z.mean())
+    _, ot = oracle_fit(el, d["adc"][:300], truth[:300, 0], truth[:300, 1])
+    assert float(np.sqrt(np.mean((ot - truth[:300, 1].numpy()) ** 2))) < 0.5 * float(var[:, 1].mean().sqrt())
 
 
 def test_refine_scan_escapes_wrong_start(shipped):
