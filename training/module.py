@@ -227,9 +227,11 @@ class CBAEModule(L.LightningModule):
         was_training = m.training
         m.eval()
         grads = {p: p.requires_grad for p in m.parameters()}
+        head = list(m.var_head.parameters())
+        in_head = set(head)
         for p in m.parameters():
-            p.requires_grad_(p in set(m.var_head.parameters()))
-        opt = torch.optim.Adam(m.var_head.parameters(), lr=lr)
+            p.requires_grad_(p in in_head)
+        opt = torch.optim.Adam(head, lr=lr)
         last = float("nan")
         try:
             for _ in range(int(epochs)):
