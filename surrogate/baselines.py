@@ -96,6 +96,16 @@ def conventional(el: Electronics, adc: Tensor, fraction: float = 0.3) -> tuple[T
     return q, t_cross - cf_delay(el, fraction)
 
 
+def _template_grid(
+    el: Electronics, time_range: tuple[float, float], grid_step: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(sample offsets (S,) [ns], grid times (G,) [ns] over ``time_range`` in ``grid_step`` steps, true
+    templates (G, S) [ADC per p.e.]), float64 on CPU: the pulse hypotheses of the grid-based references."""
+    offs = el.sample_offsets(torch.float64, "cpu")
+    tg = torch.arange(time_range[0], time_range[1] + 1e-9, grid_step, dtype=torch.float64)
+    return offs, tg, float(el.gain) * el.pulse(offs[None, :] - tg[:, None])
+
+
 def oracle_fit_global(
     el: Electronics,
     adc: Tensor,
@@ -111,10 +121,8 @@ def oracle_fit_global(
     real analysis with a perfectly known pulse shape can run; ``oracle_fit`` (started at the truth)
     can never be misled by a noise fluctuation and is a lower bound no estimator reaches at low
     signal-to-noise. Returns (q, t) (N,) numpy."""
-    offs = el.sample_offsets(torch.float64, "cpu")
     gain, base = float(el.gain), float(el.baseline)
-    tg = torch.arange(time_range[0], time_range[1] + 1e-9, grid_step, dtype=torch.float64)
-    F = gain * el.pulse(offs[None, :] - tg[:, None])  # (G, S) ADC per p.e.
+    offs, tg, F = _template_grid(el, time_range, grid_step)
     y = adc.double().cpu() - base  # (N, S)
     ff = (F * F).sum(1).clamp_min(1e-30)  # (G,)
     qg = ((y @ F.T) / ff).clamp(*charge_range)  # (N, G)
@@ -169,9 +177,7 @@ def posterior_mean(
     """
     if not grid_step > 0:
         raise ConfigError(f"posterior_mean: grid_step={grid_step!r}; allowed: > 0 ns")
-    offs = el.sample_offsets(torch.float64, "cpu")
-    tg = torch.arange(time_range[0], time_range[1] + 1e-9, grid_step, dtype=torch.float64)
-    F = float(el.gain) * el.pulse(offs[None, :] - tg[:, None])  # (G, S) ADC per p.e.
+    _, tg, F = _template_grid(el, time_range, grid_step)
     L = torch.from_numpy(noise_cholesky(el, noise_scale))
     W = torch.linalg.solve_triangular(L, F.T, upper=False).T  # (G, S) whitened templates
     z = torch.linalg.solve_triangular(L, (adc.double().cpu() - float(el.baseline)).T, upper=False).T
