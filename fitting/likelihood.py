@@ -13,6 +13,15 @@ Model (fiTQun-like, Jiang et al. (Super-K), PRD 99 (2019) 092005, sec. III; here
   1 - P(0) = 1 - exp(-m). A PMT is hit when q >= threshold, so P(unhit) = exp(-m) + sum_n Poisson(n|m)
   Phi((thr - n g) / (g sqrt(n v))). The sum over n is truncated to a window around the peak of the
   summand (chosen from detached values, evaluated with log-sum-exp; the terms left out are < e^-30 of it).
+* Over-dispersion (optional ``obs['mu_rel_var']`` = w, (E,P)): when the expectation is itself an average
+  over event-to-event fluctuations that the model does not resolve (a muon's multiple-scattering kinks move
+  its sharp Cherenkov ring from event to event; the model's mean ring is smeared), the count of a PMT is a
+  Poisson mixture whose mean varies: the direct light mu_direct with relative variance w (variance
+  V = w mu_direct^2; dark noise and indirect light do not move with the ring). It is modelled as a Gamma
+  mixture: negative binomial with mean m and variance m + V (e.g. Johnson, Kemp & Kotz, Univariate Discrete
+  Distributions, 3rd ed., 2005, sec. 5.3), which replaces Poisson(n | m) in the charge and no-hit terms;
+  w = 0 is the Poisson case. w is an input held fixed within a fit (a shape of the fluctuation, which
+  scales with the light); V follows mu_direct. The time term keeps the Poisson-process form.
 * Time: the p.e. of a PMT form a Poisson process in time with rate
   lambda(t) = mu_direct N(t; t_mean, t_var + TTS^2) + mu_indirect f_ind(t) + mu_dark / T_window,
   (direct peak convolved with the Gaussian transit-time spread; indirect light flat over the window, or an
@@ -58,11 +67,54 @@ def _log_poisson(n: Tensor, mu: Tensor) -> Tensor:
     return n * torch.log(mu) - mu - torch.lgamma(n + 1.0)
 
 
+# relative variance below which the negative binomial is evaluated as its Poisson limit (the neglected
+# correction is ~ r ((n - mu)^2 - n) / 2 < 1e-6 for counts below 1000; keeps 1/r^3 in double backward finite)
+_NB_MIN_R = 1e-12
+
+
+def _stirling_tail(x: Tensor) -> Tensor:
+    """omega(x) = lgamma(x) - (x - 1/2) log x + x - log(2 pi)/2 for x >= 10, by its asymptotic series
+    1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7) (Abramowitz & Stegun 6.1.41; error < 1e-13 at x = 10)."""
+    y = 1.0 / (x * x)
+    return (1.0 / 12.0 - y * (1.0 / 360.0 - y * (1.0 / 1260.0 - y / 1680.0))) / x
+
+
+def _log_nb_excess(n: Tensor, mu: Tensor, r: Tensor) -> Tensor:
+    """log NB(n | mean mu, shape k = 1/r) - log Poisson(n | mu), float64, stable for every r > 0.
+
+    log NB - log Poisson = D(n, k) - (k + n) log1p(r mu) + mu with D = lgamma(n + k) - lgamma(k) - n log k.
+    For k >= 10, D = (n + k - 1/2) log1p(n/k) - n + omega(n + k) - omega(k) (Stirling with the series tail
+    ``_stirling_tail``), which keeps its accuracy as k -> inf (D -> n (n - 1) / (2k)); below, the lgamma
+    difference is exact enough. r <= _NB_MIN_R gives 0 (the Poisson limit), with zero derivatives."""
+    nb = r > _NB_MIN_R
+    r = torch.where(nb, r, torch.ones_like(r))  # no inf/NaN in the unused branch's derivatives
+    k = 1.0 / r
+    big = k >= 10.0
+    kb = torch.where(big, k, torch.full_like(k, 10.0))
+    ks = torch.where(big, torch.full_like(k, 1.0), k)
+    d_big = (n + kb - 0.5) * torch.log1p(n / kb) - n + _stirling_tail(n + kb) - _stirling_tail(kb)
+    d_small = torch.lgamma(n + ks) - torch.lgamma(ks) - n * torch.log(ks)
+    d = torch.where(big, d_big, d_small)
+    return torch.where(nb, d - (k + n) * torch.log1p(r * mu) + mu, torch.zeros_like(d))
+
+
+def _log_count(n: Tensor, mu: Tensor, mu_var: Tensor | None) -> Tensor:
+    """log P(n p.e.): Poisson(n | mu), or with ``mu_var`` the negative binomial of mean mu and variance
+    mu + mu_var (Gamma-mixed mean, module doc), evaluated in float64 and returned in mu's dtype."""
+    lp = _log_poisson(n, mu)
+    if mu_var is None:
+        return lp
+    r = mu_var.double() / (mu.double() * mu.double())
+    return lp + _log_nb_excess(n.double(), mu.double(), r).to(mu.dtype)
+
+
 def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tensor, int]:
     """Start (…) and width K of the summation window over the p.e. count n (detached, n >= 1).
 
-    The summand is Poisson(n|mu) N(q; n g, n v g^2): it lives between n ~ q/g and n ~ mu; the window spans
-    both with 8 standard deviations (sqrt(n (1 + v))) and 3 extra terms on each side."""
+    The summand is P(n|mu) N(q; n g, n v g^2): it lives between n ~ q/g and n ~ mu; the window spans
+    both with 8 standard deviations (sqrt(n (1 + v))) and 3 extra terms on each side. The same window serves
+    the negative binomial: beyond it the charge factor N(q; n g, n v g^2) alone is below e^-32 (for the
+    no-hit sum, the threshold factor), whatever the width of P(n)."""
     with torch.no_grad():
         qn = (q / gain).clamp_min(0.0)
         lo_c = torch.minimum(qn, mu)
@@ -74,32 +126,56 @@ def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tens
     return lo, max(k, 1)
 
 
-def charge_log_density(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor | float = 1.0) -> Tensor:
-    """log p(q, hit) = log sum_{n>=1} Poisson(n | mu) N(q; n g, n v g^2)  (any shape, broadcast).
+def charge_log_density(
+    q: Tensor, mu: Tensor, rel_var: float, gain: Tensor | float = 1.0, mu_var: Tensor | None = None
+) -> Tensor:
+    """log p(q, hit) = log sum_{n>=1} P(n | mu) N(q; n g, n v g^2)  (any shape, broadcast).
 
     q [p.e.] observed charge, mu > 0 mean p.e., rel_var = v (relative variance of the single-p.e. charge),
-    gain g. Integrates over q to 1 - exp(-mu). Differentiable in mu, q and g."""
-    q, mu = torch.broadcast_tensors(q, mu)
+    gain g; P = Poisson, or with ``mu_var`` [p.e.^2] (>= 0) the negative binomial of mean mu and variance
+    mu + mu_var (module doc). Integrates over q to 1 - P(0). Differentiable in mu, q, g and mu_var."""
+    if mu_var is not None:
+        q, mu, mu_var = torch.broadcast_tensors(q, mu, mu_var)
+    else:
+        q, mu = torch.broadcast_tensors(q, mu)
     g = torch.as_tensor(gain, dtype=q.dtype, device=q.device).expand_as(q)
     lo, k = _n_window(q, mu, rel_var, g)
     n = lo[..., None] + torch.arange(k, dtype=q.dtype, device=q.device)  # (..., K)
     var = n * rel_var * (g * g)[..., None]
     logn = -((q[..., None] - n * g[..., None]) ** 2) / (2.0 * var) - 0.5 * (LOG_2PI + torch.log(var))
-    return torch.logsumexp(_log_poisson(n, mu[..., None]) + logn, -1)
+    mv = None if mu_var is None else mu_var[..., None]
+    return torch.logsumexp(_log_count(n, mu[..., None], mv) + logn, -1)
 
 
-def unhit_log_prob(mu: Tensor, rel_var: float, threshold: float = 0.0, gain: Tensor | float = 1.0) -> Tensor:
-    """log P(no hit) = log[exp(-mu) + sum_{n>=1} Poisson(n|mu) Phi((thr - n g)/(g sqrt(n v)))].
+def unhit_log_prob(
+    mu: Tensor,
+    rel_var: float,
+    threshold: float = 0.0,
+    gain: Tensor | float = 1.0,
+    mu_var: Tensor | None = None,
+) -> Tensor:
+    """log P(no hit) = log[P(0|mu) + sum_{n>=1} P(n|mu) Phi((thr - n g)/(g sqrt(n v)))].
 
-    Equal to -mu at threshold 0."""
+    P as in :func:`charge_log_density` (Poisson: P(0) = exp(-mu); with ``mu_var``: (1 + r mu)^(-1/r),
+    r = mu_var / mu^2). Equal to log P(0|mu) at threshold 0."""
+    if mu_var is None:
+        log_p0 = -mu
+    else:
+        mu, mu_var = torch.broadcast_tensors(mu, mu_var)
+        m64 = mu.double()
+        r = mu_var.double() / (m64 * m64)
+        nb = r > _NB_MIN_R
+        r = torch.where(nb, r, torch.ones_like(r))
+        log_p0 = torch.where(nb, -torch.log1p(r * m64) / r, -m64).to(mu.dtype)
     if threshold <= 0.0:
-        return -mu
+        return log_p0
     g = torch.as_tensor(gain, dtype=mu.dtype, device=mu.device).expand_as(mu)
     lo, k = _n_window(torch.zeros_like(mu), mu, rel_var, g)
     n = lo[..., None] + torch.arange(k, dtype=mu.dtype, device=mu.device)
     z = (threshold - n * g[..., None]) / (g[..., None] * torch.sqrt(n * rel_var))
-    terms = _log_poisson(n, mu[..., None]) + torch.special.log_ndtr(z)
-    return torch.logsumexp(torch.cat([(-mu)[..., None], terms], -1), -1)
+    mv = None if mu_var is None else mu_var[..., None]
+    terms = _log_count(n, mu[..., None], mv) + torch.special.log_ndtr(z)
+    return torch.logsumexp(torch.cat([log_p0[..., None], terms], -1), -1)
 
 
 def time_log_density(
@@ -193,19 +269,24 @@ class ChargeTerm(nn.Module):
         self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float64))
         self.mu_floor = float(mu_floor)
 
-    def forward(self, m: Tensor, obs: dict[str, Tensor]) -> Tensor:
+    def forward(self, m: Tensor, obs: dict[str, Tensor], mu_var: Tensor | None = None) -> Tensor:
+        """Per-PMT NLL (E,P) for total means m (E,P); obs: hit, charge; mu_var (E,P) [p.e.^2]: variance of the
+        mean (negative-binomial counts, module doc) or None (Poisson)."""
         hit = obs["hit"]
         m = m + self.mu_floor
         g = self.gain.to(device=m.device, dtype=m.dtype).expand_as(m)
+        v = mu_var
         nll = torch.zeros_like(m)
         if bool((~hit).any()):
+            i = (~hit).nonzero(as_tuple=True)
             nll = nll.index_put(
-                (~hit).nonzero(as_tuple=True), -unhit_log_prob(m[~hit], self.rel_var, self.threshold, g[~hit])
+                i, -unhit_log_prob(m[i], self.rel_var, self.threshold, g[i], None if v is None else v[i])
             )
         if bool(hit.any()):
             q = obs["charge"].to(m.dtype)
+            i = hit.nonzero(as_tuple=True)
             nll = nll.index_put(
-                hit.nonzero(as_tuple=True), -charge_log_density(q[hit], m[hit], self.rel_var, g[hit])
+                i, -charge_log_density(q[i], m[i], self.rel_var, g[i], None if v is None else v[i])
             )
         return nll
 
@@ -283,8 +364,11 @@ class HitLikelihood(nn.Module):
     indirect ('flat' | 'tail', tail_tau [ns]) as in :class:`TimeTerm`.
 
     forward(pred, obs): pred from a ResponseModel -- mu (E,P) [p.e.], t_mean (E,P) [ns], t_var (E,P) [ns^2],
-    optional mu_indirect (E,P); obs from :func:`hits_to_dense` (hit, charge, time). NaN/inf in the hit
-    charges/times or in the prediction, or mismatched shapes, raise ConfigError.
+    optional mu_indirect (E,P); obs from :func:`hits_to_dense` (hit, charge, time), optionally with
+    mu_rel_var (E,P), the relative variance of the direct expectation over fluctuations it averages over
+    (negative-binomial counts, module doc; e.g. ``PhysicsResponse.ms_relative_variance``). NaN/inf in the
+    hit charges/times, in mu_rel_var or in the prediction, negative mu_rel_var, or mismatched shapes, raise
+    ConfigError.
     """
 
     def __init__(
@@ -322,13 +406,24 @@ class HitLikelihood(nn.Module):
         _check_finite("obs['charge'] of hit PMTs", obs["charge"], hit)
         if self.time is not None:
             _check_finite("obs['time'] of hit PMTs", obs["time"], hit)
+        mu_var = None
+        if "mu_rel_var" in obs:
+            w = obs["mu_rel_var"]
+            if w.shape != mu.shape:
+                raise ConfigError(
+                    f"obs['mu_rel_var']: shape {tuple(w.shape)}, expected the prediction's {tuple(mu.shape)}"
+                )
+            _check_finite("obs['mu_rel_var']", w)
+            if bool((w < 0).any()):
+                raise ConfigError("obs['mu_rel_var']: negative relative variance; allowed: >= 0")
+            mu_var = w.to(mu) * mu * mu
         if bool((mu < 0).any()):
             raise ConfigError("prediction['mu']: negative expected p.e.; allowed: mu >= 0")
         mu_dark = self.mu_dark.to(device=mu.device, dtype=mu.dtype)
         m = mu + mu_dark
         if "mu_indirect" in pred:
             m = m + pred["mu_indirect"]
-        nll = self.charge(m, obs)
+        nll = self.charge(m, obs, mu_var)
         if self.time is not None:
             nll = nll + self.time(pred, mu_dark, obs)
         return nll

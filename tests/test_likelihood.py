@@ -196,3 +196,99 @@ def test_nll_gradcheck_event_and_detector_parameters():
         )
     )
     assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# over-dispersed (negative-binomial) counts: obs['mu_rel_var']
+# --------------------------------------------------------------------------------------------------
+def _gamma_poisson_quad(n: int, m: float, r: float) -> float:
+    """P(n) of a Poisson whose mean is Gamma(shape 1/r, mean m) distributed, by quadrature over the mean
+    (the mixture's definition; scipy.integrate.quad)."""
+    from scipy import integrate, stats
+
+    k = 1.0 / r
+    lam = stats.gamma(k, scale=m / k)
+    hi = lam.ppf(1 - 1e-14)  # from 0: a small count's probability comes from the mean's lower tail
+    val, _ = integrate.quad(
+        lambda x: stats.poisson.pmf(n, x) * lam.pdf(x), 0.0, hi, points=[min(n, m), m], limit=400, epsabs=0,
+        epsrel=1e-11,
+    )
+    return val
+
+
+@pytest.mark.parametrize("m,r", [(0.3, 0.5), (4.0, 0.35), (25.0, 0.1), (60.0, 0.02)])
+def test_negative_binomial_counts_are_the_gamma_mixed_poisson(m, r):
+    """log P(n) with mu_var = r m^2 equals the Gamma-Poisson mixture computed by quadrature over the mean."""
+    from fitting.likelihood import _log_count
+
+    ns = [0, 1, 2, 5, int(m), int(m + 3 * math.sqrt(m + r * m * m)) + 1]
+    n = torch.tensor(ns, dtype=F64)
+    got = _log_count(n, torch.full_like(n, m), torch.full_like(n, r * m * m))
+    for i, nn in enumerate(ns):
+        ref = math.log(_gamma_poisson_quad(nn, m, r))
+        assert abs(float(got[i]) - ref) < 1e-7 * max(1.0, abs(ref)), (nn, float(got[i]), ref)
+
+
+def test_negative_binomial_poisson_limit_is_smooth():
+    """As r -> 0 the negative binomial tends to the Poisson law as log NB - log Poisson = r ((n - m)^2 - n)/2
+    + O(r^2) (expansion of the Gamma mixture), down to and across the switch to the exact Poisson form."""
+    from fitting.likelihood import _log_count, _log_poisson
+
+    m = 40.0
+    n = torch.tensor([10.0, 30.0, 40.0, 55.0, 90.0], dtype=F64)
+    for r in (1e-4, 1e-7, 1e-10, 1e-11):
+        mm = torch.full_like(n, m)
+        diff = _log_count(n, mm, torch.full_like(n, r * m * m)) - _log_poisson(n, mm)
+        first = r * ((n - m) ** 2 - n) / 2
+        assert torch.allclose(diff, first, rtol=0.02, atol=1e-12), (r, diff, first)
+    zero = _log_count(n, torch.full_like(n, m), torch.zeros_like(n))
+    assert torch.equal(zero, _log_poisson(n, torch.full_like(n, m)))
+
+
+@pytest.mark.parametrize("m,r", [(0.2, 0.6), (2.5, 0.4), (18.0, 0.3)])
+def test_over_dispersed_charge_density_and_no_hit_sum_to_one(m, r):
+    """Threshold 0.25 p.e.: the hit-charge density integrated above threshold plus P(no hit) is 1, and at
+    threshold 0 P(no hit) is the negative binomial's P(0) = (1 + r m)^(-1/r)."""
+    v, thr = 0.3**2, 0.25
+    mv = torch.tensor(r * m * m, dtype=F64)
+    q = torch.linspace(thr, 12 * m + 60, 200001, dtype=F64)
+    dens = torch.exp(charge_log_density(q, torch.full_like(q, m), v, 1.0, mv.expand_as(q)))
+    hit = float(torch.trapezoid(dens, q))
+    unhit = math.exp(float(unhit_log_prob(torch.tensor(m, dtype=F64), v, thr, 1.0, mv)))
+    assert abs(hit + unhit - 1.0) < 2e-5
+    p0 = math.exp(float(unhit_log_prob(torch.tensor(m, dtype=F64), v, 0.0, 1.0, mv)))
+    assert p0 == pytest.approx((1 + r * m) ** (-1 / r), rel=1e-12)
+
+
+def test_over_dispersed_likelihood_gradcheck_and_bad_input():
+    """float64 gradcheck of the per-PMT NLL with obs['mu_rel_var'] w.r.t. mu (hit and unhit PMTs, w = 0 and
+    mu -> 0 edges included); mu_rel_var of the wrong shape, negative or NaN is a ConfigError naming it."""
+    like = HitLikelihood(spe_rel_var=0.09, threshold=0.25, dark_rate_hz=300.0, window=(-100.0, 400.0))
+    hit = torch.tensor([[True, False, True, False, True, False]])
+    obs = {
+        "hit": hit,
+        "charge": torch.tensor([[2.3, 0.0, 0.6, 0.0, 14.0, 0.0]], dtype=F64),
+        "time": torch.tensor([[5.0, 0.0, 7.0, 0.0, 6.0, 0.0]], dtype=F64),
+        "mu_rel_var": torch.tensor([[0.4, 0.3, 0.0, 0.5, 0.2, 0.7]], dtype=F64),
+    }
+    t_mean = torch.full((1, 6), 6.0, dtype=F64)
+    t_var = torch.full((1, 6), 0.5, dtype=F64)
+
+    def f(mu):
+        return like.per_pmt({"mu": mu, "t_mean": t_mean, "t_var": t_var}, obs)
+
+    mu = torch.tensor([[1.7, 0.4, 0.9, 1e-4, 11.0, 3.0]], dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (mu,))
+    assert torch.autograd.gradgradcheck(f, (mu,))
+    nll_nb = f(mu).detach()
+    nll_p = like.per_pmt({"mu": mu, "t_mean": t_mean, "t_var": t_var}, {k: v for k, v in obs.items()
+                                                                        if k != "mu_rel_var"}).detach()
+    assert float(nll_nb[0, 2]) == pytest.approx(float(nll_p[0, 2]), abs=1e-12)  # w = 0: Poisson
+    assert torch.isfinite(nll_nb).all() and float((nll_nb - nll_p).abs().max()) > 0.01
+    for bad, msg in [
+        (torch.zeros(1, 5, dtype=F64), "shape"),
+        (torch.full((1, 6), -0.1, dtype=F64), "negative"),
+        (torch.full((1, 6), float("nan"), dtype=F64), "non-finite"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            like.per_pmt({"mu": mu.detach(), "t_mean": t_mean, "t_var": t_var}, {**obs, "mu_rel_var": bad})
