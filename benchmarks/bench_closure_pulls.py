@@ -7,13 +7,15 @@ multiple scattering (MS).
 (physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself;
 with it, ``--fit-no-ms`` (X0 -> inf in the fit's model) and ``--exact-wavelength`` make the fit's model the
 MC's own physics exactly (a sharp ring needs the wavelength sum: the folded kernel's Gaussian spread of the
-Cherenkov angle is then too crude). ``--track-nodes`` sets the track quadrature.
+Cherenkov angle is then too crude). ``--track-nodes`` sets the track quadrature. ``--ms-samples S`` fits
+with the multiple-scattering over-dispersion (negative-binomial counts with the relative variance of S
+sampled kink sets, fitting.response.PhysicsResponse.ms_relative_variance).
 Pull widths: standard deviation and the robust half 16-84 % inter-quantile range.
 Pulls are reported with the pure-Hessian uncertainty (``cov_hessian``) and with the reported one (Hessian + MS
 covariance, ``cov``) when the fit provides both.
 Writes benchmarks/results/closure_pulls[_noms].json.
 Usage: python benchmarks/bench_closure_pulls.py [--events N] [--no-ms [--fit-no-ms --exact-wavelength]]
-    [--track-nodes K] [--device cuda] [--seed S] [--batch-size B] [--name NAME]
+    [--track-nodes K] [--ms-samples S] [--device cuda] [--seed S] [--batch-size B] [--name NAME]
 """
 
 from __future__ import annotations
@@ -52,17 +54,19 @@ def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
 
 
 def fit_model(
-    sim: Simulator, track_nodes: int = 32, exact_wavelength: bool = False, no_ms: bool = False
+    sim: Simulator, track_nodes: int = 32, exact_wavelength: bool = False, no_ms: bool = False,
+    ms_samples: int = 0,
 ) -> tuple[PhysicsResponse, HitLikelihood]:
     """The fit's physics response and likelihood for ``sim``'s events: folded wavelengths (or the exact sum),
-    ``track_nodes`` track cells; ``no_ms``: X0 -> inf in the model (no ring smearing, kinks, shortening)."""
+    ``track_nodes`` track cells; ``no_ms``: X0 -> inf in the model (no ring smearing, kinks, shortening);
+    ``ms_samples``: sampled kink sets of the MS over-dispersion (negative-binomial counts; 0: Poisson)."""
     medium = sim.medium
     if no_ms:
         medium = copy.deepcopy(sim.medium)
         medium.radiation_length = math.inf
     resp = PhysicsResponse(
         sim.detector, medium, sim.sensors, "mu-", sim.optics, n_track_nodes=track_nodes,
-        fold_wavelength=not exact_wavelength, ms_covariance=not no_ms,
+        fold_wavelength=not exact_wavelength, ms_covariance=not no_ms, ms_samples=ms_samples,
     )
     return resp, HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(sim.device)
 
@@ -105,6 +109,8 @@ def main() -> None:
     ap.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the fit's model")
     ap.add_argument("--exact-wavelength", action="store_true", help="fit: exact wavelength sum")
     ap.add_argument("--fit-no-ms", action="store_true", help="fit's model without multiple scattering")
+    ap.add_argument("--ms-samples", type=int, default=0,
+                    help="fit: sampled kink sets of the MS over-dispersion (negative binomial; 0: Poisson)")
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,7 +118,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
-    resp, like = fit_model(sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms)
+    resp, like = fit_model(sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms, args.ms_samples)
     t0 = time.perf_counter()
     fit = reconstruct(
         res["hits"], args.events, resp, like, "mu-", device=args.device, n_starts=2,
@@ -128,6 +134,7 @@ def main() -> None:
         "track_nodes": args.track_nodes,
         "fold_wavelength": not args.exact_wavelength,
         "fit_multiple_scattering": not args.fit_no_ms,
+        "ms_samples": args.ms_samples,
         "n_ok": int(fit["ok"].sum()),
         "seconds_simulate": t_sim,
         "seconds_fit": t_fit,

@@ -56,12 +56,14 @@ def direct_light_simulator(detector: str, vertex, device: str = "cpu") -> Simula
     return sim
 
 
-def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu"):
-    """(simulator, n simulated events, physics response, likelihood) of the benchmark's events."""
+def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samples: int = 0):
+    """(simulator, n simulated events, physics response, likelihood) of the benchmark's events; ms_samples:
+    the response's sampled kink sets for the multiple-scattering over-dispersion (0: Poisson counts)."""
     sim = direct_light_simulator(detector, vertex, device)
     res = sim.run(n, seed=seed, batch_size=n)
     resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True,
+        ms_samples=ms_samples,
     )
     like = HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(device)
     return sim, res, resp, like
@@ -212,6 +214,8 @@ def main() -> None:
     ap.add_argument("--optimisers", default="bfgs,lm,lbfgs,adam", help="comma list for the WCTE comparison")
     ap.add_argument("--ours", default="bfgs", help="optimiser compared with MIGRAD")
     ap.add_argument("--skip-kernel", action="store_true", help="skip the expected-model kernel timings")
+    ap.add_argument("--ms-samples", type=int, default=0,
+                    help="MS over-dispersion: sampled kink sets (negative-binomial counts; 0: Poisson)")
     ap.add_argument("--name", default=None, help="result name (default reconstruct_{device}[_{T}threads])")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -223,7 +227,9 @@ def main() -> None:
         "seconds include the pre-fit, the optimiser and the float64 Hessian/Newton polish",
     }
     n = a.events
-    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, seed=5, device=a.device)
+    sim, res, resp, like = setup(
+        "wcte", (0.0, 0.0, -1.2), n, seed=5, device=a.device, ms_samples=a.ms_samples
+    )
     if not a.skip_kernel:
         out["expected_model_ms_mu_plus_grad_wcte"] = {
             "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
@@ -297,7 +303,8 @@ def main() -> None:
         print("minuit", wc["minuit_vs_ours"])
     out["wcte"] = wc
     if a.sk > 0:
-        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device)
+        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device,
+                                     ms_samples=a.ms_samples)
         sk_opts = [o for o in a.optimisers.split(",") if o != "adam"]
         for opt in sk_opts:
             run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)

@@ -440,6 +440,7 @@ def direct_light_folded(
     n_grid: int = 257,
     prune_mu: float | None = PRUNE_MU,
     node_offset: Tensor | None = None,
+    sharp_rings: bool = False,
 ) -> dict[str, Tensor]:
     """Same as :func:`direct_light` for a track, with the wavelength sum folded analytically (fast path).
 
@@ -468,6 +469,10 @@ def direct_light_folded(
     node_offset (E,K,6) [m, rad], optional: per-node displacement (:3) and direction change (3:) of a bent
     track (see ``_ring_geometry``; the pruning uses the straight track), e.g. zeros with requires_grad to
     differentiate the expectation with respect to multiple-scattering kinks.
+    sharp_rings: evaluate the rings without their multiple-scattering smearing (theta2 = 0: chromatic and
+    disk widths only) while the pruning bound keeps the smeared rings, so that a track bent by explicit
+    kinks (node_offset) still finds its light among the evaluated pairs (fitting.response's sampled
+    over-dispersion).
     Arguments, units and returns as :func:`direct_light` (track only). Cost O(E P K) instead of O(E P K L).
     """
     dt = vertex.dtype
@@ -503,10 +508,11 @@ def direct_light_folded(
     ev = {"s": nodes["s"], "theta2": nodes["theta2"], "t": nodes["t"], "th": theta_c, "var_th": var_th}
     ev["emit"] = emit
     off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
+    ev_eval = {**ev, "theta2": torch.zeros_like(ev["theta2"])} if sharp_rings else ev
     if prune_mu is None:
         return _folded_pairs(
-            q, q2, nrm[None], direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma,
-            off,
+            q, q2, nrm[None], direction, ev_eval, a, det, table, h, ng_ref, t0, time_offset, acceptance,
+            min_sigma, off,
         )
     with torch.no_grad():
         keep = _light_bound(
@@ -526,7 +532,7 @@ def direct_light_folded(
         q2[ei, pi][:, None],
         nrm[pi][:, None],
         direction[ei],
-        {k: v[ei] for k, v in ev.items()},
+        {k: v[ei] for k, v in ev_eval.items()},
         a[0, pi][:, None],
         det[0, pi][:, None],
         table,
@@ -685,6 +691,7 @@ def track_direct_light(
     n_max: float | None = None,
     fold_wavelength: bool = False,
     node_offset: Tensor | None = None,
+    sharp_rings: bool = False,
 ) -> dict[str, Tensor]:
     """Direct Cherenkov light of a straight charged track (muon, pion) -- see the module docstring.
 
@@ -693,11 +700,14 @@ def track_direct_light(
     wall = (shape, radius, height) truncates the track where it leaves the detector; n_max: largest refractive
     index of the band (sets the radiating range; default: max over the wavelength nodes);
     fold_wavelength: use :func:`direct_light_folded` (O(E P K), for fitting) instead of the exact sum;
-    node_offset (E,K,6): bent-track offsets per node (folded kernel only, see :func:`direct_light_folded`).
+    node_offset (E,K,6): bent-track offsets per node, sharp_rings: rings without the MS smearing (folded
+    kernel only, see :func:`direct_light_folded`).
     Returns dict mu, t_mean, t_var (E,P) and the track nodes (E,K).
     """
-    if node_offset is not None and not fold_wavelength:
-        raise ValueError("node_offset: given with fold_wavelength=False; allowed only with the folded kernel")
+    if (node_offset is not None or sharp_rings) and not fold_wavelength:
+        raise ValueError(
+            "node_offset / sharp_rings: given with fold_wavelength=False; allowed only with the folded kernel"
+        )
     direction = direction / direction.norm(dim=-1, keepdim=True)
     n_max = float(refr_index.detach().max()) if n_max is None else float(n_max)
     nodes = muon_track_nodes(energy, mass, n_max, n_track_nodes, dedx, radiation_length)
@@ -707,6 +717,8 @@ def track_direct_light(
     # Frank-Tamm: d2N/dx dlambda = 2 pi alpha / lambda^2 sin^2 theta_c, [1/(m nm)] with lambda in nm
     ft = TWO_PI * ALPHA * 1e9 / (wl.to(vertex.dtype) ** 2)
     extra = {"node_offset": node_offset} if node_offset is not None else {}
+    if sharp_rings:
+        extra["sharp_rings"] = True
     kernel = direct_light_folded if fold_wavelength else direct_light
     out = kernel(
         vertex,
