@@ -296,6 +296,8 @@ def test_cli_reconstruct_writes_file(tmp_path, capsys):
             "--float32",
             "--max-iter",
             "30",
+            "--ms-samples",
+            "8",
             "--png",
             str(png),
         ]
@@ -314,7 +316,6 @@ def test_cli_reconstruct_writes_file(tmp_path, capsys):
         args.func(args)
 
 
-@functools.lru_cache(maxsize=1)  # shared by the two slow closure tests (one fit of 48 events)
 def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
     """Multiple-scattering over-dispersion at a fixed truth (300 MC events with Highland kinks, direct light
     only). The MC's PMTs are hit less often than a Poisson count of the model's mean predicts: the sharp
@@ -355,6 +356,7 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
                         ms_samples=1)
 
 
+@functools.lru_cache(maxsize=2)  # shared by the slow closure tests (one fit of 48 events per setting)
 def _closure_pulls(n: int, seed: int, ms_samples: int = 0):
     sim, res, resp, like = _direct_only_sim(n, seed=seed)
     resp.ms_samples = ms_samples
