@@ -441,6 +441,7 @@ def direct_light_folded(
     prune_mu: float | None = PRUNE_MU,
     node_offset: Tensor | None = None,
     sharp_rings: bool = False,
+    prune_group: int = 1,
 ) -> dict[str, Tensor]:
     """Same as :func:`direct_light` for a track, with the wavelength sum folded analytically (fast path).
 
@@ -472,7 +473,9 @@ def direct_light_folded(
     sharp_rings: evaluate the rings without their multiple-scattering smearing (theta2 = 0: chromatic and
     disk widths only) while the pruning bound keeps the smeared rings, so that a track bent by explicit
     kinks (node_offset) still finds its light among the evaluated pairs (fitting.response's sampled
-    over-dispersion).
+    over-dispersion). prune_group = g: the events come in consecutive groups of g copies of one straight
+    track (vertex, direction, energy; e.g. g sampled kink sets, which the bound ignores), so the bound is
+    evaluated once per group (E must be a multiple of g).
     Arguments, units and returns as :func:`direct_light` (track only). Cost O(E P K) instead of O(E P K L).
     """
     dt = vertex.dtype
@@ -514,18 +517,23 @@ def direct_light_folded(
             q, q2, nrm[None], direction, ev_eval, a, det, table, h, ng_ref, t0, time_offset, acceptance,
             min_sigma, off,
         )
+    g = int(prune_group)
+    if g < 1 or q.shape[0] % g:
+        raise ValueError(f"prune_group: got {prune_group}, allowed: a positive divisor of E = {q.shape[0]}")
     with torch.no_grad():
         keep = _light_bound(
-            q.detach(),
-            q2.detach(),
-            direction.detach(),
-            {k: v.detach() for k, v in ev.items()},
+            q.detach()[::g],
+            q2.detach()[::g],
+            direction.detach()[::g],
+            {k: v.detach()[::g] for k, v in ev.items()},
             a,
             nrm,
             det.detach(),
             acceptance,
             min_sigma,
         ) > float(prune_mu)
+        if g > 1:
+            keep = keep.repeat_interleave(g, 0)
     ei, pi = keep.nonzero(as_tuple=True)
     out = _folded_pairs(
         q[ei, pi][:, None],
@@ -692,6 +700,7 @@ def track_direct_light(
     fold_wavelength: bool = False,
     node_offset: Tensor | None = None,
     sharp_rings: bool = False,
+    prune_group: int = 1,
 ) -> dict[str, Tensor]:
     """Direct Cherenkov light of a straight charged track (muon, pion) -- see the module docstring.
 
@@ -700,13 +709,15 @@ def track_direct_light(
     wall = (shape, radius, height) truncates the track where it leaves the detector; n_max: largest refractive
     index of the band (sets the radiating range; default: max over the wavelength nodes);
     fold_wavelength: use :func:`direct_light_folded` (O(E P K), for fitting) instead of the exact sum;
-    node_offset (E,K,6): bent-track offsets per node, sharp_rings: rings without the MS smearing (folded
-    kernel only, see :func:`direct_light_folded`).
+    node_offset (E,K,6): bent-track offsets per node, sharp_rings: rings without the MS smearing,
+    prune_group: groups of copies of one track sharing the pruning bound (folded kernel only, see
+    :func:`direct_light_folded`).
     Returns dict mu, t_mean, t_var (E,P) and the track nodes (E,K).
     """
-    if (node_offset is not None or sharp_rings) and not fold_wavelength:
+    if (node_offset is not None or sharp_rings or prune_group != 1) and not fold_wavelength:
         raise ValueError(
-            "node_offset / sharp_rings: given with fold_wavelength=False; allowed only with the folded kernel"
+            "node_offset / sharp_rings / prune_group: given with fold_wavelength=False; allowed only with "
+            "the folded kernel"
         )
     direction = direction / direction.norm(dim=-1, keepdim=True)
     n_max = float(refr_index.detach().max()) if n_max is None else float(n_max)
@@ -719,6 +730,8 @@ def track_direct_light(
     extra = {"node_offset": node_offset} if node_offset is not None else {}
     if sharp_rings:
         extra["sharp_rings"] = True
+    if prune_group != 1:
+        extra["prune_group"] = prune_group
     kernel = direct_light_folded if fold_wavelength else direct_light
     out = kernel(
         vertex,

@@ -433,6 +433,26 @@ def _random_contained_muons(n: int, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
+def test_grouped_pruning_bound_matches_per_row_bound():
+    """prune_group (physics.expected.direct_light_folded): copies of one straight track bent by different
+    kink offsets share one pruning bound, evaluated once per group; the sharp-ring light equals the per-row
+    pruned evaluation (float64, to 1e-9 p.e.), and a group that does not divide E is a ValueError."""
+    sim, _, resp, _ = _direct_only_sim(1, seed=3)
+    p = _random_contained_muons(3, seed=5)
+    g = 4
+    rep = {k: v.repeat_interleave(g, 0) for k, v in p.items()}
+    gen = torch.Generator().manual_seed(2)
+    off = 0.02 * torch.randn(3 * g, resp.n_track_nodes, 6, generator=gen, dtype=F64)
+    ep = {**rep, "node_offset": off}
+    with torch.no_grad():
+        one = resp._expected(ep, True, 1)["mu"]
+        grp = resp._expected(ep, True, g)["mu"]
+    assert float(one.sum()) > 100.0
+    assert torch.allclose(grp, one, rtol=0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="prune_group"):
+        resp._expected({k: v[:5] for k, v in ep.items()}, True, g)
+
+
 def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
     """The (event, PMT) pruning of expected.direct_light_folded (pairs whose bound on the direct light is
     below PRUNE_MU are skipped) against the unpruned sum (prune_mu=None), float64, WCTE,
