@@ -162,11 +162,10 @@ def unhit_log_prob(
         log_p0 = -mu
     else:
         mu, mu_var = torch.broadcast_tensors(mu, mu_var)
+        # log P(0) = -mu + the negative binomial's excess at n = 0 (= -log1p(r mu) / r)
         m64 = mu.double()
         r = mu_var.double() / (m64 * m64)
-        nb = r > _NB_MIN_R
-        r = torch.where(nb, r, torch.ones_like(r))
-        log_p0 = torch.where(nb, -torch.log1p(r * m64) / r, -m64).to(mu.dtype)
+        log_p0 = (_log_nb_excess(torch.zeros_like(m64), m64, r) - m64).to(mu.dtype)
     if threshold <= 0.0:
         return log_p0
     g = torch.as_tensor(gain, dtype=mu.dtype, device=mu.device).expand_as(mu)
@@ -275,19 +274,16 @@ class ChargeTerm(nn.Module):
         hit = obs["hit"]
         m = m + self.mu_floor
         g = self.gain.to(device=m.device, dtype=m.dtype).expand_as(m)
-        v = mu_var
         nll = torch.zeros_like(m)
         if bool((~hit).any()):
             i = (~hit).nonzero(as_tuple=True)
-            nll = nll.index_put(
-                i, -unhit_log_prob(m[i], self.rel_var, self.threshold, g[i], None if v is None else v[i])
-            )
+            v = None if mu_var is None else mu_var[i]
+            nll = nll.index_put(i, -unhit_log_prob(m[i], self.rel_var, self.threshold, g[i], v))
         if bool(hit.any()):
             q = obs["charge"].to(m.dtype)
             i = hit.nonzero(as_tuple=True)
-            nll = nll.index_put(
-                i, -charge_log_density(q[i], m[i], self.rel_var, g[i], None if v is None else v[i])
-            )
+            v = None if mu_var is None else mu_var[i]
+            nll = nll.index_put(i, -charge_log_density(q[i], m[i], self.rel_var, g[i], v))
         return nll
 
 
