@@ -321,9 +321,11 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
     only). The MC's PMTs are hit less often than a Poisson count of the model's mean predicts: the sharp
     ring moves from event to event and E[1 - exp(-mu)] < 1 - exp(-E[mu]) (Jensen). The negative binomial
     with PhysicsResponse.ms_relative_variance (sampled kinks) predicts the summed hit fractions of the PMTs
-    with 0.02 < P(hit) < 0.98 within 6 % and a per-PMT chi^2/ndf below 7 (measured on 400 events: 3.2 % low
-    and 3.7-4.4; Poisson 10.6 % high and 18). The variance is deterministic (common random numbers) and not
-    modelled (None) with ms_samples = 0."""
+    with 0.02 < P(hit) < 0.98 within 2.5 % and a per-PMT chi^2/ndf below 3.5 (measured: 1.3 % high and 2.3 on
+    these 300 events, 2.85 on 400; Poisson 10.7 % high and 14-18). Before the sampled rings kept their
+    within-cell spread and renormalised their kinked axes (physics.expected.direct_light_folded) the negative
+    binomial was 3.2 % low with chi^2/ndf 3.7-4.4, which these bounds reject. The variance is deterministic
+    (common random numbers) and not modelled (None) with ms_samples = 0."""
     from fitting.likelihood import unhit_log_prob
 
     n = 300
@@ -348,7 +350,7 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
         out[name] = (float(ph[sel].sum() / frac[sel].sum()) - 1.0, float((z * z).mean()))
     print(out)
     assert out["poisson"][0] > 0.06 and out["poisson"][1] > 10  # the over-dispersion is there
-    assert abs(out["nb"][0]) < 0.06 and out["nb"][1] < 7
+    assert abs(out["nb"][0]) < 0.025 and out["nb"][1] < 3.5
     resp.ms_samples = 0
     assert resp.ms_relative_variance(p) is None
     with pytest.raises(ConfigError, match="ms_samples"):
