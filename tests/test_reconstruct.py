@@ -456,6 +456,36 @@ def test_grouped_pruning_bound_matches_per_row_bound():
         resp._expected({k: v[:5] for k, v in ep.items()}, True, g)
 
 
+def test_kinked_sharp_ring_is_the_rotated_straight_track(monkeypatch):
+    """A finite kink in node_offset (physics.expected._ring_geometry) turns the emission axis, it does not
+    shrink the ring: every node of a 300 MeV muon turned by dd = tan(phi) u (u transverse, phi = 0.2 rad,
+    the size of the sampled kinks at a stopping end) and displaced onto the rotated line gives the light of
+    the straight track along cos(phi) d + sin(phi) u (sharp rings, float64, unpruned): mu and t_mean equal to
+    1e-9. The unnormalised axis d + dd (|d + dd| = 1 / cos(phi)) shrank every ring by ~1.3 deg and fails."""
+    import physics.expected as px
+
+    monkeypatch.setitem(px.direct_light_folded.__kwdefaults__, "prune_mu", None)
+    _, _, resp, _ = _direct_only_sim(1, seed=3)
+    d = torch.tensor([[0.1, -0.2, 1.0]], dtype=F64)
+    d = d / d.norm()
+    u = torch.linalg.cross(d, torch.tensor([[1.0, 0.0, 0.0]], dtype=F64))
+    u = u / u.norm()
+    phi = 0.2
+    rot = math.cos(phi) * d + math.sin(phi) * u
+    p = {"vertex": torch.tensor([[0.1, 0.0, -0.4]], dtype=F64), "direction": d,
+         "energy": torch.tensor([300.0], dtype=F64), "t0": torch.zeros(1, dtype=F64)}
+    s = resp.ms_kinks(p)["s"][0]  # the nodes' positions along the track
+    k = s.numel()
+    off = torch.cat([s[:, None] * (rot - d), math.tan(phi) * u.expand(k, 3)], 1)[None]
+    with torch.no_grad():
+        kinked = resp._expected({**p, "node_offset": off}, True)
+        straight = resp._expected({**p, "direction": rot}, True)
+    lit = straight["mu"] > 1e-6
+    assert float(straight["mu"].sum()) > 100.0
+    assert torch.allclose(kinked["mu"], straight["mu"], rtol=1e-9, atol=1e-12)
+    assert float((kinked["t_mean"] - straight["t_mean"])[lit].abs().max()) < 1e-9
+
+
 def test_pruned_folded_kernel_matches_full_sum(monkeypatch):
     """The (event, PMT) pruning of expected.direct_light_folded (pairs whose bound on the direct light is
     below PRUNE_MU are skipped) against the unpruned sum (prune_mu=None), float64, WCTE,
