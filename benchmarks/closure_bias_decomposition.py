@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from benchmarks.bench_closure_pulls import closure_simulator, fit_model  # noqa: E402
 from fitting.likelihood import hits_to_dense  # noqa: E402
-from fitting.reconstruct import _base_from_x, _local_to_params  # noqa: E402
+from fitting.reconstruct import _base_from_x, _hessian, _local_to_params  # noqa: E402
 
 SUBSETS = ("longitudinal", "vertex", "all")
 
@@ -59,25 +59,25 @@ def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor
     """Minimise nll(y (E,7)) over y = basis z from z = 0; returns y (E,7) at the minimum."""
     n, _, m = basis.shape
     z = torch.zeros(n, m, dtype=torch.float64)
+
+    def nll_z(zz: torch.Tensor) -> torch.Tensor:
+        return nll(torch.einsum("nij,nj->ni", basis, zz))
+
     for _ in range(iters):
-        z = z.detach().requires_grad_()
-        f = nll(torch.einsum("nij,nj->ni", basis, z))
-        (g,) = torch.autograd.grad(f.sum(), z, create_graph=True)
-        h = torch.stack([torch.autograd.grad(g[:, j].sum(), z, retain_graph=True)[0] for j in range(m)], 1)
-        ev, u = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)).detach())
+        f, g, h, _ = _hessian(nll_z, z)
+        ev, u = torch.linalg.eigh(h)
         ev = ev.clamp_min(1e-6 * ev[:, -1:].abs())
-        step = -(u @ ((u.transpose(1, 2) @ g.detach()[..., None]) / ev[..., None]))[..., 0]
-        z, f = z.detach(), f.detach()
+        step = -(u @ ((u.transpose(1, 2) @ g[..., None]) / ev[..., None]))[..., 0]
         lam = torch.ones(n, dtype=torch.float64)
         with torch.no_grad():
             for _ in range(8):
-                f_try = nll(torch.einsum("nij,nj->ni", basis, z + lam[:, None] * step))
+                f_try = nll_z(z + lam[:, None] * step)
                 worse = ~(f_try <= f)
                 if not bool(worse.any()):
                     break
                 lam = torch.where(worse, 0.5 * lam, lam)
         z = torch.where((f_try <= f)[:, None], z + lam[:, None] * step, z)
-    return torch.einsum("nij,nj->ni", basis, z.detach())
+    return torch.einsum("nij,nj->ni", basis, z)
 
 
 def main() -> None:
