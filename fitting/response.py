@@ -100,9 +100,20 @@ class ResponseModel(nn.Module, ABC):
         v = event_params["vertex"]
         return torch.zeros(v.shape[0], 8, 8, dtype=v.dtype, device=v.device)
 
-    def ms_relative_variance(self, event_params: dict[str, Tensor]) -> Tensor | None:
+    def ms_kink_expectations(
+        self, event_params: dict[str, Tensor], antithetic: bool = False
+    ) -> Tensor | None:
+        """Direct expectations (E,S,P) of S sampled realisations of the event fluctuations that ``expected``
+        averages over (e.g. a track's multiple-scattering kinks), whose mean ``expected`` is (antithetic:
+        in pairs of opposite fluctuations). Default: None (not modelled)."""
+        return None
+
+    def ms_relative_variance(
+        self, event_params: dict[str, Tensor], sets: Tensor | None = None
+    ) -> Tensor | None:
         """Relative variance (E,P) of the direct expectation over event fluctuations it averages over (the
-        likelihood's obs['mu_rel_var'], negative-binomial counts; see :mod:`fitting.likelihood`). Default:
+        likelihood's obs['mu_rel_var'], negative-binomial counts; see :mod:`fitting.likelihood`); ``sets``:
+        this model's :meth:`ms_kink_expectations` at the same parameters, when already computed. Default:
         None (not modelled: Poisson counts)."""
         return None
 
@@ -468,28 +479,24 @@ class PhysicsResponse(ResponseModel):
             var = highland_kink_variance(path - 0.5 * ds, path + 0.5 * ds, nodes["kin"], mass, x0)
         return {"s": nodes["s"], "var": var}
 
-    def ms_relative_variance(self, event_params: dict[str, Tensor]) -> Tensor | None:
-        """Relative variance (E,P) of each PMT's direct light over the track's multiple-scattering kinks
-        (variance / mean^2 of the sampled sharp-ring expectations; 0 where that mean is below 1e-9 p.e.): the
-        over-dispersion that the likelihood's negative-binomial counts take as obs['mu_rel_var']
-        (:mod:`fitting.likelihood`). None when not modelled (``ms_kinks`` is None, or ms_samples = 0).
+    def ms_kink_expectations(
+        self, event_params: dict[str, Tensor], antithetic: bool = False
+    ) -> Tensor | None:
+        """Sharp-ring direct expectations (E,S,P) [p.e.] of S = ms_samples sampled multiple-scattering kink
+        sets per event (float32, no gradient): bent tracks whose mean is the smeared :meth:`expected`.
+        None when not modelled (``ms_kinks`` is None, or ms_samples = 0).
 
-        The expectation of :meth:`expected` is the mean over kinks: each node's ring is smeared by the
-        accumulated Highland angle. A real event has one bent track whose sharp ring moves as a whole, so a
-        PMT near the ring edge sees much more or much less light than the mean. Estimated by sampling:
-        ms_samples kink sets (Gaussian, the cells' Highland variances of :meth:`ms_kinks` on both transverse
-        axes, common random numbers from ms_seed), each propagated to the nodes as in
-        :func:`fitting.uncertainty.kink_response_covariance` (node j turned by the kinks before it plus half
-        its own, displaced by sum_k kappa_k (s_j - s_k)), the sharp-ring expectation (chromatic and disk
-        widths plus the spread of directions inside each node's own cell, about the renormalised kinked
-        axis; the pairs evaluated are those the smeared rings' pruning bound keeps;
-        physics.expected.direct_light_folded) evaluated per set (float32, no gradient), and the sample
-        variance taken.
-        Measured at the closure events' truth (500 MeV mu- in WCTE, benchmarks/bench_closure_pulls.py, 400
-        MC events, 32 sets, K = 32): summed P(hit) of the PMTs with 0.02 < P(hit) < 0.98 is 539.5 against the
-        MC's 532.8 hits (Poisson counts: 589.2), per-PMT chi^2/ndf 2.85 (Poisson: 18.4).
+        The kinks are Gaussian with the cells' Highland variances of :meth:`ms_kinks` on both transverse
+        axes, drawn from ms_seed (common random numbers: a deterministic function of the event parameters);
+        antithetic: in pairs (set S/2 + j is set j with every kink negated, S even), so that the sets' mean
+        has no term linear in the kinks (benchmarks/closure_bias_decomposition.py --asimov-sets). Each set
+        is propagated to the nodes as in :func:`fitting.uncertainty.kink_response_covariance` (node j turned
+        by the kinks before it plus half its own, displaced by sum_k kappa_k (s_j - s_k)), and its
+        sharp-ring expectation is evaluated (the chromatic and disk widths plus the spread of directions
+        inside each node's own cell, about the renormalised kinked axis; the pairs evaluated are those the
+        smeared rings' pruning bound keeps; physics.expected.direct_light_folded).
         Cost: ms_samples expectations per event sharing one pruning bound (prune_group): 0.25 s/event for
-        32 sets in WCTE on 2 busy CPU threads, 1.7x less than a bound per set.
+        32 sets in WCTE on 2 busy CPU threads.
         """
         if self.ms_samples == 0:
             return None
@@ -501,7 +508,11 @@ class PhysicsResponse(ResponseModel):
             smp = self.ms_samples
             v = event_params["vertex"]
             gen = torch.Generator().manual_seed(self.ms_seed)
-            z = torch.randn(smp, n_k, 2, generator=gen, dtype=torch.float64).to(v.device)
+            if antithetic:
+                half = torch.randn((smp + 1) // 2, n_k, 2, generator=gen, dtype=torch.float64)
+                z = torch.cat([half, -half])[:smp].to(v.device)
+            else:
+                z = torch.randn(smp, n_k, 2, generator=gen, dtype=torch.float64).to(v.device)
             kap = z[None] * kinks["var"].sqrt()[:, None, :, None]  # (E,S,K,2) [rad]
             d = event_params["direction"].detach().double()
             e1, e2 = orthonormal_basis(d / d.norm(dim=-1, keepdim=True))
@@ -516,11 +527,33 @@ class PhysicsResponse(ResponseModel):
                 for k, x in event_params.items()
                 if k in ("vertex", "direction", "energy", "t0")
             }
-            mu = self._expected({**rep, "node_offset": off}, True, smp)["mu"].double().view(n_ev, smp, -1)
-            mean = mu.mean(1)
-            lit = mean > 1e-9
-            w = mu.var(1) / torch.where(lit, mean, torch.ones_like(mean)) ** 2
-            return torch.where(lit, w, torch.zeros_like(w)).to(v.dtype)
+            return self._expected({**rep, "node_offset": off}, True, smp)["mu"].view(n_ev, smp, -1)
+
+    def ms_relative_variance(
+        self, event_params: dict[str, Tensor], sets: Tensor | None = None
+    ) -> Tensor | None:
+        """Relative variance (E,P) of each PMT's direct light over the track's multiple-scattering kinks
+        (variance / mean^2 over the kink sets of :meth:`ms_kink_expectations`, or over ``sets`` (E,S,P) from
+        there at the same parameters; 0 where that mean is below 1e-9 p.e.): the over-dispersion that the
+        likelihood's negative-binomial counts take as obs['mu_rel_var'] (:mod:`fitting.likelihood`). None
+        when not modelled (``ms_kinks`` is None, or ms_samples = 0).
+
+        The expectation of :meth:`expected` is the mean over kinks: each node's ring is smeared by the
+        accumulated Highland angle. A real event has one bent track whose sharp ring moves as a whole, so a
+        PMT near the ring edge sees much more or much less light than the mean.
+        Measured at the closure events' truth (500 MeV mu- in WCTE, benchmarks/bench_closure_pulls.py, 400
+        MC events, 32 sets, K = 32): summed P(hit) of the PMTs with 0.02 < P(hit) < 0.98 is 539.5 against the
+        MC's 532.8 hits (Poisson counts: 589.2), per-PMT chi^2/ndf 2.85 (Poisson: 18.4).
+        """
+        if sets is None:
+            sets = self.ms_kink_expectations(event_params)
+        if sets is None:
+            return None
+        mu = sets.double()
+        mean = mu.mean(1)
+        lit = mean > 1e-9
+        w = mu.var(1) / torch.where(lit, mean, torch.ones_like(mean)) ** 2
+        return torch.where(lit, w, torch.zeros_like(w)).to(event_params["vertex"].dtype)
 
     def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
         """Multiple-scattering covariance (E,8,8) of the straight-track fit (see ResponseModel and
