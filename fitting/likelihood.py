@@ -21,7 +21,9 @@ Model (fiTQun-like, Jiang et al. (Super-K), PRD 99 (2019) 092005, sec. III; here
   mixture: negative binomial with mean m and variance m + V (e.g. Johnson, Kemp & Kotz, Univariate Discrete
   Distributions, 3rd ed., 2005, sec. 5.3), which replaces Poisson(n | m) in the charge and no-hit terms;
   w = 0 is the Poisson case. w is an input held fixed within a fit (a shape of the fluctuation, which
-  scales with the light); V follows mu_direct. The time term keeps the Poisson-process form.
+  scales with the light); V follows mu_direct. The time term takes the same Gamma mixture for the direct
+  light (``time_log_density``, rel_var): a PMT that the ring has moved onto sees more p.e. and so an
+  earlier first one.
 * Time: the p.e. of a PMT form a Poisson process in time with rate
   lambda(t) = mu_direct N(t; t_mean, t_var + TTS^2) + mu_indirect f_ind(t) + mu_dark / T_window,
   (direct peak convolved with the Gaussian transit-time spread; indirect light flat over the window, or an
@@ -188,6 +190,7 @@ def time_log_density(
     mu_tail: Tensor | None = None,
     tail_tau: float = 20.0,
     first_hit: bool = True,
+    rel_var: Tensor | None = None,
 ) -> Tensor:
     """log density [1/ns] of the hit time t (all tensors broadcast, e.g. (E,P)).
 
@@ -195,6 +198,12 @@ def time_log_density(
     (exponentially modified Gaussian: exponential delay of mean tau convolved with the Gaussian).
     first_hit: density of the earliest p.e. given >= 1, lambda exp(-Lambda(t)) / (1 - exp(-Lambda_tot));
     else lambda / Lambda_tot. sigma2 [ns^2] must include the TTS. Window (t_lo, t_hi) [ns].
+    rel_var (first_hit only): the direct light's relative variance w over fluctuations the expectation
+    averages over (the negative-binomial counts of the module doc): its rate is G lambda_d with G ~ Gamma
+    (mean 1, variance w), so the probability of no p.e. before t is
+    exp(-Lambda_o(t)) (1 + w Lambda_d(t))^(-1/w) (the Gamma Laplace transform) and the first-p.e. density
+    is that times lambda_o(t) + lambda_d(t) / (1 + w Lambda_d(t)), over
+    1 - exp(-Lambda_o,tot) (1 + w mu_direct)^(-1/w); w = 0 is the Poisson form.
     """
     t_lo, t_hi = float(window[0]), float(window[1])
     width = t_hi - t_lo
@@ -221,6 +230,19 @@ def time_log_density(
         # EMG CDF = Phi(z) - exp(log_emg + log(tau)) ... = Phi(z) - tau * pdf_emg(t)
         cum = cum + mu_tail * (torch.special.ndtr(z) - tail_tau * torch.exp(log_emg)).clamp_min(0.0)
         total = total + mu_tail
+    if first_hit and rel_var is not None:
+        # Gamma-mixed direct light: hazard lambda_d / (1 + w Lambda_d(t)); w Lambda -> log1p(w Lambda) / w
+        w = rel_var.to(t.dtype)
+        mixed = w > 1e-12
+        w_s = torch.where(mixed, w, torch.ones_like(w))
+        cum_d = mu_direct * torch.special.ndtr(z)
+
+        def eff(lam: Tensor) -> Tensor:  # -log of the mixture's no-p.e. probability for mean lam
+            return torch.where(mixed, torch.log1p(w_s * lam) / w_s, lam)
+
+        comps[0] = comps[0] - torch.where(mixed, torch.log1p(w_s * cum_d), torch.zeros_like(cum_d))
+        cum = cum - cum_d + eff(cum_d)
+        total = total - mu_direct + eff(mu_direct)
     log_rate = torch.logsumexp(torch.stack(torch.broadcast_tensors(*comps), 0), 0)
     if first_hit:
         return log_rate - cum - torch.log(-torch.expm1(-total))
@@ -327,6 +349,8 @@ class TimeTerm(nn.Module):
         mu_dark = mu_dark.expand_as(mu)
         t = obs["time"].to(mu.dtype)[idx]
         floor = self.mu_floor
+        w = obs.get("mu_rel_var")
+        rel_var = None if w is None else w.to(mu.dtype)[idx]
         if self.indirect == "flat":
             lp = time_log_density(
                 t,
@@ -336,6 +360,7 @@ class TimeTerm(nn.Module):
                 mu_ind[idx] + mu_dark[idx] + floor,
                 self.window,
                 first_hit=self.first_hit,
+                rel_var=rel_var,
             )
         else:
             lp = time_log_density(
@@ -348,6 +373,7 @@ class TimeTerm(nn.Module):
                 mu_tail=mu_ind[idx] + floor,
                 tail_tau=self.tail_tau,
                 first_hit=self.first_hit,
+                rel_var=rel_var,
             )
         return out.index_put(idx, -lp)
 
