@@ -89,6 +89,13 @@ def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor
     return torch.einsum("nij,nj->ni", basis, z)
 
 
+def _rms_moves(y: torch.Tensor, d: torch.Tensor) -> dict:
+    """rms transverse vertex move [cm] and rms direction move [mrad] of local shifts y (E,7) about d (E,3)."""
+    perp = y[:, :3] - (y[:, :3] * d).sum(1, keepdim=True) * d
+    return {"rms_transverse_vertex_cm": float(perp.norm(dim=1).pow(2).mean().sqrt()) * 100.0,
+            "rms_direction_mrad": float(y[:, 3:5].norm(dim=1).pow(2).mean().sqrt()) * 1000.0}
+
+
 def asimov(sets: int, threads: int) -> None:
     """The --asimov-sets mode (module doc)."""
     torch.set_num_threads(threads)
@@ -123,14 +130,12 @@ def asimov(sets: int, threads: int) -> None:
         y = newton_from_truth(nll, _basis("all", base["d"]))
         pair = 0.5 * (y[: sets // 2] + y[sets // 2:])
         along = (pair[:, :3] * base["d"][: sets // 2]).sum(1)
-        perp = y[:, :3] - (y[:, :3] * base["d"]).sum(1, keepdim=True) * base["d"]
         se = 1.0 / math.sqrt(sets // 2)
         r_ = {
             "along_track_cm": {"mean": float(along.mean()) * 100, "err": float(along.std()) * 100 * se},
             **{k: {"mean": float(pair[:, i].mean()) * c, "err": float(pair[:, i].std()) * c * se}
                for i, (k, c) in enumerate(zip(names, scale, strict=True))},
-            "rms_transverse_vertex_cm": float(perp.norm(dim=1).pow(2).mean().sqrt()) * 100.0,
-            "rms_direction_mrad": float(y[:, 3:5].norm(dim=1).pow(2).mean().sqrt()) * 1000.0,
+            **_rms_moves(y, base["d"]),
             "seconds": time.perf_counter() - t,
         }
         out["likelihoods"][name] = r_
@@ -186,7 +191,6 @@ def main() -> None:
         y = torch.cat(ys)
         d = base["d"]
         along = (y[:, :3] * d).sum(1)
-        perp = y[:, :3] - along[:, None] * d
 
         def stat(v: torch.Tensor, scale: float) -> dict:
             return {"mean": float(v.mean()) * scale, "err": float(v.std()) * scale / math.sqrt(n),
@@ -197,8 +201,7 @@ def main() -> None:
             "z_cm": stat(y[:, 2], 100.0),
             "log_e_percent": stat(y[:, 5], 100.0),
             "t0_ps": stat(y[:, 6], 1000.0),
-            "rms_transverse_vertex_cm": float(perp.norm(dim=1).pow(2).mean().sqrt()) * 100.0,
-            "rms_direction_mrad": float(y[:, 3:5].norm(dim=1).pow(2).mean().sqrt()) * 1000.0,
+            **_rms_moves(y, d),
             "seconds": time.perf_counter() - t,
         }
         out["subsets"][subset] = r
