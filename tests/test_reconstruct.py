@@ -366,7 +366,7 @@ def test_antithetic_kink_sets_cancel_the_linear_term():
     the sharp ring's edge) the pair means' rms departure is below 0.05 of the single sets' (measured
     0.011); independent sets paired the same way keep ~1/sqrt(2) of it (measured 0.74). (At the real
     radiation length the response is far from linear: the antithetic pairs keep 0.64 of it, 0.80 at x100,
-    0.13 at x1e4.)"""
+    0.13 at x1e4.) An odd number of antithetic sets is refused."""
     _, _, resp, _ = _direct_only_sim(1, seed=1)
     resp.medium.radiation_length = resp.medium.radiation_length * 1e6
     resp.ms_samples = 16
@@ -384,6 +384,9 @@ def test_antithetic_kink_sets_cancel_the_linear_term():
     print(ratio)
     assert ratio[True] < 0.05
     assert ratio[False] > 0.4
+    resp.ms_samples = 15
+    with pytest.raises(ConfigError, match="ms_samples: got 15 with antithetic"):
+        resp.ms_kink_expectations(p, antithetic=True)
 
 
 def _closure_pulls(n: int, seed: int, ms_samples: int = 0):
