@@ -358,7 +358,6 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
                         ms_samples=1)
 
 
-@functools.lru_cache(maxsize=2)  # shared by the slow closure tests (one fit of 48 events per setting)
 def test_antithetic_kink_sets_cancel_the_linear_term():
     """PhysicsResponse.ms_kink_expectations(antithetic=True): set S/2 + j is set j with its kinks negated, so
     a pair's mean departs from the straight sharp track only at second order in the kinks, and a single set
@@ -389,6 +388,7 @@ def test_antithetic_kink_sets_cancel_the_linear_term():
         resp.ms_kink_expectations(p, antithetic=True)
 
 
+@functools.lru_cache(maxsize=2)  # shared by the slow closure tests (one fit of 48 events per setting)
 def _closure_pulls(n: int, seed: int, ms_samples: int = 0):
     sim, res, resp, like = _direct_only_sim(n, seed=seed)
     resp.ms_samples = ms_samples
