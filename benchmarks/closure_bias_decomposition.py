@@ -94,6 +94,14 @@ def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor
     return torch.einsum("nij,nj->ni", basis, z)
 
 
+def _truth_base(tr: dict, rows: int) -> dict:
+    """Local-coordinate expansion point (``_base_from_x``) of the MC truth ``tr`` (vertex, direction, energy
+    (E,...)), t0 = 0, repeated to ``rows`` rows when E = 1."""
+    x = torch.cat([tr["vertex"].double(), tr["direction"].double(), tr["energy"].double().log()[:, None],
+                   torch.zeros(tr["energy"].shape[0], 1, dtype=torch.float64)], 1)
+    return _base_from_x(x.expand(rows, 8))
+
+
 def _rms_moves(y: torch.Tensor, d: torch.Tensor) -> dict:
     """rms transverse vertex move [cm] and rms direction move [mrad] of local shifts y (E,7) about d (E,3)."""
     perp = y[:, :3] - (y[:, :3] * d).sum(1, keepdim=True) * d
@@ -110,9 +118,7 @@ def asimov(sets: int, threads: int) -> None:
     tr = sim.run(1, seed=0, batch_size=1)["truth"]  # the closure's fixed truth (vertex, direction, energy)
     resp, _ = fit_model(sim, ms_samples=sets)
     resp = resp.double()
-    x = torch.cat([tr["vertex"].double(), tr["direction"].double(), tr["energy"].double().log()[:, None],
-                   torch.zeros(1, 1, dtype=torch.float64)], 1)
-    base = _base_from_x(x.expand(sets, 8))
+    base = _truth_base(tr, sets)
     p0 = _local_to_params(torch.zeros(sets, 7, dtype=torch.float64), base)
     one = {k: v[:1] for k, v in p0.items()}
     m = resp.ms_kink_expectations(one, antithetic=True)[0].double()  # (S,P)
@@ -127,9 +133,9 @@ def asimov(sets: int, threads: int) -> None:
 
         def nll(y: torch.Tensor, name=name) -> torch.Tensor:
             mu = resp.expected(_local_to_params(y, base))["mu"].clamp_min(1e-30)
-            if name == "poisson":
-                return (mu - m * mu.log()).sum(1)
             pois = mu - m * mu.log()
+            if name == "poisson":
+                return pois.sum(1)
             return torch.where(w > 1e-8, (r + m) * torch.log1p(mu / r) - m * mu.log(), pois).sum(1)
 
         y = newton_from_truth(nll, _basis("all", base["d"]))
@@ -223,9 +229,7 @@ def main() -> None:
     h = res["hits"]
     obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
     tr = res["truth"]
-    x = torch.cat([tr["vertex"].double(), tr["direction"].double(), tr["energy"].double().log()[:, None],
-                   torch.zeros(n, 1, dtype=torch.float64)], 1)
-    base = _base_from_x(x)
+    base = _truth_base(tr, n)
     if args.ms_samples:
         w = resp.ms_relative_variance(_local_to_params(torch.zeros(n, 7, dtype=torch.float64), base))
         obs["mu_rel_var"] = w
