@@ -59,18 +59,18 @@ def test_time_density_normalised(first_hit):
     assert float(torch.trapezoid(torch.exp(lp), t)) == pytest.approx(1.0, abs=2e-4)
 
 
-def test_first_hit_density_matches_sampling():
-    """Earliest of Poisson(mu) Gaussian arrival times: mean from the density vs a sampled mean."""
-    g = torch.Generator().manual_seed(0)
-    mu, m, s = 8.0, 10.0, 1.2
-    n = torch.poisson(torch.full((200_000,), mu, dtype=F64), generator=g).long()
+def _first_arrivals(rate: torch.Tensor, m: float, s: float, g: torch.Generator) -> torch.Tensor:
+    """Earliest of n ~ Poisson(rate) Gaussian N(m, s^2) arrival times, for the events with n >= 1."""
+    n = torch.poisson(rate, generator=g).long()
     n = n[n > 0]
-    first = torch.full((n.numel(),), float("inf"), dtype=F64)
     ev = torch.repeat_interleave(torch.arange(n.numel()), n)
     times = m + s * torch.randn(ev.numel(), generator=g, dtype=F64)
-    first = first.scatter_reduce(0, ev, times, reduce="amin")
-    t = torch.linspace(-20.0, 40.0, 60001, dtype=F64)
-    p = torch.exp(
+    return torch.full((n.numel(),), float("inf"), dtype=F64).scatter_reduce(0, ev, times, reduce="amin")
+
+
+def _first_hit_density(t: torch.Tensor, mu: float, m: float, s: float, rel_var=None) -> torch.Tensor:
+    """time_log_density's first-hit density of mu p.e. around N(m, s^2) (no other light), window (-20, 40)."""
+    return torch.exp(
         time_log_density(
             t,
             torch.tensor(mu, dtype=F64),
@@ -78,8 +78,18 @@ def test_first_hit_density_matches_sampling():
             torch.tensor(s * s, dtype=F64),
             torch.tensor(1e-12, dtype=F64),
             (-20.0, 40.0),
+            rel_var=rel_var,
         )
     )
+
+
+def test_first_hit_density_matches_sampling():
+    """Earliest of Poisson(mu) Gaussian arrival times: mean from the density vs a sampled mean."""
+    g = torch.Generator().manual_seed(0)
+    mu, m, s = 8.0, 10.0, 1.2
+    first = _first_arrivals(torch.full((200_000,), mu, dtype=F64), m, s, g)
+    t = torch.linspace(-20.0, 40.0, 60001, dtype=F64)
+    p = _first_hit_density(t, mu, m, s)
     mean_model = float(torch.trapezoid(p * t, t))
     err = float(first.std()) / math.sqrt(first.numel())
     assert abs(mean_model - float(first.mean())) < 4 * err
@@ -95,29 +105,10 @@ def test_gamma_mixed_first_hit_density_matches_sampling():
     mu, m, s, w = 6.0, 10.0, 1.2, 0.8
     gam = torch.distributions.Gamma(torch.tensor(1.0 / w, dtype=F64), torch.tensor(1.0 / w, dtype=F64))
     torch.manual_seed(1)
-    big_g = gam.sample((400_000,))
-    n = torch.poisson(big_g * mu, generator=g).long()
-    n = n[n > 0]
-    ev = torch.repeat_interleave(torch.arange(n.numel()), n)
-    times = m + s * torch.randn(ev.numel(), generator=g, dtype=F64)
-    first = torch.full((n.numel(),), float("inf"), dtype=F64).scatter_reduce(0, ev, times, reduce="amin")
+    first = _first_arrivals(gam.sample((400_000,)) * mu, m, s, g)
     t = torch.linspace(-20.0, 40.0, 60001, dtype=F64)
     err = float(first.std()) / math.sqrt(first.numel())
-
-    def density(rel_var):
-        return torch.exp(
-            time_log_density(
-                t,
-                torch.tensor(mu, dtype=F64),
-                torch.tensor(m, dtype=F64),
-                torch.tensor(s * s, dtype=F64),
-                torch.tensor(1e-12, dtype=F64),
-                (-20.0, 40.0),
-                rel_var=rel_var,
-            )
-        )
-
-    p = density(torch.tensor(w, dtype=F64))
+    p = _first_hit_density(t, mu, m, s, torch.tensor(w, dtype=F64))
     assert float(torch.trapezoid(p, t)) == pytest.approx(1.0, abs=1e-6)
     mean_mix = float(torch.trapezoid(p * t, t))
     assert abs(mean_mix - float(first.mean())) < 4 * err
@@ -125,7 +116,7 @@ def test_gamma_mixed_first_hit_density_matches_sampling():
     for q in (0.1, 0.5, 0.9):
         t_q = float(t[1:][torch.searchsorted(cdf, torch.tensor(q, dtype=F64))])
         assert t_q == pytest.approx(float(torch.quantile(first[:200_000], q)), abs=0.02)
-    p0 = density(None)
+    p0 = _first_hit_density(t, mu, m, s)
     assert float(first.mean()) - float(torch.trapezoid(p0 * t, t)) > 20 * err
     args = [torch.tensor(x, dtype=F64, requires_grad=True) for x in (mu, m, w)]
     tt = torch.tensor([7.0, 9.5, 12.0], dtype=F64)
