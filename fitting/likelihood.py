@@ -213,7 +213,8 @@ def time_log_density(
     inside = (t >= t_lo) & (t <= t_hi)
     log_flat = torch.where(inside, torch.zeros_like(t), torch.full_like(t, -math.inf)) - math.log(width)
     comps = [torch.log(mu_direct) + log_gauss, torch.log(mu_flat) + log_flat]
-    cum = mu_direct * torch.special.ndtr(z) + mu_flat * ((t - t_lo) / width).clamp(0.0, 1.0)
+    cum_d = mu_direct * torch.special.ndtr(z)  # direct p.e. expected before t
+    cum = cum_d + mu_flat * ((t - t_lo) / width).clamp(0.0, 1.0)
     total = mu_direct + mu_flat
     if mu_tail is not None:
         lam = 1.0 / tail_tau
@@ -235,7 +236,6 @@ def time_log_density(
         w = rel_var.to(t.dtype)
         mixed = w > 1e-12
         w_s = torch.where(mixed, w, torch.ones_like(w))
-        cum_d = mu_direct * torch.special.ndtr(z)
 
         def eff(lam: Tensor) -> Tensor:  # -log of the mixture's no-p.e. probability for mean lam
             return torch.where(mixed, torch.log1p(w_s * lam) / w_s, lam)
