@@ -17,7 +17,17 @@ import torch
 
 from fitting.likelihood import HitLikelihood, hits_to_dense
 from fitting.prefit import prefit
-from fitting.reconstruct import STATUS, add_reconstruct_parser, reconstruct, resolutions, status_names
+from fitting.reconstruct import (
+    STATUS,
+    _base_from_x,
+    _hessian,
+    _local_to_params,
+    _nll_fn,
+    add_reconstruct_parser,
+    reconstruct,
+    resolutions,
+    status_names,
+)
 from fitting.response import PhysicsResponse
 from physics.config import ConfigError
 from physics.geometry import Detector, cylinder_grid
@@ -209,6 +219,63 @@ def test_closure_quick():
     var_v = torch.diagonal(ms, dim1=1, dim2=2)
     assert bool((var_v[:, :2] > 0.1 * torch.diagonal(fit["cov_hessian"], dim1=1, dim2=2)[:, :2]).all())
     assert bool((var_v[:, 3:5] > 0).all())
+
+
+def test_float32_hessian_matches_float64_and_finite_differences():
+    """The fit's Hessian is computed in the fit's dtype (fitting.reconstruct._fit_batch). Two WCTE muons at
+    their truth: the float64 double-backprop Hessian equals central differences of the float64 gradient
+    (second method) to 1e-5 of each entry's scale; the float32 Hessian's sigmas (diagonal of H^-1) agree
+    with the float64 ones within 1 % (measured 0.2 %), its gradient within 1e-2 sigma (measured 1e-4) and
+    its mixed derivatives w.r.t. the track-node offsets within 1 % (measured 0.02 %)."""
+    n = 2
+    sim, res, resp, like = _direct_only_sim(n, seed=3)
+    tr = res["truth"]
+    x = torch.cat([tr["vertex"], tr["direction"], tr["energy"].log()[:, None], torch.zeros(n, 1)], 1)
+    base = _base_from_x(x.double())
+    h = res["hits"]
+    obs = hits_to_dense(h.pmt, h.charge.double(), h.time.double(), h.event, n, resp.n_pmts)
+    y0 = torch.zeros(n, 7, dtype=F64)
+    k = resp.ms_kinks(_local_to_params(y0, base))["s"].shape[1]
+    off = torch.zeros(n, k, 6, dtype=F64)
+    out = {}
+    for dt in (F64, torch.float32):
+        f = _nll_fn(resp, like, {kk: (v.to(dt) if v.is_floating_point() else v) for kk, v in obs.items()})
+        b = {kk: v.to(dt) for kk, v in base.items()}
+
+        def floc(y, o=None, f=f, b=b, dt=dt):
+            p = _local_to_params(y.to(dt), b)
+            return f(p if o is None else {**p, "node_offset": o.to(dt)})
+
+        out[dt] = [t.double() for t in _hessian(floc, y0, off)[1:]]
+        if dt == F64:
+            f64_loc = floc
+    g64, h64, m64 = out[F64]
+    g32, h32, m32 = out[torch.float32]
+    steps = torch.tensor([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-4], dtype=F64)
+    cols = []
+    for j in range(7):
+        grads = []
+        for sgn in (1.0, -1.0):
+            y = y0.clone()
+            y[:, j] = sgn * steps[j]
+            y.requires_grad_()
+            (g,) = torch.autograd.grad(f64_loc(y).sum(), y)
+            grads.append(g)
+        cols.append((grads[0] - grads[1]) / (2 * steps[j]))
+    h_fd = torch.stack(cols, 2)
+    d64 = torch.diagonal(h64, dim1=1, dim2=2)
+    scale = (d64[:, :, None] * d64[:, None]).sqrt()
+    print("max |H - H_fd| / sqrt(H_ii H_jj)", float(((h64 - h_fd).abs() / scale).max()))
+    assert float(((h64 - h_fd).abs() / scale).max()) < 1e-5
+    c64 = torch.linalg.inv(h64)
+    s64 = torch.diagonal(c64, dim1=1, dim2=2).sqrt()
+    s32 = torch.diagonal(torch.linalg.inv(h32), dim1=1, dim2=2).sqrt()
+    dg = g32 - g64
+    dg_sigma = (dg[:, None, :] @ c64 @ dg[:, :, None]).sqrt().flatten()
+    print("sigma32/sigma64 - 1", float((s32 / s64 - 1).abs().max()), "grad diff [sigma]", dg_sigma.tolist())
+    assert float((s32 / s64 - 1).abs().max()) < 0.01
+    assert float(dg_sigma.max()) < 0.01
+    assert float((m32 - m64).norm() / m64.norm()) < 0.01
 
 
 def test_bad_input_flags_and_errors():
