@@ -174,22 +174,22 @@ def energy_from_charge(
     rung before it has mu_tot = 0: the threshold lies between them) gets that rung's energy, so a faint
     track's seed radiates and the fit has a gradient in energy."""
     n = vertex.shape[0]
-    dt = torch.float64
+    dt, f32 = torch.float64, torch.float32
     dev = vertex.device
     lad = torch.tensor(ladder, dtype=dt, device=dev)
     if lad.numel() < 2 or not bool((lad.diff() > 0).all()):
         raise ConfigError(f"ladder: got {ladder!r}; allowed: at least two increasing energies [MeV]")
     k = lad.numel()
     with torch.no_grad():
-        out = response.expected(
+        out = response.expected(  # float32 (half the cost of float64; a seed needs no more)
             {
-                "vertex": vertex.to(dt).repeat_interleave(k, 0),
-                "direction": direction.to(dt).repeat_interleave(k, 0),
-                "energy": lad.repeat(n),
-                "t0": torch.zeros(n * k, dtype=dt, device=dev),
+                "vertex": vertex.to(f32).repeat_interleave(k, 0),
+                "direction": direction.to(f32).repeat_interleave(k, 0),
+                "energy": lad.to(f32).repeat(n),
+                "t0": torch.zeros(n * k, dtype=f32, device=dev),
             }
         )
-        tot = torch.cummax(out["mu"].sum(1).reshape(n, k), 1).values  # (E,K), monotone
+        tot = torch.cummax(out["mu"].to(dt).sum(1).reshape(n, k), 1).values  # (E,K), monotone
         q = total_charge.to(dt).reshape(n, 1)
         j = torch.searchsorted(tot.contiguous(), q, right=True).clamp(1, k - 1)  # segment [j-1, j]
         lo, hi = j - 1, j
