@@ -297,15 +297,27 @@ class ChargeTerm(nn.Module):
         m = m + self.mu_floor
         g = self.gain.to(device=m.device, dtype=m.dtype).expand_as(m)
         nll = torch.zeros_like(m)
-        if bool((~hit).any()):
-            i = (~hit).nonzero(as_tuple=True)
-            v = None if mu_var is None else mu_var[i]
-            nll = nll.index_put(i, -unhit_log_prob(m[i], self.rel_var, self.threshold, g[i], v))
-        if bool(hit.any()):
-            q = obs["charge"].to(m.dtype)
-            i = hit.nonzero(as_tuple=True)
-            v = None if mu_var is None else mu_var[i]
-            nll = nll.index_put(i, -charge_log_density(q[i], m[i], self.rel_var, g[i], v))
+        q = obs["charge"].to(m.dtype)
+        if mu_var is None:
+            groups = [(~hit, False, None), (hit, True, None)]
+        else:
+            # only where r = mu_var / m^2 exceeds the Poisson limit (_NB_MIN_R) do the counts need the
+            # negative binomial; elsewhere (most unhit PMTs: no direct light, mu_var = 0) its excess is 0 with
+            # zero derivatives, so the Poisson form is the same function at a fraction of the cost
+            with torch.no_grad():
+                nb = mu_var.detach().double() > _NB_MIN_R * m.detach().double() ** 2
+            groups = [(~hit & ~nb, False, None), (~hit & nb, False, mu_var)]
+            groups += [(hit & ~nb, True, None), (hit & nb, True, mu_var)]
+        for sel, is_hit, var in groups:
+            if not bool(sel.any()):
+                continue
+            i = sel.nonzero(as_tuple=True)
+            v = None if var is None else var[i]
+            if is_hit:
+                lp = charge_log_density(q[i], m[i], self.rel_var, g[i], v)
+            else:
+                lp = unhit_log_prob(m[i], self.rel_var, self.threshold, g[i], v)
+            nll = nll.index_put(i, -lp)
         return nll
 
 

@@ -333,6 +333,18 @@ def test_over_dispersed_likelihood_gradcheck_and_bad_input():
     ).detach()
     assert float(nll_nb[0, 2]) == pytest.approx(float(nll_p[0, 2]), abs=1e-12)  # w = 0: Poisson
     assert torch.isfinite(nll_nb).all() and float((nll_nb - nll_p).abs().max()) > 0.01
+    # the charge term takes the negative binomial only where w > 0 (the Poisson form elsewhere): the same
+    # values as the two densities evaluated with mu_var on every PMT
+    ct = like.charge
+    m = mu.detach() + like.mu_dark
+    mv = obs["mu_rel_var"] * mu.detach() ** 2
+    mf = m + ct.mu_floor
+    ref = torch.where(
+        hit,
+        -charge_log_density(obs["charge"], mf, ct.rel_var, 1.0, mv),
+        -unhit_log_prob(mf, ct.rel_var, ct.threshold, 1.0, mv),
+    )
+    assert torch.allclose(ct(m, obs, mv), ref, rtol=1e-13, atol=1e-13)
     for bad, msg in [
         (torch.zeros(1, 5, dtype=F64), "shape"),
         (torch.full((1, 6), -0.1, dtype=F64), "negative"),
