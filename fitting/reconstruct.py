@@ -407,8 +407,15 @@ def _fisher_fd(response, likelihood, obs, base, dtype, sc: Tensor, h: float = 0.
 
 
 def _optimise_bfgs(
-    response, likelihood, obs, x0: Tensor, max_iter: int, tol: float, trace: list[float] | None
-) -> tuple[Tensor, int]:
+    response,
+    likelihood,
+    obs,
+    x0: Tensor,
+    max_iter: int,
+    tol: float,
+    trace: list[float] | None,
+    h0: Tensor | None = None,
+) -> tuple[Tensor, int, Tensor]:
     """Batched BFGS with a separate line search per event (Nocedal & Wright, Numerical Optimization, 2nd ed.
     2006, Alg. 6.1 with the Armijo condition, sec. 3.1, and quadratic-interpolation backtracking, sec. 3.5).
 
@@ -421,19 +428,24 @@ def _optimise_bfgs(
     s.y <= 0), else shrinks it; it stops when the predicted decrease g^T H g / 2 < ``tol`` or an accepted
     step gains < tol / 10, and leaves the batch. A direction that has turned by more than atan(BFGS_REBASE)
     from its expansion point is re-centred (one extra evaluation), so fits can turn the direction by any
-    angle. Steps are capped at LM_MAX_STEP in scaled units. Returns (x (N,8), accepted iterations of the
-    slowest event; ``max_iter`` when an event hit the cap). ``trace`` gets the mean NLL after each batched
+    angle. Steps are capped at LM_MAX_STEP in scaled units. ``h0`` (N,7,7): the inverse-Hessian estimate to
+    start from instead (e.g. a previous run's, for a continuation on a nearby likelihood; no Fisher pass).
+    Returns (x (N,8), accepted iterations of the slowest event, ``max_iter`` when an event hit the cap; the
+    final inverse-Hessian estimates (N,7,7) in scaled units). ``trace`` gets the mean NLL after each batched
     evaluation."""
     dtype, dev, n = x0.dtype, x0.device, x0.shape[0]
     f64 = torch.float64
     sc = torch.tensor(SCALE[:3] + SCALE[4:], dtype=f64, device=dev)
     eye = torch.eye(7, dtype=f64, device=dev)
     base = {k: v.to(dtype) for k, v in _base_from_x(x0.to(f64)).items()}
-    fs = _fisher_fd(response, likelihood, obs, base, dtype, sc)
-    fs = torch.nan_to_num(fs, nan=0.0, posinf=0.0, neginf=0.0)
-    diag = torch.diagonal(fs, dim1=1, dim2=2).clamp_min(1e-3)
-    hz, info = torch.linalg.inv_ex(fs + 0.1 * torch.diag_embed(diag) + 1e-3 * eye)
-    hz = torch.where(((info == 0) & torch.isfinite(hz).all(-1).all(-1))[:, None, None], hz, eye)
+    if h0 is None:
+        fs = _fisher_fd(response, likelihood, obs, base, dtype, sc)
+        fs = torch.nan_to_num(fs, nan=0.0, posinf=0.0, neginf=0.0)
+        diag = torch.diagonal(fs, dim1=1, dim2=2).clamp_min(1e-3)
+        hz, info = torch.linalg.inv_ex(fs + 0.1 * torch.diag_embed(diag) + 1e-3 * eye)
+        hz = torch.where(((info == 0) & torch.isfinite(hz).all(-1).all(-1))[:, None, None], hz, eye)
+    else:
+        hz = torch.where(torch.isfinite(h0).all(-1).all(-1)[:, None, None], h0.to(f64), eye)
 
     def value_grad(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
         y = (z * sc).to(dtype).requires_grad_()
@@ -504,7 +516,7 @@ def _optimise_bfgs(
             active[rej[alpha[rej] < 1e-6]] = False  # no decrease along a descent direction: at the minimum
         record()
     x = _x_from_local((z * sc).to(dtype), base)
-    return x.detach(), int(iters.max())
+    return x.detach(), int(iters.max()), hz
 
 
 def _starts(seed: dict[str, Tensor], n_starts: int) -> list[Tensor]:
@@ -720,7 +732,7 @@ def _fit_batch(
     obs_rep = {k: torch.cat([v] * len(starts)) for k, v in obs.items()}
     f = _nll_fn(response, likelihood, obs_rep)
     if optimiser == "bfgs":
-        x, n_iter = _optimise_bfgs(response, likelihood, obs_rep, x0, max_iter, BFGS_TOL, trace)
+        x, n_iter, hz = _optimise_bfgs(response, likelihood, obs_rep, x0, max_iter, BFGS_TOL, trace)
     elif optimiser == "lm":
         x, n_iter = _optimise_lm(response, likelihood, obs_rep, x0, max_iter, LM_TOL, trace)
     else:
@@ -729,7 +741,8 @@ def _fit_batch(
         nll = f(_unpack(x)).view(len(starts), ne)
         nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
         best = nll.argmin(0)
-    xb = x.view(len(starts), ne, 8)[best, torch.arange(ne, device=x.device)].to(torch.float64)
+    pick = best * ne + torch.arange(ne, device=x.device)  # rows of the best starts in (starts x events)
+    xb = x[pick].to(torch.float64)
     base = _base_from_x(xb)
     y = torch.zeros(ne, 7, dtype=torch.float64, device=x.device)
     # over-dispersed counts (response.ms_relative_variance, e.g. multiple scattering): the optimiser above
@@ -745,7 +758,11 @@ def _fit_batch(
                 with torch.no_grad():
                     freeze(_unpack(xb.to(dtype)))
             obs_nb = {**obs, "mu_rel_var": rel_var.to(dtype)}
-            x2, n2 = _optimise_bfgs(response, likelihood, obs_nb, xb.to(dtype), max_iter, BFGS_TOL, trace)
+            # the Poisson run's inverse-Hessian estimates start it (same coordinates and scales; the
+            # negative binomial's curvature is close): no second Fisher pass
+            x2, n2, _ = _optimise_bfgs(
+                response, likelihood, obs_nb, xb.to(dtype), max_iter, BFGS_TOL, trace, h0=hz[pick]
+            )
             n_iter = n_iter + n2
             ok2 = torch.isfinite(x2).all(-1)
             xb = torch.where(ok2[:, None], x2.to(torch.float64), xb)
