@@ -110,8 +110,9 @@ def _log_count(n: Tensor, mu: Tensor, mu_var: Tensor | None) -> Tensor:
     return lp + _log_nb_excess(n.double(), mu.double(), r).to(mu.dtype)
 
 
-def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tensor, int]:
-    """Start (…) and width K of the summation window over the p.e. count n (detached, n >= 1).
+def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tensor, Tensor]:
+    """Start lo (…) and width k (…, long) of each element's summation window over the p.e. count n
+    (detached, n >= 1).
 
     The summand is P(n|mu) N(q; n g, n v g^2): it lives between n ~ q/g and n ~ mu; the window spans
     both with 8 standard deviations (sqrt(n (1 + v))) and 3 extra terms on each side. The same window serves
@@ -124,8 +125,37 @@ def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tens
         width = 8.0 * torch.sqrt((hi_c + 1.0) * (1.0 + rel_var))
         lo = torch.floor(lo_c - width - 3.0).clamp_min(1.0)
         hi = torch.ceil(hi_c + width + 3.0)
-        k = int((hi - lo).max().item()) + 1 if lo.numel() else 1
-    return lo, max(k, 1)
+        k = (hi - lo).long().clamp_min(0) + 1
+    return lo, k
+
+
+def _window_logsumexp(log_term, lo: Tensor, k: Tensor) -> Tensor:
+    """log sum_n exp(log_term(n, i)) over n = lo_i, lo_i + 1, ... for every element i of lo, k (any shape;
+    ``_n_window``); returns lo's shape.
+
+    log_term(n (M,W), i (M,) indices into the flattened elements) -> (M,W) log terms. The elements are
+    evaluated in at most two groups, each padded to its widest window: split at the width that minimises
+    the padded count (a few broad windows, near bright PMTs, would otherwise pad every element; measured
+    1.5-2x fewer terms in WCTE and SK). Padding only adds terms beyond an element's window (< e^-32)."""
+    lo_f, k_f = lo.reshape(-1), k.reshape(-1)
+    m = k_f.numel()
+    if m == 0:
+        return lo.new_zeros(lo.shape)
+    ks = torch.sort(k_f).values
+    j = torch.arange(m, device=k_f.device)
+    cost = (j + 1) * ks + (m - 1 - j) * ks[-1]
+    cut, k_max = ks[int(cost.argmin())], int(ks[-1])
+    groups = [(k_f <= cut, int(cut)), (k_f > cut, k_max)]
+    out = None
+    for sel, w in groups:
+        i = sel.nonzero()[:, 0]
+        if i.numel() == 0:
+            continue
+        n = lo_f[i, None] + torch.arange(w, dtype=lo_f.dtype, device=lo_f.device)
+        part = torch.logsumexp(log_term(n, i), -1)
+        out = part.new_zeros(m) if out is None else out
+        out = out.index_put((i,), part)
+    return out.reshape(lo.shape)
 
 
 def charge_log_density(
@@ -142,11 +172,16 @@ def charge_log_density(
         q, mu = torch.broadcast_tensors(q, mu)
     g = torch.as_tensor(gain, dtype=q.dtype, device=q.device).expand_as(q)
     lo, k = _n_window(q, mu, rel_var, g)
-    n = lo[..., None] + torch.arange(k, dtype=q.dtype, device=q.device)  # (..., K)
-    var = n * rel_var * (g * g)[..., None]
-    logn = -((q[..., None] - n * g[..., None]) ** 2) / (2.0 * var) - 0.5 * (LOG_2PI + torch.log(var))
-    mv = None if mu_var is None else mu_var[..., None]
-    return torch.logsumexp(_log_count(n, mu[..., None], mv) + logn, -1)
+    qf, muf, gf = q.reshape(-1), mu.reshape(-1), g.reshape(-1)
+    mvf = None if mu_var is None else mu_var.reshape(-1)
+
+    def log_term(n: Tensor, i: Tensor) -> Tensor:
+        gi = gf[i, None]
+        var = n * rel_var * (gi * gi)
+        logn = -((qf[i, None] - n * gi) ** 2) / (2.0 * var) - 0.5 * (LOG_2PI + torch.log(var))
+        return _log_count(n, muf[i, None], None if mvf is None else mvf[i, None]) + logn
+
+    return _window_logsumexp(log_term, lo, k)
 
 
 def unhit_log_prob(
@@ -172,11 +207,16 @@ def unhit_log_prob(
         return log_p0
     g = torch.as_tensor(gain, dtype=mu.dtype, device=mu.device).expand_as(mu)
     lo, k = _n_window(torch.zeros_like(mu), mu, rel_var, g)
-    n = lo[..., None] + torch.arange(k, dtype=mu.dtype, device=mu.device)
-    z = (threshold - n * g[..., None]) / (g[..., None] * torch.sqrt(n * rel_var))
-    mv = None if mu_var is None else mu_var[..., None]
-    terms = _log_count(n, mu[..., None], mv) + torch.special.log_ndtr(z)
-    return torch.logsumexp(torch.cat([log_p0[..., None], terms], -1), -1)
+    muf, gf = mu.reshape(-1), g.reshape(-1)
+    mvf = None if mu_var is None else mu_var.reshape(-1)
+
+    def log_term(n: Tensor, i: Tensor) -> Tensor:
+        gi = gf[i, None]
+        z = (threshold - n * gi) / (gi * torch.sqrt(n * rel_var))
+        return _log_count(n, muf[i, None], None if mvf is None else mvf[i, None]) + torch.special.log_ndtr(z)
+
+    terms = _window_logsumexp(log_term, lo, k)
+    return torch.logsumexp(torch.stack([log_p0, terms], -1), -1)
 
 
 def time_log_density(
