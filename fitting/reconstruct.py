@@ -20,9 +20,10 @@ are independent, so one batched evaluation gives every event's NLL and gradient.
 
 Measured on contained 500 MeV muons, direct light (benchmarks/bench_reconstruct.py, 2 threads): BFGS and
 L-BFGS reach the same minimum after the Newton polish (NLL equal to 1e-5); batched value+gradient
-evaluations WCTE 14 (BFGS, plus one forward pass of 7 copies for the Fisher start) vs 34 (L-BFGS) for
-8 events, SK 42 vs 49 for 4 events; 0.75-0.98 vs 1.09-1.37 s/event (WCTE) and 4.4 vs 12.5 s/event (SK);
-LM needs 10-12 Jacobians of ~3.5 evaluations each (benchmarks/results/reconstruct_cpu_bfgs_minuit8.json).
+evaluations WCTE 16 (BFGS, plus one forward pass of 7 copies for the Fisher start) vs 49 (L-BFGS) for
+8 events, SK 45 vs 48 for 4 events; 0.84 vs 1.42 s/event (WCTE) and 4.5 vs 7.5 s/event (SK), float32 fits
+with their float32 Hessian, 2026-11-23 (benchmarks/results/reconstruct_cpu_bfgs_minuit8.json); LM needs
+10-12 Jacobians of ~3.5 evaluations each (benchmarks/results/reconstruct_cpu_2threads.json).
 
 Uncertainties: covariance = inverse Hessian of the per-event NLL (the observed Fisher information; Cramer-
 Rao, e.g. James, Statistical Methods in Experimental Physics, 2006, ch. 7) in the local coordinates
@@ -1113,11 +1114,18 @@ def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=8, help="events fitted together")
     r.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the expected model")
     r.add_argument(
-        "--ms-samples", type=int, default=0,
+        "--ms-samples",
+        type=int,
+        default=0,
         help="muons: sampled multiple-scattering kink sets for over-dispersed (negative-binomial) counts "
-        "(0: Poisson; 32 calibrates the log E pull width at 1.25-1.4x the fit time)",
+        "(0: Poisson; 16 calibrates the log E pull width at 0.9-1.45x the fit time)",
     )
-    r.add_argument("--float32", action="store_true", help="optimise in float32 (Hessian stays float64)")
+    r.add_argument(
+        "--float32",
+        action="store_true",
+        help="optimise and take the Hessian in float32 (sigmas within 0.3 %% of float64; the reported NLL "
+        "stays float64)",
+    )
     r.add_argument("--png", default=None, help="write residual/pull plots to this PNG (needs truth)")
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=_cmd_reconstruct)
