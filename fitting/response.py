@@ -145,8 +145,8 @@ class PhysicsResponse(ResponseModel):
       :meth:`irreducible_covariance` (False: zeros, i.e. pure-Hessian uncertainties) and the kinks of
       :meth:`ms_kinks` and :meth:`ms_relative_variance`;
       ms_samples: sampled kink sets per event of :meth:`ms_relative_variance` (0, the default: not modelled,
-      the likelihood stays Poisson; 32 closes the closure's log E pulls at 1.25x (WCTE) / 1.4x (SK) the fit
-      time, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random numbers (a fixed
+      the likelihood stays Poisson; 16 closes the closure's log E pulls, as 32 does, at 0.9-1.45x the fit
+      time in WCTE and SK, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random numbers (a fixed
       seed, so the variance is a deterministic function of the event parameters);
       indirect: None (direct light only) or a mapping with optional keys n_trace (traced photons per event,
       default 2000), seed (default 0), max_rounds (default 4): then ``expected`` also returns
