@@ -54,7 +54,10 @@ def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
 
 
 def fit_model(
-    sim: Simulator, track_nodes: int = 32, exact_wavelength: bool = False, no_ms: bool = False,
+    sim: Simulator,
+    track_nodes: int = 32,
+    exact_wavelength: bool = False,
+    no_ms: bool = False,
     ms_samples: int = 0,
 ) -> tuple[PhysicsResponse, HitLikelihood]:
     """The fit's physics response and likelihood for ``sim``'s events: folded wavelengths (or the exact sum),
@@ -65,8 +68,15 @@ def fit_model(
         medium = copy.deepcopy(sim.medium)
         medium.radiation_length = math.inf
     resp = PhysicsResponse(
-        sim.detector, medium, sim.sensors, "mu-", sim.optics, n_track_nodes=track_nodes,
-        fold_wavelength=not exact_wavelength, ms_covariance=not no_ms, ms_samples=ms_samples,
+        sim.detector,
+        medium,
+        sim.sensors,
+        "mu-",
+        sim.optics,
+        n_track_nodes=track_nodes,
+        fold_wavelength=not exact_wavelength,
+        ms_covariance=not no_ms,
+        ms_samples=ms_samples,
     )
     return resp, HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(sim.device)
 
@@ -109,8 +119,12 @@ def main() -> None:
     ap.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the fit's model")
     ap.add_argument("--exact-wavelength", action="store_true", help="fit: exact wavelength sum")
     ap.add_argument("--fit-no-ms", action="store_true", help="fit's model without multiple scattering")
-    ap.add_argument("--ms-samples", type=int, default=0,
-                    help="fit: sampled kink sets of the MS over-dispersion (negative binomial; 0: Poisson)")
+    ap.add_argument(
+        "--ms-samples",
+        type=int,
+        default=0,
+        help="fit: sampled kink sets of the MS over-dispersion (negative binomial; 0: Poisson)",
+    )
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,8 +135,16 @@ def main() -> None:
     resp, like = fit_model(sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms, args.ms_samples)
     t0 = time.perf_counter()
     fit = reconstruct(
-        res["hits"], args.events, resp, like, "mu-", device=args.device, n_starts=2,
-        batch_size=args.batch_size, max_iter=50, dtype=torch.float32,
+        res["hits"],
+        args.events,
+        resp,
+        like,
+        "mu-",
+        device=args.device,
+        n_starts=2,
+        batch_size=args.batch_size,
+        max_iter=50,
+        dtype=torch.float32,
     )
     t_fit = time.perf_counter() - t0
     truth = {k: res["truth"][k].to(args.device) for k in ("vertex", "direction", "energy")}

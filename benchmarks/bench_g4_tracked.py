@@ -46,18 +46,31 @@ def setup(device: str):
     cfg = ref["config"]
     mcfg = copy.deepcopy(Medium.load("water").config)
     mcfg["absorption"] = {"model": "constant", "length_m": cfg["abs_length_m"]}
-    mcfg["rayleigh"] = {"model": "power_law", "b_per_m": 1.0 / cfg["rayleigh_length_m"],
-                        "reference_nm": 500.0, "exponent": 0.0}
+    mcfg["rayleigh"] = {
+        "model": "power_law",
+        "b_per_m": 1.0 / cfg["rayleigh_length_m"],
+        "reference_nm": 500.0,
+        "exponent": 0.0,
+    }
     med = Medium(mcfg).to(device)
     h = cfg["half_height_m"]
     # bare wall: the Detector class needs >= 1 PMT; use_pmts=False never queries it
-    det = Detector("g4_cylinder", "cylinder", cfg["radius_m"], 2 * h, [[0.0, 0.0, -h]], [[0.0, 0.0, 1.0]],
-                   [1e-4], device=device)
+    det = Detector(
+        "g4_cylinder",
+        "cylinder",
+        cfg["radius_m"],
+        2 * h,
+        [[0.0, 0.0, -h]],
+        [[0.0, 0.0, 1.0]],
+        [1e-4],
+        device=device,
+    )
     return ref, cfg, med, det
 
 
-def simulate(n_ev: int, cfg: dict, med: Medium, det: Detector, opt: Optics, gen: torch.Generator,
-             device: str) -> tuple[int, int, float]:
+def simulate(
+    n_ev: int, cfg: dict, med: Medium, det: Detector, opt: Optics, gen: torch.Generator, device: str
+) -> tuple[int, int, float]:
     """Simulate n_ev events; returns (photons, wall hits, seconds spent in emission)."""
     t0 = time.perf_counter()
     vtx = torch.tensor(cfg["vertex_m"], device=device).expand(n_ev, 3)
@@ -100,26 +113,38 @@ def main() -> None:
     batched = (time.perf_counter() - t0) / a.events
     per_event = statistics.median(times)
     g4_file = ref.get("geant4_cpu_s_per_event", {}).get("mean")
-    out = dict(benchmark="g4_tracked", device=a.device, torch_threads=torch.get_num_threads(),
-               load_average=os.getloadavg(), events=a.events, seconds_per_event_median=per_event,
-               seconds_per_event_all=times, seconds_per_event_batched=batched,
-               seconds_emission_median=statistics.median(t_emit),
-               seconds_optics_median=statistics.median([t - e for t, e in zip(times, t_emit, strict=True)]),
-               photons_per_event=statistics.mean(n_ph), wall_hits_per_event=statistics.mean(n_wall),
-               geant4_photons_per_event=statistics.mean(ref["wall_fraction"]["n_photons"]),
-               geant4_wall_hits_per_event=statistics.mean(ref["wall_fraction"]["n_hits"]),
-               geant4_s_per_event_readme=G4_README_S_PER_EVENT, geant4_cpu_s_per_event_file=g4_file,
-               speedup_vs_geant4=G4_README_S_PER_EVENT / per_event,
-               speedup_vs_geant4_batched=G4_README_S_PER_EVENT / batched, target_speedup=50.0,
-               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    print(f"photonfit {a.device}: {per_event * 1e3:.1f} ms/event (median of {a.events}: emission "
-          f"{out['seconds_emission_median'] * 1e3:.1f} ms, "
-          f"optics {out['seconds_optics_median'] * 1e3:.1f} ms; batched "
-          f"{batched * 1e3:.1f} ms/event), {out['photons_per_event']:.0f} photons and "
-          f"{out['wall_hits_per_event']:.0f} wall hits per event "
-          f"(Geant4 {out['geant4_photons_per_event']:.0f}, "
-          f"{out['geant4_wall_hits_per_event']:.0f}); Geant4 {G4_README_S_PER_EVENT} s/event -> speed-up "
-          f"{out['speedup_vs_geant4']:.1f}x (batched {out['speedup_vs_geant4_batched']:.1f}x)")
+    out = dict(
+        benchmark="g4_tracked",
+        device=a.device,
+        torch_threads=torch.get_num_threads(),
+        load_average=os.getloadavg(),
+        events=a.events,
+        seconds_per_event_median=per_event,
+        seconds_per_event_all=times,
+        seconds_per_event_batched=batched,
+        seconds_emission_median=statistics.median(t_emit),
+        seconds_optics_median=statistics.median([t - e for t, e in zip(times, t_emit, strict=True)]),
+        photons_per_event=statistics.mean(n_ph),
+        wall_hits_per_event=statistics.mean(n_wall),
+        geant4_photons_per_event=statistics.mean(ref["wall_fraction"]["n_photons"]),
+        geant4_wall_hits_per_event=statistics.mean(ref["wall_fraction"]["n_hits"]),
+        geant4_s_per_event_readme=G4_README_S_PER_EVENT,
+        geant4_cpu_s_per_event_file=g4_file,
+        speedup_vs_geant4=G4_README_S_PER_EVENT / per_event,
+        speedup_vs_geant4_batched=G4_README_S_PER_EVENT / batched,
+        target_speedup=50.0,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    print(
+        f"photonfit {a.device}: {per_event * 1e3:.1f} ms/event (median of {a.events}: emission "
+        f"{out['seconds_emission_median'] * 1e3:.1f} ms, "
+        f"optics {out['seconds_optics_median'] * 1e3:.1f} ms; batched "
+        f"{batched * 1e3:.1f} ms/event), {out['photons_per_event']:.0f} photons and "
+        f"{out['wall_hits_per_event']:.0f} wall hits per event "
+        f"(Geant4 {out['geant4_photons_per_event']:.0f}, "
+        f"{out['geant4_wall_hits_per_event']:.0f}); Geant4 {G4_README_S_PER_EVENT} s/event -> speed-up "
+        f"{out['speedup_vs_geant4']:.1f}x (batched {out['speedup_vs_geant4_batched']:.1f}x)"
+    )
     print(f"wrote {atomic_write_json(a.out, out)}")
 
 

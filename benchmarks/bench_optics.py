@@ -51,8 +51,9 @@ from physics.records import Photons  # noqa: E402
 TRACK_M = {"wcte": 1.2, "sk": 4.0}
 
 
-def muon_like_photons(det: Detector, med: Medium, n: int, gen: torch.Generator, device: str,
-                      per_track: int = 50_000) -> Photons:
+def muon_like_photons(
+    det: Detector, med: Medium, n: int, gen: torch.Generator, device: str, per_track: int = 50_000
+) -> Photons:
     """n photons (float32) from Cherenkov cones of straight beta = 1 tracks inside ``det`` (module doc)."""
     n_tr = max(1, math.ceil(n / per_track))
     length = TRACK_M.get(det.name, 0.3 * det.radius)
@@ -77,8 +78,13 @@ def muon_like_photons(det: Detector, med: Medium, n: int, gen: torch.Generator, 
     d = cos_c[:, None] * ut + (sin_c * torch.cos(phi))[:, None] * e1 + (sin_c * torch.sin(phi))[:, None] * e2
     pos = vtx[tr] + s[:, None] * ut
     pos = torch.where(det.inside(pos)[:, None], pos, vtx[tr])
-    return Photons(pos=pos, dir=d / d.norm(dim=1, keepdim=True), t=(s + 0.5 * length) / C_M_PER_NS,
-                   wavelength=wl, event=tr)
+    return Photons(
+        pos=pos,
+        dir=d / d.norm(dim=1, keepdim=True),
+        t=(s + 0.5 * length) / C_M_PER_NS,
+        wavelength=wl,
+        event=tr,
+    )
 
 
 class TimedDetector:
@@ -120,16 +126,24 @@ class TimedDetector:
         return self._timed(self._det.wall_pmt_intersect, "t_pmt", pos, dir)
 
 
-def run_one(name: str, n: int, device: str, chunk: int, seed: int = 0, backend: str = "auto",
-            det: Detector | None = None) -> dict:
+def run_one(
+    name: str,
+    n: int,
+    device: str,
+    chunk: int,
+    seed: int = 0,
+    backend: str = "auto",
+    det: Detector | None = None,
+) -> dict:
     """One timed transport of n muon-like photons; ``det`` (default: a fresh Detector.load(name)) keeps its
     look-up tables between calls, so a warmed-up detector times the transport alone."""
     det = Detector.load(name).to(device) if det is None else det
     med = Medium.load("water").to(device)
     gen = torch.Generator(device).manual_seed(seed)
     ph = muon_like_photons(det, med, n, gen, device)
-    opt = Optics(wall_reflectivity=0.1, diffuse_fraction=1.0, pmt_reflectivity=0.1, chunk_size=chunk,
-                 backend=backend)
+    opt = Optics(
+        wall_reflectivity=0.1, diffuse_fraction=1.0, pmt_reflectivity=0.1, chunk_size=chunk, backend=backend
+    )
     opt = opt.to(device)
     tdet = TimedDetector(det, device)
     if device.startswith("cuda"):
@@ -141,12 +155,23 @@ def run_one(name: str, n: int, device: str, chunk: int, seed: int = 0, backend: 
     dt = time.perf_counter() - t0
     st = opt.last_stats
     fused = opt._fused_kernel(torch.device(device), det, False, True) is not None
-    return dict(detector=name, backend="numba" if fused else "torch", n_pmts=det.n_pmts, photons=n,
-                seconds=dt, photon_steps=st["steps"],
-                photon_steps_per_s=st["steps"] / dt, photons_per_s=n / dt, rounds=st["rounds"],
-                cathode_hits=len(hits), truncated=st["truncated"], outside=st["outside"],
-                seconds_wall_intersect=tdet.t_wall, seconds_pmt_intersect=tdet.t_pmt,
-                seconds_optics_own=dt - tdet.t_wall - tdet.t_pmt)
+    return dict(
+        detector=name,
+        backend="numba" if fused else "torch",
+        n_pmts=det.n_pmts,
+        photons=n,
+        seconds=dt,
+        photon_steps=st["steps"],
+        photon_steps_per_s=st["steps"] / dt,
+        photons_per_s=n / dt,
+        rounds=st["rounds"],
+        cathode_hits=len(hits),
+        truncated=st["truncated"],
+        outside=st["outside"],
+        seconds_wall_intersect=tdet.t_wall,
+        seconds_pmt_intersect=tdet.t_pmt,
+        seconds_optics_own=dt - tdet.t_wall - tdet.t_pmt,
+    )
 
 
 def memory_child(name: str, n: int, device: str, chunk: int, threads: int | None, backend: str) -> None:
@@ -172,8 +197,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=float, default=1e6)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"], help="Optics backend")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="throughput runs per detector (the fastest run is stored, with the median)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="throughput runs per detector (the fastest run is stored, with the median)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "optics.json"))
     ap.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,34 +217,63 @@ def main() -> None:
         t0 = time.perf_counter()  # one-time set-up of this detector: look-up tables (and JIT on first use)
         run_one(name, 20_000, a.device, int(a.chunk), backend=a.backend, det=det)
         setup_s = time.perf_counter() - t0
-        runs = [run_one(name, int(a.n), a.device, int(a.chunk), seed=i, backend=a.backend, det=det)
-                for i in range(max(1, a.repeat))]
+        runs = [
+            run_one(name, int(a.n), a.device, int(a.chunk), seed=i, backend=a.backend, det=det)
+            for i in range(max(1, a.repeat))
+        ]
         r = max(runs, key=lambda x: x["photon_steps_per_s"])
         r["photon_steps_per_s_all_runs"] = [x["photon_steps_per_s"] for x in runs]
         r["photon_steps_per_s_median"] = statistics.median(r["photon_steps_per_s_all_runs"])
         r["seconds_setup_first_use"] = setup_s
         results.append(r)
-        print(f"{name:5s} {r['photons']:.2e} photons: {r['seconds']:.2f} s, "
-              f"{r['photon_steps_per_s']:.3e} photon-steps/s (median of {len(runs)}: "
-              f"{r['photon_steps_per_s_median']:.3e}) "
-              f"(wall_intersect {r['seconds_wall_intersect']:.2f} s, "
-              f"pmt_intersect {r['seconds_pmt_intersect']:.2f} s, "
-              f"optics own {r['seconds_optics_own']:.2f} s), {r['cathode_hits']} cathode hits", flush=True)
+        print(
+            f"{name:5s} {r['photons']:.2e} photons: {r['seconds']:.2f} s, "
+            f"{r['photon_steps_per_s']:.3e} photon-steps/s (median of {len(runs)}: "
+            f"{r['photon_steps_per_s_median']:.3e}) "
+            f"(wall_intersect {r['seconds_wall_intersect']:.2f} s, "
+            f"pmt_intersect {r['seconds_pmt_intersect']:.2f} s, "
+            f"optics own {r['seconds_optics_own']:.2f} s), {r['cathode_hits']} cathode hits",
+            flush=True,
+        )
     mem = None
     if a.mem_n > 0:
-        cmd = [sys.executable, __file__, "--_mem-child", a.detectors[0], "--mem-n", str(a.mem_n), "--device",
-               a.device, "--chunk", str(a.chunk), "--backend", a.backend] + (
-                   ["--threads", str(a.threads)] if a.threads else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_mem-child",
+            a.detectors[0],
+            "--mem-n",
+            str(a.mem_n),
+            "--device",
+            a.device,
+            "--chunk",
+            str(a.chunk),
+            "--backend",
+            a.backend,
+        ] + (["--threads", str(a.threads)] if a.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         mem = json.loads(next(li for li in out.splitlines() if li.startswith("MEMJSON "))[8:])
         cuda_mem = mem.get("cuda_max_allocated_mb")
-        print(f"memory run: {mem['photons']:.1e} photons in {a.detectors[0]}: peak RSS "
-              f"{mem['peak_rss_mb']:.0f} MB" + (f", CUDA max allocated {cuda_mem:.0f} MB" if cuda_mem else "")
-              + f", {mem['photon_steps_per_s']:.3e} photon-steps/s")
-    out = dict(benchmark="optics", device=a.device, backend=a.backend, torch_threads=torch.get_num_threads(),
-               cpu_count=os.cpu_count(), load_average=os.getloadavg(), chunk_size=int(a.chunk),
-               source="muon-like Cherenkov cones (beta = 1), see module doc", runs=results, memory=mem,
-               target_photon_steps_per_s=1e7, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        print(
+            f"memory run: {mem['photons']:.1e} photons in {a.detectors[0]}: peak RSS "
+            f"{mem['peak_rss_mb']:.0f} MB"
+            + (f", CUDA max allocated {cuda_mem:.0f} MB" if cuda_mem else "")
+            + f", {mem['photon_steps_per_s']:.3e} photon-steps/s"
+        )
+    out = dict(
+        benchmark="optics",
+        device=a.device,
+        backend=a.backend,
+        torch_threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        load_average=os.getloadavg(),
+        chunk_size=int(a.chunk),
+        source="muon-like Cherenkov cones (beta = 1), see module doc",
+        runs=results,
+        memory=mem,
+        target_photon_steps_per_s=1e7,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
     print(f"wrote {atomic_write_json(a.out, out)}")
 
 

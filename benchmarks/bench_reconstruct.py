@@ -62,7 +62,13 @@ def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samp
     sim = direct_light_simulator(detector, vertex, device)
     res = sim.run(n, seed=seed, batch_size=n)
     resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True,
+        sim.detector,
+        sim.medium,
+        sim.sensors,
+        "mu-",
+        sim.optics,
+        n_track_nodes=32,
+        fold_wavelength=True,
         ms_samples=ms_samples,
     )
     like = HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(device)
@@ -150,8 +156,16 @@ def minuit_fit(res, resp, like, n) -> tuple[dict, float]:
     t = time.perf_counter()
     c = time.process_time()
     seed = prefit(obs, resp.detector.pmt_pos, resp, mu_dark=float(like.mu_dark))
-    out = {"vertex": [], "direction": [], "energy": [], "nfcn": [], "nll": [], "hesse_nfcn": [],
-           "hesse_sigma_vertex": [], "hesse_sigma_loge": []}
+    out = {
+        "vertex": [],
+        "direction": [],
+        "energy": [],
+        "nfcn": [],
+        "nll": [],
+        "hesse_nfcn": [],
+        "hesse_sigma_vertex": [],
+        "hesse_sigma_loge": [],
+    }
     hesse_s = 0.0
     for i in range(n):
         o = {k: v[i : i + 1] for k, v in obs.items()}
@@ -214,8 +228,12 @@ def main() -> None:
     ap.add_argument("--optimisers", default="bfgs,lm,lbfgs,adam", help="comma list for the WCTE comparison")
     ap.add_argument("--ours", default="bfgs", help="optimiser compared with MIGRAD")
     ap.add_argument("--skip-kernel", action="store_true", help="skip the expected-model kernel timings")
-    ap.add_argument("--ms-samples", type=int, default=0,
-                    help="MS over-dispersion: sampled kink sets (negative-binomial counts; 0: Poisson)")
+    ap.add_argument(
+        "--ms-samples",
+        type=int,
+        default=0,
+        help="MS over-dispersion: sampled kink sets (negative-binomial counts; 0: Poisson)",
+    )
     ap.add_argument("--name", default=None, help="result name (default reconstruct_{device}[_{T}threads])")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -283,7 +301,8 @@ def main() -> None:
             # log E are the same parameters in both parametrisations)
             "minuit_hesse_sigma_vertex_m": mf["hesse_sigma_vertex"].tolist(),
             "ours_hessian_sigma_vertex_m": torch.diagonal(fit_l["cov_hessian"], dim1=1, dim2=2)[:, :3]
-            .sqrt().tolist(),
+            .sqrt()
+            .tolist(),
             "minuit_hesse_sigma_loge": mf["hesse_sigma_loge"].tolist(),
             "ours_hessian_sigma_loge": torch.sqrt(fit_l["cov_hessian"][:, 5, 5]).tolist(),
             "minuit_cpu_seconds_per_event": CPU_SECONDS["minuit"] / m,
@@ -303,8 +322,9 @@ def main() -> None:
         print("minuit", wc["minuit_vs_ours"])
     out["wcte"] = wc
     if a.sk > 0:
-        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device,
-                                     ms_samples=a.ms_samples)
+        sim, res, resp, like = setup(
+            "sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device, ms_samples=a.ms_samples
+        )
         sk_opts = [o for o in a.optimisers.split(",") if o != "adam"]
         for opt in sk_opts:
             run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)

@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--fisher-batch", type=int, default=8, help="events per Fisher-information batch")
     ap.add_argument("--track-nodes", type=int, default=32, help="muon track quadrature cells")
     ap.add_argument("--depth-nodes", type=int, default=24, help="cascade depth cells")
-    ap.add_argument("--float32", action="store_true", help="optimise in float32 (Hessian stays float64)")
+    ap.add_argument("--float32", action="store_true", help="optimise and take the Hessian in float32")
     ap.add_argument("--crb-samples", type=int, default=4000, help="samples of N(0, F^-1) per event")
     ap.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the quantile errors")
     ap.add_argument("--name", default=None, help="result name (default resolution_{device})")

@@ -19,8 +19,14 @@ from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 
 def time_chain(detector: str, particle: str, energy: float, events: int, device: str) -> dict:
-    cfg = SimConfig(detector=detector, particle=particle, energy=energy, vertex=[0.0, 0.0, 0.0],
-                    direction=[1.0, 0.0, 0.0], waveforms=True)
+    cfg = SimConfig(
+        detector=detector,
+        particle=particle,
+        energy=energy,
+        vertex=[0.0, 0.0, 0.0],
+        direction=[1.0, 0.0, 0.0],
+        waveforms=True,
+    )
     sim = Simulator(cfg, device=device)
     sim.run(1, seed=123, batch_size=1)  # warm-up (allocations, lookup tables)
     times, hits, pe = [], [], []
@@ -34,10 +40,17 @@ def time_chain(detector: str, particle: str, energy: float, events: int, device:
         times.append(time.perf_counter() - t0)
         hits.append(len(res["hits"]))
         pe.append(float(res["hits"].charge.sum()))
-    return {"detector": detector, "particle": particle, "energy_mev": energy, "events": events,
-            "s_per_event_mean": sum(times) / events, "s_per_event_min": min(times),
-            "hit_pmts_per_event": sum(hits) / events, "pe_per_event": sum(pe) / events,
-            "waveforms": True}
+    return {
+        "detector": detector,
+        "particle": particle,
+        "energy_mev": energy,
+        "events": events,
+        "s_per_event_mean": sum(times) / events,
+        "s_per_event_min": min(times),
+        "hit_pmts_per_event": sum(hits) / events,
+        "pe_per_event": sum(pe) / events,
+        "waveforms": True,
+    }
 
 
 def main() -> None:
@@ -45,9 +58,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--events", type=int, default=5)
     a = ap.parse_args()
-    rows = [time_chain("sk", "mu-", 1000.0, a.events, a.device),
-            time_chain("wcte", "mu-", 500.0, a.events, a.device),
-            time_chain("sk", "e-", 1000.0, a.events, a.device)]
+    rows = [
+        time_chain("sk", "mu-", 1000.0, a.events, a.device),
+        time_chain("wcte", "mu-", 500.0, a.events, a.device),
+        time_chain("sk", "e-", 1000.0, a.events, a.device),
+    ]
     target = "SK-like 1 GeV muon with hits+waveforms < 1 s"
     write_json(f"simulate_{a.device}", {"target": target, "rows": rows})
 

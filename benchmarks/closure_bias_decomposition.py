@@ -97,16 +97,25 @@ def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor
 def _truth_base(tr: dict, rows: int) -> dict:
     """Local-coordinate expansion point (``_base_from_x``) of the MC truth ``tr`` (vertex, direction, energy
     (E,...)), t0 = 0, repeated to ``rows`` rows when E = 1."""
-    x = torch.cat([tr["vertex"].double(), tr["direction"].double(), tr["energy"].double().log()[:, None],
-                   torch.zeros(tr["energy"].shape[0], 1, dtype=torch.float64)], 1)
+    x = torch.cat(
+        [
+            tr["vertex"].double(),
+            tr["direction"].double(),
+            tr["energy"].double().log()[:, None],
+            torch.zeros(tr["energy"].shape[0], 1, dtype=torch.float64),
+        ],
+        1,
+    )
     return _base_from_x(x.expand(rows, 8))
 
 
 def _rms_moves(y: torch.Tensor, d: torch.Tensor) -> dict:
     """rms transverse vertex move [cm] and rms direction move [mrad] of local shifts y (E,7) about d (E,3)."""
     perp = y[:, :3] - (y[:, :3] * d).sum(1, keepdim=True) * d
-    return {"rms_transverse_vertex_cm": float(perp.norm(dim=1).pow(2).mean().sqrt()) * 100.0,
-            "rms_direction_mrad": float(y[:, 3:5].norm(dim=1).pow(2).mean().sqrt()) * 1000.0}
+    return {
+        "rms_transverse_vertex_cm": float(perp.norm(dim=1).pow(2).mean().sqrt()) * 100.0,
+        "rms_direction_mrad": float(y[:, 3:5].norm(dim=1).pow(2).mean().sqrt()) * 1000.0,
+    }
 
 
 def asimov(sets: int, threads: int) -> None:
@@ -126,8 +135,11 @@ def asimov(sets: int, threads: int) -> None:
     r = 1.0 / w.clamp_min(1e-8)
     names = ("x_cm", "y_cm", "z_cm", "dir_a_mrad", "dir_b_mrad", "log_e_percent")
     scale = (100.0, 100.0, 100.0, 1000.0, 1000.0, 100.0)
-    out = {"sets": sets, "truth": {k: tr[k][0].tolist() for k in ("vertex", "direction", "energy")},
-           "likelihoods": {}}
+    out = {
+        "sets": sets,
+        "truth": {k: tr[k][0].tolist() for k in ("vertex", "direction", "energy")},
+        "likelihoods": {},
+    }
     for name in ("poisson", "negative_binomial"):
         t = time.perf_counter()
 
@@ -139,22 +151,27 @@ def asimov(sets: int, threads: int) -> None:
             return torch.where(w > 1e-8, (r + m) * torch.log1p(mu / r) - m * mu.log(), pois).sum(1)
 
         y = newton_from_truth(nll, _basis("all", base["d"]))
-        pair = 0.5 * (y[: sets // 2] + y[sets // 2:])
+        pair = 0.5 * (y[: sets // 2] + y[sets // 2 :])
         along = (pair[:, :3] * base["d"][: sets // 2]).sum(1)
         se = 1.0 / math.sqrt(sets // 2)
         r_ = {
             "along_track_cm": {"mean": float(along.mean()) * 100, "err": float(along.std()) * 100 * se},
-            **{k: {"mean": float(pair[:, i].mean()) * c, "err": float(pair[:, i].std()) * c * se}
-               for i, (k, c) in enumerate(zip(names, scale, strict=True))},
+            **{
+                k: {"mean": float(pair[:, i].mean()) * c, "err": float(pair[:, i].std()) * c * se}
+                for i, (k, c) in enumerate(zip(names, scale, strict=True))
+            },
             **_rms_moves(y, base["d"]),
             "seconds": time.perf_counter() - t,
         }
         out["likelihoods"][name] = r_
         a_ = r_["along_track_cm"]
-        print(f"{name:18s} along-track {a_['mean']:+.3f} +- {a_['err']:.3f} cm, "
-              + ", ".join(f"{k} {r_[k]['mean']:+.3f} +- {r_[k]['err']:.3f}" for k in names)
-              + f"; rms transverse {r_['rms_transverse_vertex_cm']:.2f} cm, direction "
-              f"{r_['rms_direction_mrad']:.1f} mrad", flush=True)
+        print(
+            f"{name:18s} along-track {a_['mean']:+.3f} +- {a_['err']:.3f} cm, "
+            + ", ".join(f"{k} {r_[k]['mean']:+.3f} +- {r_[k]['err']:.3f}" for k in names)
+            + f"; rms transverse {r_['rms_transverse_vertex_cm']:.2f} cm, direction "
+            f"{r_['rms_direction_mrad']:.1f} mrad",
+            flush=True,
+        )
     write_json("closure_bias_asimov", out)
 
 
@@ -168,9 +185,11 @@ def first_order(resp, like, obs: dict, base: dict, batch: int) -> dict:
         mu = pred["mu"]
         mv = ob["mu_rel_var"] * mu * mu if "mu_rel_var" in ob else None
         q = like.charge(mu + mu_dark, ob, mv)
-        return {"unhit": torch.where(ob["hit"], 0.0 * q, q).sum(1),
-                "hit_charge": torch.where(ob["hit"], q, 0.0 * q).sum(1),
-                "time": like.time(pred, mu_dark, ob).sum(1)}
+        return {
+            "unhit": torch.where(ob["hit"], 0.0 * q, q).sum(1),
+            "hit_charge": torch.where(ob["hit"], q, 0.0 * q).sum(1),
+            "time": like.time(pred, mu_dark, ob).sum(1),
+        }
 
     grads = {k: [] for k in ("unhit", "hit_charge", "time")}
     hs = []
@@ -190,18 +209,25 @@ def first_order(resp, like, obs: dict, base: dict, batch: int) -> dict:
         g = torch.cat(g)
         total = total + g
         sh = -(hinv @ g.T).T  # per-event first-order shifts (E,7)
-        out[k] = {"along_track_cm": float((sh.mean(0)[:3] * d).sum()) * 100,
-                  "log_e_percent": float(sh.mean(0)[5]) * 100,
-                  "mean_grad_log_e": float(g[:, 5].mean()),
-                  "mean_grad_log_e_err": float(g[:, 5].std()) / n**0.5}
+        out[k] = {
+            "along_track_cm": float((sh.mean(0)[:3] * d).sum()) * 100,
+            "log_e_percent": float(sh.mean(0)[5]) * 100,
+            "mean_grad_log_e": float(g[:, 5].mean()),
+            "mean_grad_log_e_err": float(g[:, 5].std()) / n**0.5,
+        }
     sh = -(hinv @ total.T).T
-    out["total"] = {"along_track_cm": float((sh.mean(0)[:3] * d).sum()) * 100,
-                    "along_track_err_cm": float((sh[:, :3] * d).sum(1).std()) * 100 / n**0.5,
-                    "log_e_percent": float(sh.mean(0)[5]) * 100,
-                    "log_e_err_percent": float(sh[:, 5].std()) * 100 / n**0.5}
+    out["total"] = {
+        "along_track_cm": float((sh.mean(0)[:3] * d).sum()) * 100,
+        "along_track_err_cm": float((sh[:, :3] * d).sum(1).std()) * 100 / n**0.5,
+        "log_e_percent": float(sh.mean(0)[5]) * 100,
+        "log_e_err_percent": float(sh[:, 5].std()) * 100 / n**0.5,
+    }
     for k, r in out.items():
-        print(f"{k:10s} first-order shift: along-track {r['along_track_cm']:+.3f} cm, log E "
-              f"{r['log_e_percent']:+.3f} %", flush=True)
+        print(
+            f"{k:10s} first-order shift: along-track {r['along_track_cm']:+.3f} cm, log E "
+            f"{r['log_e_percent']:+.3f} %",
+            flush=True,
+        )
     return out
 
 
@@ -212,10 +238,17 @@ def main() -> None:
     ap.add_argument("--ms-samples", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--asimov-sets", type=int, default=0,
-                    help="fit S noiseless kink sets at the truth with a count-only likelihood instead (doc)")
-    ap.add_argument("--first-order", action="store_true",
-                    help="the first-order bias at the truth split by likelihood term instead (doc)")
+    ap.add_argument(
+        "--asimov-sets",
+        type=int,
+        default=0,
+        help="fit S noiseless kink sets at the truth with a count-only likelihood instead (doc)",
+    )
+    ap.add_argument(
+        "--first-order",
+        action="store_true",
+        help="the first-order bias at the truth split by likelihood term instead (doc)",
+    )
     args = ap.parse_args()
     if args.asimov_sets:
         asimov(args.asimov_sets, args.threads)
@@ -234,8 +267,12 @@ def main() -> None:
         w = resp.ms_relative_variance(_local_to_params(torch.zeros(n, 7, dtype=torch.float64), base))
         obs["mu_rel_var"] = w
     if args.first_order:
-        out = {"events": n, "seed": args.seed, "ms_samples": args.ms_samples,
-               "terms": first_order(resp, like, obs, base, args.batch_size)}
+        out = {
+            "events": n,
+            "seed": args.seed,
+            "ms_samples": args.ms_samples,
+            "terms": first_order(resp, like, obs, base, args.batch_size),
+        }
         write_json("closure_bias_first_order" + ("_nb" if args.ms_samples else ""), out)
         return
     out = {"events": n, "seed": args.seed, "ms_samples": args.ms_samples, "subsets": {}}
@@ -256,8 +293,11 @@ def main() -> None:
         along = (y[:, :3] * d).sum(1)
 
         def stat(v: torch.Tensor, scale: float) -> dict:
-            return {"mean": float(v.mean()) * scale, "err": float(v.std()) * scale / math.sqrt(n),
-                    "sd": float(v.std()) * scale}
+            return {
+                "mean": float(v.mean()) * scale,
+                "err": float(v.std()) * scale / math.sqrt(n),
+                "sd": float(v.std()) * scale,
+            }
 
         r = {
             "along_track_cm": stat(along, 100.0),
@@ -269,11 +309,13 @@ def main() -> None:
         }
         out["subsets"][subset] = r
         a_ = r["along_track_cm"]
-        print(f"{subset:12s} along-track {a_['mean']:+.3f} +- {a_['err']:.3f} cm, log E "
-              f"{r['log_e_percent']['mean']:+.3f} +- {r['log_e_percent']['err']:.3f} %, t0 "
-              f"{r['t0_ps']['mean']:+.1f} +- {r['t0_ps']['err']:.1f} ps, transverse rms "
-              f"{r['rms_transverse_vertex_cm']:.2f} cm, direction rms {r['rms_direction_mrad']:.2f} mrad",
-              flush=True)
+        print(
+            f"{subset:12s} along-track {a_['mean']:+.3f} +- {a_['err']:.3f} cm, log E "
+            f"{r['log_e_percent']['mean']:+.3f} +- {r['log_e_percent']['err']:.3f} %, t0 "
+            f"{r['t0_ps']['mean']:+.1f} +- {r['t0_ps']['err']:.1f} ps, transverse rms "
+            f"{r['rms_transverse_vertex_cm']:.2f} cm, direction rms {r['rms_direction_mrad']:.2f} mrad",
+            flush=True,
+        )
     write_json("closure_bias_decomposition" + ("_nb" if args.ms_samples else ""), out)
 
 

@@ -53,16 +53,22 @@ def main() -> None:
     like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
-        o = resp.expected({"vertex": torch.tensor([VERTEX], dtype=torch.float64), "direction": d / d.norm(),
-                           "energy": torch.tensor([500.0], dtype=torch.float64),
-                           "t0": torch.zeros(1, dtype=torch.float64)})
+        o = resp.expected(
+            {
+                "vertex": torch.tensor([VERTEX], dtype=torch.float64),
+                "direction": d / d.norm(),
+                "energy": torch.tensor([500.0], dtype=torch.float64),
+                "t0": torch.zeros(1, dtype=torch.float64),
+            }
+        )
         mu, t_mean = o["mu"][0], o["t_mean"][0]
         sig2 = o["t_var"][0] + sim.sensors.tts_ns**2
         x = torch.linspace(-8, 12, 4001, dtype=torch.float64)
         grid = t_mean[:, None] + x[None] * sig2.sqrt()[:, None]
         dark = torch.full_like(grid, float(like.mu_dark))
-        dens = torch.exp(time_log_density(grid, mu[:, None], t_mean[:, None], sig2[:, None], dark,
-                                          cfg.dark_window_ns))
+        dens = torch.exp(
+            time_log_density(grid, mu[:, None], t_mean[:, None], sig2[:, None], dark, cfg.dark_window_ns)
+        )
         t_model = (dens * grid).sum(1) / dens.sum(1)
     t_mc = t_sum / count.clamp_min(1)
     var_mc = (t2_sum / count.clamp_min(1) - t_mc**2).clamp_min(0) / count.clamp_min(1)
@@ -72,14 +78,24 @@ def main() -> None:
         if not bool(m.any()):
             continue
         diff = (t_mc - t_model)[m]
-        rows.append({"mu_band_pe": [lo, hi], "pmts": int(m.sum()), "mean_ps": 1e3 * float(diff.mean()),
-                     "median_ps": 1e3 * float(diff.median()),
-                     "mean_err_ps": 1e3 * math.sqrt(float(var_mc[m].sum())) / int(m.sum())})
+        rows.append(
+            {
+                "mu_band_pe": [lo, hi],
+                "pmts": int(m.sum()),
+                "mean_ps": 1e3 * float(diff.mean()),
+                "median_ps": 1e3 * float(diff.median()),
+                "mean_err_ps": 1e3 * math.sqrt(float(var_mc[m].sum())) / int(m.sum()),
+            }
+        )
         r = rows[-1]
-        print(f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
-              f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f})")
-    write_json("first_hit_timing_noms" if a.no_ms else "first_hit_timing",
-               {"events": a.events, "multiple_scattering": not a.no_ms, "seed": a.seed, "bands": rows})
+        print(
+            f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
+            f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f})"
+        )
+    write_json(
+        "first_hit_timing_noms" if a.no_ms else "first_hit_timing",
+        {"events": a.events, "multiple_scattering": not a.no_ms, "seed": a.seed, "bands": rows},
+    )
 
 
 if __name__ == "__main__":

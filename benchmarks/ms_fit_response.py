@@ -79,13 +79,20 @@ def main() -> None:
     psim.track_steps = keep_steps
     n = a.events
     _, res, resp, like = setup("wcte", VTX, n, a.seed)  # direct light only, as bench_reconstruct
-    fit = reconstruct(res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50,
-                      dtype=torch.float32)
+    fit = reconstruct(
+        res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50, dtype=torch.float32
+    )
     h = res["hits"]
     obs = hits_to_dense(h.pmt, h.charge.double(), h.time.double(), h.event, n, resp.n_pmts)
     e1, e2 = fit["e1"], fit["e2"]
-    base = {"v": fit["vertex"], "d": fit["direction"], "loge": torch.log(fit["energy"]), "t0": fit["t0"],
-            "e1": e1, "e2": e2}
+    base = {
+        "v": fit["vertex"],
+        "d": fit["direction"],
+        "loge": torch.log(fit["energy"]),
+        "t0": fit["t0"],
+        "e1": e1,
+        "e2": e2,
+    }
 
     def nll(y, off):
         return like(resp.expected({**_local_to_params(y, base), "node_offset": off}), obs)
@@ -98,8 +105,15 @@ def main() -> None:
     td = td / td.norm(dim=-1, keepdim=True)
     offs = node_offsets(kept[-1], s, tv, td)
     pred = torch.linalg.solve(hess, torch.einsum("nikc,nkc->ni", mixed, offs)[..., None])[..., 0]
-    act = torch.cat([fit["vertex"] - tv, -(td * e1).sum(-1, keepdim=True), -(td * e2).sum(-1, keepdim=True),
-                     torch.log(fit["energy"] / res["truth"]["energy"].double())[:, None]], 1)
+    act = torch.cat(
+        [
+            fit["vertex"] - tv,
+            -(td * e1).sum(-1, keepdim=True),
+            -(td * e2).sum(-1, keepdim=True),
+            torch.log(fit["energy"] / res["truth"]["energy"].double())[:, None],
+        ],
+        1,
+    )
     ok = fit["ok"] & torch.isfinite(pred).all(-1)
     sig_h = torch.sqrt(torch.diagonal(fit["cov_hessian"], dim1=1, dim2=2))[:, :6]
     sig_r = torch.sqrt(torch.diagonal(fit["cov"], dim1=1, dim2=2))[:, :6]
@@ -107,15 +121,17 @@ def main() -> None:
     for i, name in enumerate(NAMES):
         x, p = act[ok, i], pred[ok, i]
         rows[name] = {
-            "residual_std": float(x.std()), "predicted_std": float(p.std()),
+            "residual_std": float(x.std()),
+            "predicted_std": float(p.std()),
             "corr": float(torch.corrcoef(torch.stack([x, p]))[0, 1]),
             "slope": float((x * p).sum() / (p * p).sum()),
             "pull_std_hessian": float((x / sig_h[ok, i]).std()),
             "pull_std_reported": float((x / sig_r[ok, i]).std()),
             "pull_std_after_subtracting_prediction": float(((x - p) / sig_h[ok, i]).std()),
             # robust width: half the central 68 % interval of the reported pulls (1 for a unit Gaussian)
-            "pull_q68_reported": float(0.5 * (torch.quantile(x / sig_r[ok, i], 0.84)
-                                              - torch.quantile(x / sig_r[ok, i], 0.16))),
+            "pull_q68_reported": float(
+                0.5 * (torch.quantile(x / sig_r[ok, i], 0.84) - torch.quantile(x / sig_r[ok, i], 0.16))
+            ),
             "largest_abs_pull_reported": float((x / sig_r[ok, i]).abs().max()),
         }
         print(name, {k: round(v, 3) for k, v in rows[name].items()})
@@ -123,14 +139,24 @@ def main() -> None:
     acc = torch.cumsum(kinks["var"], 1) - 0.5 * kinks["var"]
     nodes = {}
     for k in (2, 8, 16, 24, s.shape[1] - 1):
-        nodes[str(k)] = {"s_m": float(s[ok, k].mean()), "mc_var_dir_rad2": float(dd[:, ok, k].var(1).mean()),
-                         "kink_sum_rad2": float(acc[ok, k].mean())}
+        nodes[str(k)] = {
+            "s_m": float(s[ok, k].mean()),
+            "mc_var_dir_rad2": float(dd[:, ok, k].var(1).mean()),
+            "kink_sum_rad2": float(acc[ok, k].mean()),
+        }
         print("node", k, nodes[str(k)])
     summary = resolutions(fit, res["truth"])["summary"]
-    write_json("ms_fit_response", {"config": vars(a), "n_ok": int(ok.sum()), "coordinates": rows,
-                                   "direction_variance_by_node": nodes,
-                                   "reported_pull_std": summary["pull_std"],
-                                   "reported_pull_mean": summary["pull_mean"]})
+    write_json(
+        "ms_fit_response",
+        {
+            "config": vars(a),
+            "n_ok": int(ok.sum()),
+            "coordinates": rows,
+            "direction_variance_by_node": nodes,
+            "reported_pull_std": summary["pull_std"],
+            "reported_pull_mean": summary["pull_mean"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ WCTE, direct light only), and compares per event the fitted residual (transverse
 with the straight-line fit of the sampled track predicted by fitting.uncertainty for each weighting.
 Writes benchmarks/results/<name>.json. Usage: python benchmarks/ms_fit_study.py --events N --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     psim.track_steps = rec_steps
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=(0.0, 0.0, -1.2),
-                    direction=(0.2, 0.1, 1.0), optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
+    cfg = SimConfig(
+        detector="wcte",
+        particle="mu-",
+        energy=500.0,
+        vertex=(0.0, 0.0, -1.2),
+        direction=(0.2, 0.1, 1.0),
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
     sim = Simulator(cfg, device=args.device)
     sim.medium.rayleigh_scale.data.fill_(math.inf)
     n = args.events
@@ -52,14 +59,30 @@ def main() -> None:
     assert len(REC) == 1
     steps = REC[0]
     det = sim.detector
-    resp = PhysicsResponse(det, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32,
-                           fold_wavelength=True)
+    resp = PhysicsResponse(
+        det, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
     like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns).to(args.device)
-    fit = reconstruct(res["hits"], n, resp, like, "mu-", device=args.device, n_starts=2, batch_size=64,
-                      max_iter=50, dtype=torch.float32)
+    fit = reconstruct(
+        res["hits"],
+        n,
+        resp,
+        like,
+        "mu-",
+        device=args.device,
+        n_starts=2,
+        batch_size=64,
+        max_iter=50,
+        dtype=torch.float32,
+    )
     tr = {k: res["truth"][k].to(args.device).double() for k in ("vertex", "direction", "energy")}
-    kw = dict(particle="mu-", medium=sim.medium, wall=(det.shape, det.radius, det.height),
-              pmt_radius=float(det.pmt_radius.double().mean()), detection=sim.sensors.quantum_efficiency)
+    kw = dict(
+        particle="mu-",
+        medium=sim.medium,
+        wall=(det.shape, det.radius, det.height),
+        pmt_radius=float(det.pmt_radius.double().mean()),
+        detection=sim.sensors.quantum_efficiency,
+    )
     out = {"events": n, "seed": args.seed}
     td = tr["direction"] / tr["direction"].norm(dim=-1, keepdim=True)
     for wt in ("likelihood", "positional"):
@@ -75,10 +98,20 @@ def main() -> None:
             x, y = p[:, i], o[:, i]
             cc = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
             slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-            stats[nm] = {"std_pred": float(x.std()), "std_obs": float(y.std()), "corr": cc, "slope": slope,
-                         "std_obs_minus_pred": float((y - x).std())}
-        cov8 = track_ms_covariance(fit["vertex"].nan_to_num(), fit["direction"].nan_to_num(1.0),
-                                   fit["energy"].nan_to_num(500.0), weighting=wt, **kw)
+            stats[nm] = {
+                "std_pred": float(x.std()),
+                "std_obs": float(y.std()),
+                "corr": cc,
+                "slope": slope,
+                "std_obs_minus_pred": float((y - x).std()),
+            }
+        cov8 = track_ms_covariance(
+            fit["vertex"].nan_to_num(),
+            fit["direction"].nan_to_num(1.0),
+            fit["energy"].nan_to_num(500.0),
+            weighting=wt,
+            **kw,
+        )
         c8 = cov8[:, [0, 1, 2, 3, 4, 5]][:, :, [0, 1, 2, 3, 4, 5]]
         sd = torch.sqrt(torch.diagonal(c8, dim1=1, dim2=2).clamp_min(0))
         stats["model_sqrt_diag_mean"] = sd.mean(0).tolist()
@@ -118,7 +151,8 @@ def main() -> None:
                 coef = torch.linalg.lstsq(xm, tgt[m][:, None]).solution[:, 0]
                 resid = tgt[m] - xm @ coef
                 reg[f"{tgt_nm}{ax}~{'+'.join(fs)}"] = {
-                    "coef": coef.tolist(), "r2": float(1 - resid.var() / tgt[m].var()),
+                    "coef": coef.tolist(),
+                    "r2": float(1 - resid.var() / tgt[m].var()),
                 }
     out["regressions"] = reg
     fh = dict(fit)

@@ -56,18 +56,31 @@ def kinked_steps(kinks: Tensor, kappa: float, d0: Tensor, u1: Tensor):
         after = (sk >= 0) & (s0 >= sk)
         x0n = torch.where(after, xk + rot(x0 - xk), x0)
         x1n = torch.where(after, xk + rot(x1 - xk), x1)
-        return TrackSteps(x0=x0n.to(st.x0.dtype), x1=x1n.to(st.x1.dtype), beta0=st.beta0, beta1=st.beta1,
-                          t0=st.t0, n_photons=st.n_photons, event=st.event)
+        return TrackSteps(
+            x0=x0n.to(st.x0.dtype),
+            x1=x1n.to(st.x1.dtype),
+            beta0=st.beta0,
+            beta1=st.beta1,
+            t0=st.t0,
+            n_photons=st.n_photons,
+            event=st.event,
+        )
 
     return fn
 
 
 def gls_prediction(sim, d0: Tensor, kappa: float) -> dict[str, list[float]]:
     det = sim.detector
-    f = track_fit_weights(torch.tensor([VTX], dtype=F64), d0[None], torch.tensor([500.0], dtype=F64),
-                          particle="mu-", medium=sim.medium, wall=(det.shape, det.radius, det.height),
-                          pmt_radius=float(det.pmt_radius.double().mean()),
-                          detection=sim.sensors.quantum_efficiency)
+    f = track_fit_weights(
+        torch.tensor([VTX], dtype=F64),
+        d0[None],
+        torch.tensor([500.0], dtype=F64),
+        particle="mu-",
+        medium=sim.medium,
+        wall=(det.shape, det.radius, det.height),
+        pmt_radius=float(det.pmt_radius.double().mean()),
+        detection=sim.sensors.quantum_efficiency,
+    )
     s, w, met = f["s"][0], f["w"][0], f["metric"][0]
     k = s.shape[0]
     jac = torch.zeros(k, 4, 4, dtype=F64)
@@ -99,20 +112,32 @@ def main() -> None:
     u1 = tangent_basis(d0[None])[0][0]
     kinks = torch.tensor([-1.0] * args.per + [s for s in S_K for _ in range(args.per)], dtype=F64)
     psim.track_steps = kinked_steps(kinks, args.kappa, d0, u1)
-    cfg = SimConfig(detector="wcte", particle="mu-", energy=500.0, vertex=VTX, direction=DIR,
-                    optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
+    cfg = SimConfig(
+        detector="wcte",
+        particle="mu-",
+        energy=500.0,
+        vertex=VTX,
+        direction=DIR,
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
     sim = Simulator(cfg)
     sim.medium.rayleigh_scale.data.fill_(math.inf)
     n = kinks.numel()
     res = sim.run(n, seed=args.seed, batch_size=n)
-    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32,
-                           fold_wavelength=True)
+    resp = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
     like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
-    fit = reconstruct(res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50,
-                      dtype=torch.float32)
+    fit = reconstruct(
+        res["hits"], n, resp, like, "mu-", n_starts=2, batch_size=16, max_iter=50, dtype=torch.float32
+    )
     dv = fit["vertex"] - torch.tensor(VTX, dtype=F64)
-    cols = {"a1": (dv * u1).sum(-1), "b1": (fit["direction"] * u1).sum(-1), "dz": (dv * d0).sum(-1),
-            "dlogE": torch.log(fit["energy"] / 500.0)}
+    cols = {
+        "a1": (dv * u1).sum(-1),
+        "b1": (fit["direction"] * u1).sum(-1),
+        "dz": (dv * d0).sum(-1),
+        "dlogE": torch.log(fit["energy"] / 500.0),
+    }
     rows = []
     for s in (-1.0,) + S_K:
         m = (kinks == s) & fit["ok"]
@@ -124,8 +149,9 @@ def main() -> None:
         print(" ".join(f"{k} {v:+.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     pred = gls_prediction(sim, d0, args.kappa)
     print(f"GLS prediction (per kink, s_k = {S_K}): a1 {pred['a1']} b1 {pred['b1']}")
-    write_json("ms_kink_probe", {"kappa_rad": args.kappa, "seed": args.seed, "rows": rows,
-                                 "gls_prediction": pred})
+    write_json(
+        "ms_kink_probe", {"kappa_rad": args.kappa, "seed": args.seed, "rows": rows, "gls_prediction": pred}
+    )
 
 
 if __name__ == "__main__":

@@ -33,22 +33,42 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from physics.io import write_run
     from physics.simulate import SimConfig, Simulator
 
-    cfg = SimConfig(detector=args.detector, medium=args.medium, sensors=args.sensors,
-                    electronics=args.electronics, particle=args.particle, energy=args.energy,
-                    vertex=args.vertex, direction=args.direction, n_photons=args.photons,
-                    waveforms=args.waveforms, keep_photons=args.keep_photons)
+    cfg = SimConfig(
+        detector=args.detector,
+        medium=args.medium,
+        sensors=args.sensors,
+        electronics=args.electronics,
+        particle=args.particle,
+        energy=args.energy,
+        vertex=args.vertex,
+        direction=args.direction,
+        n_photons=args.photons,
+        waveforms=args.waveforms,
+        keep_photons=args.keep_photons,
+    )
     sim = Simulator(cfg, device=args.device)
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
     dt = time.perf_counter() - t0
-    write_run(args.output, config=sim.config_dict(), seed=args.seed, truth=res["truth"], hits=res["hits"],
-              n_events=args.events, photons=res.get("photons"), waveforms=res.get("waveforms"),
-              detector=sim.detector, overwrite=args.overwrite)
+    write_run(
+        args.output,
+        config=sim.config_dict(),
+        seed=args.seed,
+        truth=res["truth"],
+        hits=res["hits"],
+        n_events=args.events,
+        photons=res.get("photons"),
+        waveforms=res.get("waveforms"),
+        detector=sim.detector,
+        overwrite=args.overwrite,
+    )
     n_hits = len(res["hits"])
     what = f"{args.photons:g} photons" if args.particle in ("isotropic", "laser") else f"{args.energy:g} MeV"
-    print(f"simulated {args.events} {args.particle} events ({what}) in {sim.detector.name}: "
-          f"{n_hits / args.events:.1f} hit PMTs/event, {float(res['hits'].charge.sum()) / args.events:.1f} "
-          f"p.e./event, {dt:.2f} s → {args.output}")
+    print(
+        f"simulated {args.events} {args.particle} events ({what}) in {sim.detector.name}: "
+        f"{n_hits / args.events:.1f} hit PMTs/event, {float(res['hits'].charge.sum()) / args.events:.1f} "
+        f"p.e./event, {dt:.2f} s → {args.output}"
+    )
     return 0
 
 

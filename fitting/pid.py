@@ -235,8 +235,14 @@ def contained_sample(particle: str, n: int, seed: int, energy: float = 500.0) ->
     ph = torch.rand(n, generator=g) * 2 * math.pi
     sth = (1 - cth**2).sqrt()
     d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
-    cfg = SimConfig(detector="wcte", particle=particle, energy=energy, vertex=(0.0, 0.0, 0.0),
-                    direction=(0.0, 0.0, 1.0), optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0})
+    cfg = SimConfig(
+        detector="wcte",
+        particle=particle,
+        energy=energy,
+        vertex=(0.0, 0.0, 0.0),
+        direction=(0.0, 0.0, 1.0),
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
     sim = Simulator(cfg)
     sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
     return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
@@ -249,10 +255,18 @@ def sample_models(sim: Any, track_nodes: int = 32, depth_nodes: int = 24) -> tup
     from .response import PhysicsResponse
 
     resp = {
-        "e-": PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics,
-                              n_depth_nodes=depth_nodes),
-        "mu-": PhysicsResponse(sim.detector, sim.medium, sim.sensors, "mu-", sim.optics,
-                               n_track_nodes=track_nodes, fold_wavelength=True),
+        "e-": PhysicsResponse(
+            sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=depth_nodes
+        ),
+        "mu-": PhysicsResponse(
+            sim.detector,
+            sim.medium,
+            sim.sensors,
+            "mu-",
+            sim.optics,
+            n_track_nodes=track_nodes,
+            fold_wavelength=True,
+        ),
     }
     return resp, HitLikelihood(**resp["mu-"].likelihood_config(), window=sim.cfg.dark_window_ns)
 

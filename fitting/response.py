@@ -36,7 +36,6 @@ from .uncertainty import highland_kink_variance, track_ms_covariance
 __all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
 
 
-
 def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> int:
     """Validate an event-parameter dict; returns E. Raises ConfigError naming the key, shape or bad value.
 
@@ -146,8 +145,8 @@ class PhysicsResponse(ResponseModel):
       :meth:`ms_kinks` and :meth:`ms_relative_variance`;
       ms_samples: sampled kink sets per event of :meth:`ms_relative_variance` (0, the default: not modelled,
       the likelihood stays Poisson; 16 closes the closure's log E pulls, as 32 does, at 0.9-1.45x the fit
-      time in WCTE and SK, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random numbers (a fixed
-      seed, so the variance is a deterministic function of the event parameters);
+      time in WCTE and SK, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random
+      numbers (a fixed seed, so the variance is a deterministic function of the event parameters);
       indirect: None (direct light only) or a mapping with optional keys n_trace (traced photons per event,
       default 2000), seed (default 0), max_rounds (default 4): then ``expected`` also returns
       ``mu_indirect`` (E,P), the scattered and reflected light of :func:`physics.indirect.indirect_light`
@@ -223,16 +222,19 @@ class PhysicsResponse(ResponseModel):
         if indirect is not None:
             unknown = set(indirect) - {"n_trace", "seed", "max_rounds"}
             if unknown:
-                raise ConfigError(f"indirect: unknown keys {sorted(unknown)}, allowed: n_trace, seed, "
-                                  "max_rounds")
+                raise ConfigError(
+                    f"indirect: unknown keys {sorted(unknown)}, allowed: n_trace, seed, max_rounds"
+                )
             if optics is None:
                 raise ConfigError("indirect: needs optics (wall and PMT reflectivities), got optics=None")
             self.indirect = {
-                "n_trace": check_number(indirect.get("n_trace", 2000), "indirect.n_trace", minimum=1,
-                                        integer=True),
+                "n_trace": check_number(
+                    indirect.get("n_trace", 2000), "indirect.n_trace", minimum=1, integer=True
+                ),
                 "seed": check_number(indirect.get("seed", 0), "indirect.seed", minimum=0, integer=True),
-                "max_rounds": check_number(indirect.get("max_rounds", 4), "indirect.max_rounds", minimum=1,
-                                           integer=True),
+                "max_rounds": check_number(
+                    indirect.get("max_rounds", 4), "indirect.max_rounds", minimum=1, integer=True
+                ),
             }
         self._frozen: dict[str, Any] | None = None
 
@@ -369,9 +371,15 @@ class PhysicsResponse(ResponseModel):
         with torch.no_grad():
             key = event_params["n_photons"] if self.particle == "isotropic" else event_params["energy"]
             gen = torch.Generator().manual_seed(self.indirect["seed"])
-            ph, w, pol = pind.canonical_photons(self.particle, key.detach().double().cpu(), self.medium,
-                                                self.indirect["n_trace"], gen,
-                                                source_wavelength=self.source_wavelength, dtype=v.dtype)
+            ph, w, pol = pind.canonical_photons(
+                self.particle,
+                key.detach().double().cpu(),
+                self.medium,
+                self.indirect["n_trace"],
+                gen,
+                source_wavelength=self.source_wavelength,
+                dtype=v.dtype,
+            )
             if self.particle == "isotropic":
                 w = w / self.indirect["n_trace"]  # times n_photons (differentiable) in _indirect
                 d0 = torch.tensor([[0.0, 0.0, 1.0]], dtype=v.dtype, device=v.device).expand(n_ev, 3)
@@ -381,8 +389,14 @@ class PhysicsResponse(ResponseModel):
                 y0 = self._yield({k: x.detach() for k, x in event_params.items()}).to(v.dtype)
             ref = orthonormal_basis(d0 / d0.norm(dim=-1, keepdim=True))[0]  # any vector perpendicular to d0
         dev = v.device
-        return {"n": n_ev, "photons": ph.to(dev), "w": w.to(dev), "pol": None if pol is None else pol.to(dev),
-                "ref": ref, "y0": y0}
+        return {
+            "n": n_ev,
+            "photons": ph.to(dev),
+            "w": w.to(dev),
+            "pol": None if pol is None else pol.to(dev),
+            "ref": ref,
+            "y0": y0,
+        }
 
     def freeze_indirect(self, event_params: dict[str, Tensor]) -> None:
         """Fix the traced photons of the indirect light at these parameters (for the duration of a fit)."""
@@ -407,9 +421,18 @@ class PhysicsResponse(ResponseModel):
             scale = self._yield(event_params).to(v.dtype) / st["y0"]
         ph, pol = pind.place_photons(st["photons"], st["pol"], v, d, st["ref"], t0)
         gen = torch.Generator(device=v.device).manual_seed(self.indirect["seed"] + 1)
-        return pind.indirect_light(ph, self.detector, self.medium, self.optics, self.sensors, v.shape[0], gen,
-                                   weight=st["w"] * scale[ph.event], polarization=pol,
-                                   max_rounds=self.indirect["max_rounds"])["mu"]
+        return pind.indirect_light(
+            ph,
+            self.detector,
+            self.medium,
+            self.optics,
+            self.sensors,
+            v.shape[0],
+            gen,
+            weight=st["w"] * scale[ph.event],
+            polarization=pol,
+            max_rounds=self.indirect["max_rounds"],
+        )["mu"]
 
     def _track(
         self,

@@ -38,8 +38,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def check_keys(cfg: Mapping[str, Any], *, required: Iterable[str], optional: Iterable[str] = (),
-               where: str = "config") -> None:
+def check_keys(
+    cfg: Mapping[str, Any], *, required: Iterable[str], optional: Iterable[str] = (), where: str = "config"
+) -> None:
     """Reject unknown keys and report missing ones."""
     required, optional = set(required), set(optional)
     if not isinstance(cfg, Mapping):
@@ -52,8 +53,16 @@ def check_keys(cfg: Mapping[str, Any], *, required: Iterable[str], optional: Ite
         raise ConfigError(f"{where}: missing required key(s) {missing}")
 
 
-def check_number(value: Any, field: str, *, minimum: float | None = None, maximum: float | None = None,
-                 strict_min: bool = False, strict_max: bool = False, integer: bool = False) -> float:
+def check_number(
+    value: Any,
+    field: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    strict_min: bool = False,
+    strict_max: bool = False,
+    integer: bool = False,
+) -> float:
     """Validate a real (or integer) number within bounds; returns it as float (or int)."""
     ok_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):

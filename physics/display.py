@@ -63,8 +63,9 @@ def summary(run: Any) -> str:
     return "\n".join(lines)
 
 
-def unrolled_coordinates(pos: np.ndarray, normal: np.ndarray | None, radius: float,
-                         height: float) -> np.ndarray:
+def unrolled_coordinates(
+    pos: np.ndarray, normal: np.ndarray | None, radius: float, height: float
+) -> np.ndarray:
     """(P,3) PMT positions [m] of a cylinder -> (P,2) display coordinates [m] of the unrolled view.
 
     Barrel (|n_z| < 0.5, or |z| < H/2 - 1e-6 without normals): (R*phi, z). Top cap (z > 0): (x, H/2 + R + y);
@@ -125,10 +126,12 @@ def event_display(run: Any, event: int, path: str | os.PathLike, detector: Any =
         xy = unrolled_coordinates(pos, nrm, radius, height)
         ms = max(1.0, 3000.0 / max(pos.shape[0], 1))
         for k, (vals, label, cmap, norm) in enumerate(
-                ((qpos, "charge [p.e.]", "viridis", qnorm), (t, "first-hit time [ns]", "plasma", None))):
+            ((qpos, "charge [p.e.]", "viridis", qnorm), (t, "first-hit time [ns]", "plasma", None))
+        ):
             ax = fig.add_subplot(1, 2, k + 1)
-            ax.add_patch(Rectangle((-np.pi * radius, -height / 2), 2 * np.pi * radius, height,
-                                   fill=False, lw=0.8))
+            ax.add_patch(
+                Rectangle((-np.pi * radius, -height / 2), 2 * np.pi * radius, height, fill=False, lw=0.8)
+            )
             ax.add_patch(Circle((0, height / 2 + radius), radius, fill=False, lw=0.8))
             ax.add_patch(Circle((0, -height / 2 - radius), radius, fill=False, lw=0.8))
             ax.scatter(xy[:, 0], xy[:, 1], s=ms * 0.3, c="0.85", linewidths=0)
@@ -147,7 +150,8 @@ def event_display(run: Any, event: int, path: str | os.PathLike, detector: Any =
         lat = np.arcsin(np.clip(pos[:, 2] / r, -1, 1))
         ms = max(1.0, 6000.0 / max(pos.shape[0], 1))
         for k, (vals, label, cmap, norm) in enumerate(
-                ((qpos, "charge [p.e.]", "viridis", qnorm), (t, "first-hit time [ns]", "plasma", None))):
+            ((qpos, "charge [p.e.]", "viridis", qnorm), (t, "first-hit time [ns]", "plasma", None))
+        ):
             ax = fig.add_subplot(1, 2, k + 1, projection="mollweide")
             ax.scatter(lon, lat, s=ms * 0.3, c="0.85", linewidths=0)
             if pmt.size:

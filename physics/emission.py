@@ -360,13 +360,19 @@ def _sample_cherenkov_wavelength_n(
 # ----------------------------------------------------------------------------------------------------------
 # charged tracks
 # ----------------------------------------------------------------------------------------------------------
-def _range_table(particle: str, medium: Medium, t_max: float, device: torch.device,
-                 n_grid: int = 4097) -> tuple[Tensor, Tensor]:
+def _range_table(
+    particle: str, medium: Medium, t_max: float, device: torch.device, n_grid: int = 4097
+) -> tuple[Tensor, Tensor]:
     """Kinetic-energy grid T (G,) [MeV], log-spaced from 0.1 MeV to ``t_max``, and the CSDA range R(T) (G,)
     [m] = int_{0.1 MeV}^{T} dT'/S(T') (cumulative trapezoid in ln T; relative error ~1e-5)."""
     mass = PARTICLE_MASS[particle]
-    lt = torch.linspace(math.log(_RANGE_FLOOR_MEV), math.log(max(t_max, 2 * _RANGE_FLOOR_MEV)), n_grid,
-                        dtype=torch.float64, device=device)
+    lt = torch.linspace(
+        math.log(_RANGE_FLOOR_MEV),
+        math.log(max(t_max, 2 * _RANGE_FLOOR_MEV)),
+        n_grid,
+        dtype=torch.float64,
+        device=device,
+    )
     t = torch.exp(lt)
     f = t / bethe_dedx(t, mass, medium, spin_half=particle.startswith("mu"))
     dr = 0.5 * (f[1:] + f[:-1]) * (lt[1:] - lt[:-1])
@@ -497,8 +503,17 @@ def track_steps(
     s_star = s_u.gather(1, first[:, None])  # (E, 1) start of the beta-limited region
     beta_star = beta_u.gather(1, first[:, None])
     b_stop = kin_to_beta(torch.tensor(t_stop, dtype=torch.float64, device=dev))
-    n_geo = int(math.ceil(math.log(float(b_stop) / float(beta_star.max().clamp_min(b_stop + 1e-12)))
-                          / math.log(1.0 - max_beta_change))) + 1 if bool(bind.any()) else 0
+    n_geo = (
+        int(
+            math.ceil(
+                math.log(float(b_stop) / float(beta_star.max().clamp_min(b_stop + 1e-12)))
+                / math.log(1.0 - max_beta_change)
+            )
+        )
+        + 1
+        if bool(bind.any())
+        else 0
+    )
     n_geo = max(n_geo, 0)
     j = torch.arange(1, n_geo + 1, device=dev, dtype=torch.float64)[None, :]
     beta_geo = (beta_star * (1.0 - max_beta_change) ** j).clamp_min(float(b_stop))
@@ -556,8 +571,15 @@ def track_steps(
 
 def _empty_steps(device: torch.device, dtype: torch.dtype) -> TrackSteps:
     z = torch.zeros(0, dtype=dtype, device=device)
-    return TrackSteps(x0=z.reshape(0, 3), x1=z.reshape(0, 3), beta0=z, beta1=z, t0=z, n_photons=z,
-                      event=torch.zeros(0, dtype=torch.long, device=device))
+    return TrackSteps(
+        x0=z.reshape(0, 3),
+        x1=z.reshape(0, 3),
+        beta0=z,
+        beta1=z,
+        t0=z,
+        n_photons=z,
+        event=torch.zeros(0, dtype=torch.long, device=device),
+    )
 
 
 def cherenkov_polarization(direction: Tensor, axis: Tensor) -> Tensor:
@@ -628,8 +650,12 @@ def iter_cherenkov_photons(
         axes = segs / lens.unsqueeze(1)
         e1s, e2s = _orthonormal_basis(axes)
         geo = torch.repeat_interleave(torch.cat([x0s, segs, axes, e1s, e2s], 1).to(cd), cnt, dim=0)
-        cols = [steps.beta0[a:b].to(torch.float64), steps.beta1[a:b].to(torch.float64),
-                steps.t0[a:b].to(torch.float64), lens]
+        cols = [
+            steps.beta0[a:b].to(torch.float64),
+            steps.beta1[a:b].to(torch.float64),
+            steps.t0[a:b].to(torch.float64),
+            lens,
+        ]
         sc = torch.repeat_interleave(torch.stack(cols, 1), cnt, dim=0)  # (ns, 4)
         x0, seg, axis, e1, e2 = geo[:, 0:3], geo[:, 3:6], geo[:, 6:9], geo[:, 9:12], geo[:, 12:15]
         b0, b1, t0, seg_len = sc[:, 0], sc[:, 1], sc[:, 2], sc[:, 3]
@@ -678,8 +704,9 @@ def cherenkov_photons(
     """All Cherenkov photons of ``steps`` (see :func:`iter_cherenkov_photons`), as one Photons record (and,
     ``with_polarization``, their (N,3) polarisation)."""
     parts = list(
-        iter_cherenkov_photons(steps, medium, generator, thin, chunk_photons=chunk_photons, dtype=dtype,
-                               with_polarization=True)
+        iter_cherenkov_photons(
+            steps, medium, generator, thin, chunk_photons=chunk_photons, dtype=dtype, with_polarization=True
+        )
     )
     dev = steps.x0.device
     photons = Photons.cat([p for p, _ in parts]) if parts else _empty_photons(dev, dtype)

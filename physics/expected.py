@@ -182,7 +182,13 @@ def muon_track_nodes(
     short = theta2 * ds
     s = path - (torch.cumsum(short, 1) - 0.5 * short)
     return {
-        "s": s, "path": path, "ds": ds, "kin": kin, "beta": beta, "t": t, "theta2": theta2,
+        "s": s,
+        "path": path,
+        "ds": ds,
+        "kin": kin,
+        "beta": beta,
+        "t": t,
+        "theta2": theta2,
         "theta2_cell": dth * log_term * log_term,
     }
 
@@ -528,8 +534,21 @@ def direct_light_folded(
         ev_eval["var_th"] = var_th + 0.25 * nodes["theta2_cell"]
     if prune_mu is None:
         return _folded_pairs(
-            q, q2, nrm[None], direction, ev_eval, a, det, table, h, ng_ref, t0, time_offset, acceptance,
-            min_sigma, off,
+            q,
+            q2,
+            nrm[None],
+            direction,
+            ev_eval,
+            a,
+            det,
+            table,
+            h,
+            ng_ref,
+            t0,
+            time_offset,
+            acceptance,
+            min_sigma,
+            off,
         )
     g = int(prune_group)
     if g < 1 or q.shape[0] % g:
@@ -627,9 +646,7 @@ def _ring_geometry(
     return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, r
 
 
-def _node_light(
-    q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None
-) -> tuple[Tensor, ...]:
+def _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None) -> tuple[Tensor, ...]:
     """Per-node folded direct light before attenuation w (R,C,K) [p.e.] (the ring kernel times solid angle,
     acceptance, emission and detection; shapes and ev as in ``_folded_pairs``) and the geometry the time
     moments use: dist, cos_inc, sin alpha, ring offset alpha - theta_c, ring variance (chromatic term

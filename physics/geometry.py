@@ -87,8 +87,12 @@ def maybe_compiled(fn: Any, name: str) -> Any:
 
 
 _BITS = {
-    torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-    torch.bfloat16: torch.int16, torch.int32: torch.int32, torch.int64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.int32: torch.int32,
+    torch.int64: torch.int64,
 }
 
 
@@ -115,7 +119,10 @@ def select(cond: Tensor, a: Tensor | float, b: Tensor | float) -> Tensor:
         b = torch.full_like(a, b)
     it = _BITS.get(a.dtype)
     if (
-        it is None or a.dtype != b.dtype or a.shape != b.shape or cond.dtype != torch.bool
+        it is None
+        or a.dtype != b.dtype
+        or a.shape != b.shape
+        or cond.dtype != torch.bool
         or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
     ):
         return torch.where(cond, a, b)
@@ -871,8 +878,17 @@ class Detector:
 
     @staticmethod
     def _grid_hits(
-        p: Tensor, d: Tensor, lim: Tensor, fields: Tensor, slots: Tensor, cell: Tensor, k0: int, k1: int,
-        best: Tensor, best_dn: Tensor, best_j: Tensor,
+        p: Tensor,
+        d: Tensor,
+        lim: Tensor,
+        fields: Tensor,
+        slots: Tensor,
+        cell: Tensor,
+        k0: int,
+        k1: int,
+        best: Tensor,
+        best_dn: Tensor,
+        best_j: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Nearest front-face disk hit among candidate slots k0 <= k < k1 of each ray's cell, structure of
         arrays (no autograd), updating the running minimum (best, best_dn, best_j).
@@ -978,8 +994,15 @@ class Detector:
         return t64, surf, start_in, fast, cell
 
     def _first_pmt(
-        self, pt: Tensor, dtr: Tensor, limit: Tensor, start_in: Tensor, fast: Tensor, cell_h: Tensor,
-        chunk: int = 1 << 17, short: Tensor | None = None,
+        self,
+        pt: Tensor,
+        dtr: Tensor,
+        limit: Tensor,
+        start_in: Tensor,
+        fast: Tensor,
+        cell_h: Tensor,
+        chunk: int = 1 << 17,
+        short: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """First PMT disk hit (index (N,) long, n_pmts = none; distance t (N,) [m], inf = none; d.n (N,)),
         exact, grid accelerated (no autograd), for rays given as components pt, dtr (3, N).
@@ -1066,8 +1089,9 @@ class Detector:
                 t64, surf, start_in, fast, cell = self._grid_prep(pc, dc)
                 t_wall = t64.to(pos.dtype)
                 wd = t_wall if wdd is None else torch.minimum(wdd[sl], t_wall + self.tol)
-                res = self._first_pmt(pc, dc, wd + self.tol, start_in, fast, cell, chunk=chunk,
-                                      short=t64 <= self.pad)
+                res = self._first_pmt(
+                    pc, dc, wd + self.tol, start_in, fast, cell, chunk=chunk, short=t64 <= self.pad
+                )
                 parts.append(res + ((t_wall, surf) if keep_wall else ()))
                 n_slow += self.last_fallback_fraction * pc.shape[1]
             self.last_fallback_fraction = n_slow / max(n_all, 1)

@@ -75,9 +75,22 @@ def _inv_len(length: Tensor) -> Tensor:
     return torch.where(finite, 1.0 / safe, torch.zeros_like(length))
 
 
-def _score_chunk(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor, wl: Tensor, ev: Tensor,
-                 aux: tuple[Tensor, ...], kind: str, g: float, n_events: int, det: Any, sensors: Any,
-                 one_minus_rp: Tensor) -> tuple[Tensor, Tensor]:
+def _score_chunk(
+    x: Tensor,
+    w: Tensor,
+    t: Tensor,
+    inv_v: Tensor,
+    mu_tot: Tensor,
+    wl: Tensor,
+    ev: Tensor,
+    aux: tuple[Tensor, ...],
+    kind: str,
+    g: float,
+    n_events: int,
+    det: Any,
+    sensors: Any,
+    one_minus_rp: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Next-event scores of points x (m,3) (weights w (m,)) at every PMT, summed per event: (E, P) p.e. and
     (E, P) p.e. x arrival time. kind 'scatter': aux = (pol, dir, frac_ray, frac_mie) (each (m,3) or (m,));
     kind 'lambert': aux = (normal,) -- the inward wall normal at x (the factor R_w f_d is in w)."""
@@ -107,9 +120,23 @@ def _score_chunk(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor,
     return zero.index_add(0, ev, sc), zero.index_add(0, ev, sc * (t[:, None] + d * inv_v[:, None]))
 
 
-def _score_points(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor, wl: Tensor, ev: Tensor,
-                  kind: str, aux: tuple[Tensor, ...], g: float, n_events: int, det: Any, sensors: Any,
-                  one_minus_rp: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def _score_points(
+    x: Tensor,
+    w: Tensor,
+    t: Tensor,
+    inv_v: Tensor,
+    mu_tot: Tensor,
+    wl: Tensor,
+    ev: Tensor,
+    kind: str,
+    aux: tuple[Tensor, ...],
+    g: float,
+    n_events: int,
+    det: Any,
+    sensors: Any,
+    one_minus_rp: Tensor,
+    chunk: int,
+) -> tuple[Tensor, Tensor]:
     """:func:`_score_chunk` over chunks of ``chunk`` points, summed: (E, P), (E, P). Under autograd each chunk
     is checkpointed (recomputed in the backward pass), so memory stays O(chunk x P) instead of O(M x P)."""
     from torch.utils.checkpoint import checkpoint
@@ -117,8 +144,22 @@ def _score_points(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor
     mu = wt = None
     for a in range(0, x.shape[0], chunk):
         sl = slice(a, a + chunk)
-        args = (x[sl], w[sl], t[sl], inv_v[sl], mu_tot[sl], wl[sl], ev[sl], tuple(z[sl] for z in aux), kind,
-                g, n_events, det, sensors, one_minus_rp)
+        args = (
+            x[sl],
+            w[sl],
+            t[sl],
+            inv_v[sl],
+            mu_tot[sl],
+            wl[sl],
+            ev[sl],
+            tuple(z[sl] for z in aux),
+            kind,
+            g,
+            n_events,
+            det,
+            sensors,
+            one_minus_rp,
+        )
         if torch.is_grad_enabled():
             m, s = checkpoint(_score_chunk, *args, use_reentrant=False)
         else:
@@ -127,10 +168,21 @@ def _score_points(x: Tensor, w: Tensor, t: Tensor, inv_v: Tensor, mu_tot: Tensor
     return mu, wt
 
 
-def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, sensors: Any, n_events: int,
-                   generator: torch.Generator, *, weight: Tensor | float = 1.0,
-                   polarization: Tensor | None = None, max_rounds: int = 6, min_weight: float = 1e-4,
-                   chunk: int = 1024) -> dict[str, Tensor]:
+def indirect_light(
+    photons: Photons,
+    detector: Any,
+    medium: Any,
+    optics: Any,
+    sensors: Any,
+    n_events: int,
+    generator: torch.Generator,
+    *,
+    weight: Tensor | float = 1.0,
+    polarization: Tensor | None = None,
+    max_rounds: int = 6,
+    min_weight: float = 1e-4,
+    chunk: int = 1024,
+) -> dict[str, Tensor]:
     """Expected indirect p.e. per event and PMT from traced ``photons`` (see the module docstring).
 
     photons: Photons (M rows: pos (M,3) m, dir (M,3), t (M,) ns, wavelength (M,) nm, event (M,) long in
@@ -151,8 +203,9 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
     pos, dirn, t, wl, ev = photons.pos, photons.dir, photons.t, photons.wavelength, photons.event
     dtype, dev = pos.dtype, pos.device
     if m0 and (int(ev.min()) < 0 or int(ev.max()) >= n_events):
-        raise ConfigError(f"photons.event: values in [{int(ev.min())}, {int(ev.max())}], "
-                          f"allowed: [0, n_events={n_events})")
+        raise ConfigError(
+            f"photons.event: values in [{int(ev.min())}, {int(ev.max())}], allowed: [0, n_events={n_events})"
+        )
     w = torch.as_tensor(weight, dtype=dtype, device=dev)
     w = w.expand(m0) if w.dim() == 0 else w
     if w.shape != (m0,):
@@ -176,11 +229,14 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         pol = random_perpendicular(dirn, torch.rand(m0, generator=generator, device=dev, dtype=dtype))
     else:
         if polarization.shape != dirn.shape:
-            raise ConfigError(f"polarization: got shape {tuple(polarization.shape)}, allowed: "
-                              f"{tuple(dirn.shape)} or None")
-        pol = project_polarization(polarization.to(dtype), dirn,
-                                   lambda: random_perpendicular(dirn, torch.rand(
-                                       m0, generator=generator, device=dev, dtype=dtype)))
+            raise ConfigError(
+                f"polarization: got shape {tuple(polarization.shape)}, allowed: {tuple(dirn.shape)} or None"
+            )
+        pol = project_polarization(
+            polarization.to(dtype),
+            dirn,
+            lambda: random_perpendicular(dirn, torch.rand(m0, generator=generator, device=dev, dtype=dtype)),
+        )
     spec = torch.zeros(m0, dtype=torch.bool, device=dev)  # last vertex specular (score PMT hits directly)
     idx = torch.arange(m0, device=dev)  # row into the per-photon constants
     w_floor = min_weight * w.detach()
@@ -217,9 +273,23 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         f_mie = torch.where(has_s, mm / ms_safe, torch.zeros_like(ms))
         sc = torch.nonzero(has_s).squeeze(1)
         if sc.numel():
-            sm, swt = _score_points(x_s[sc], w_s[sc], t_s[sc], iv[sc], mt[sc], lam[sc], e_[sc], "scatter",
-                                    (pol[sc], dirn[sc], f_ray[sc], f_mie[sc]), g, n_events, detector, sensors,
-                                    one_minus_rp, chunk)
+            sm, swt = _score_points(
+                x_s[sc],
+                w_s[sc],
+                t_s[sc],
+                iv[sc],
+                mt[sc],
+                lam[sc],
+                e_[sc],
+                "scatter",
+                (pol[sc], dirn[sc], f_ray[sc], f_mie[sc]),
+                g,
+                n_events,
+                detector,
+                sensors,
+                one_minus_rp,
+                chunk,
+            )
             mu, wt = mu + sm, wt + swt
         # the uncollided ray at its boundary
         w_b = w * torch.exp(-mt * big_d)
@@ -228,10 +298,23 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         at_wall = ~on_pmt
         wl_idx = torch.nonzero(at_wall).squeeze(1)
         if wl_idx.numel():
-            sm, swt = _score_points(x_b[wl_idx], (w_b * r_w * f_d)[wl_idx], t_b[wl_idx], iv[wl_idx],
-                                    mt[wl_idx], lam[wl_idx], e_[wl_idx], "lambert",
-                                    (n_wall.to(dtype)[wl_idx],), g, n_events, detector, sensors,
-                                    one_minus_rp, chunk)
+            sm, swt = _score_points(
+                x_b[wl_idx],
+                (w_b * r_w * f_d)[wl_idx],
+                t_b[wl_idx],
+                iv[wl_idx],
+                mt[wl_idx],
+                lam[wl_idx],
+                e_[wl_idx],
+                "lambert",
+                (n_wall.to(dtype)[wl_idx],),
+                g,
+                n_events,
+                detector,
+                sensors,
+                one_minus_rp,
+                chunk,
+            )
             mu, wt = mu + sm, wt + swt
         hit = torch.nonzero(on_pmt & spec).squeeze(1)  # emission rays start with spec False (direct)
         if hit.numel():
@@ -252,9 +335,9 @@ def indirect_light(photons: Photons, detector: Any, medium: Any, optics: Any, se
         is_mie = go_s & (u[:, 4] < f_mie)
         new_dir = rotate_direction(pol, dipole_cos_psi(u[:, 2]), phi)
         if bool(is_mie.any()):
-            new_dir = torch.where(is_mie[:, None],
-                                  rotate_direction(dirn, henyey_greenstein_cos_theta(u[:, 2], g), phi),
-                                  new_dir)
+            new_dir = torch.where(
+                is_mie[:, None], rotate_direction(dirn, henyey_greenstein_cos_theta(u[:, 2], g), phi), new_dir
+            )
         nrm = torch.where(on_pmt[:, None], n_p_hit, n_wall.to(dtype))  # inward normal at the surface
         diffuse = ~go_s & ~on_pmt & (u[:, 4] < f_d)
         mirrored = specular_reflect(dirn, nrm)
@@ -293,14 +376,22 @@ def track_photon_yield(particle: str, energy: Tensor, medium: Any, n_nodes: int 
     t = t_th + span[..., None] * x  # (E, n)
     gamma = 1.0 + t / mass
     beta = torch.sqrt((1.0 - 1.0 / (gamma * gamma)).clamp_min(0.0))
-    rate = emission.frank_tamm_yield(beta, medium) / emission.bethe_dedx(t, mass, medium,
-                                                                        spin_half=particle.startswith("mu"))
+    rate = emission.frank_tamm_yield(beta, medium) / emission.bethe_dedx(
+        t, mass, medium, spin_half=particle.startswith("mu")
+    )
     return span * (rate * w).sum(-1)
 
 
-def canonical_photons(particle: str, energy: Tensor, medium: Any, n_trace: int, generator: torch.Generator,
-                      *, source_wavelength: float | None = None, dtype: torch.dtype = torch.float64
-                      ) -> tuple[Photons, Tensor, Tensor | None]:
+def canonical_photons(
+    particle: str,
+    energy: Tensor,
+    medium: Any,
+    n_trace: int,
+    generator: torch.Generator,
+    *,
+    source_wavelength: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Photons, Tensor, Tensor | None]:
     """Photons of E events in the event frame (vertex at the origin, direction +z, t0 = 0), about ``n_trace``
     per event, from the simulator's own emission (physics.emission, with ``generator``): tracks
     (track_steps + cherenkov_photons, multiple scattering included), showers (shower_photons) or the
@@ -330,18 +421,31 @@ def canonical_photons(particle: str, energy: Tensor, medium: Any, n_trace: int, 
         pilot = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=1e-3)
         per_ev = torch.bincount(pilot.event, minlength=n_ev).double() / 1e-3
         thin = float((n_trace / per_ev.clamp_min(1.0)).clamp(max=1.0).min())
-        ph, pol = emission.shower_photons(particle, e, zeros, ez, medium, generator, thin=thin,
-                                          with_polarization=True)
+        ph, pol = emission.shower_photons(
+            particle, e, zeros, ez, medium, generator, thin=thin, with_polarization=True
+        )
     else:
-        raise ConfigError(f"particle: got {particle!r}, allowed: {TRACK_PARTICLES + SHOWER_PARTICLES} or "
-                          "'isotropic'")
-    ph = Photons(pos=ph.pos.to(dtype), dir=ph.dir.to(dtype), t=ph.t.to(dtype),
-                 wavelength=ph.wavelength.to(dtype), event=ph.event)
+        raise ConfigError(
+            f"particle: got {particle!r}, allowed: {TRACK_PARTICLES + SHOWER_PARTICLES} or 'isotropic'"
+        )
+    ph = Photons(
+        pos=ph.pos.to(dtype),
+        dir=ph.dir.to(dtype),
+        t=ph.t.to(dtype),
+        wavelength=ph.wavelength.to(dtype),
+        event=ph.event,
+    )
     return ph, torch.full((len(ph),), 1.0 / thin, dtype=dtype), pol.to(dtype)
 
 
-def place_photons(photons: Photons, polarization: Tensor | None, vertex: Tensor, direction: Tensor,
-                  reference: Tensor, t0: Tensor | None = None) -> tuple[Photons, Tensor | None]:
+def place_photons(
+    photons: Photons,
+    polarization: Tensor | None,
+    vertex: Tensor,
+    direction: Tensor,
+    reference: Tensor,
+    t0: Tensor | None = None,
+) -> tuple[Photons, Tensor | None]:
     """Rigid motion of event-frame photons to the event: x = v + R k_local, R = [e1 e2 d] with
     e1 = normalise(r - (r.d) d), e2 = d x e1 for the event's ``reference`` vector r (E,3) (fixed during a fit,
     so the frame turns continuously with d; any r not parallel to d). Differentiable in vertex (E,3),

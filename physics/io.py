@@ -46,20 +46,61 @@ FORMAT_VERSION = "1.0"
 
 #: units of well-known per-event truth keys (others must be given through ``truth_units``)
 TRUTH_UNITS: dict[str, str] = {
-    "vertex": "m", "position": "m", "pos": "m", "direction": "1", "dir": "1", "energy": "MeV",
-    "kinetic_energy": "MeV", "momentum": "MeV", "time": "ns", "t0": "ns", "t": "ns", "wavelength": "nm",
-    "particle": "1", "pdg": "1", "n_photons": "1", "n_pe": "p.e.", "charge": "p.e.", "event": "1",
-    "source_intensity": "1", "divergence": "rad",
+    "vertex": "m",
+    "position": "m",
+    "pos": "m",
+    "direction": "1",
+    "dir": "1",
+    "energy": "MeV",
+    "kinetic_energy": "MeV",
+    "momentum": "MeV",
+    "time": "ns",
+    "t0": "ns",
+    "t": "ns",
+    "wavelength": "nm",
+    "particle": "1",
+    "pdg": "1",
+    "n_photons": "1",
+    "n_pe": "p.e.",
+    "charge": "p.e.",
+    "event": "1",
+    "source_intensity": "1",
+    "divergence": "rad",
 }
 #: units of the fields of the stage records
 RECORD_UNITS: dict[str, str] = {
-    "pos": "m", "dir": "1", "t": "ns", "wavelength": "nm", "event": "1", "pmt": "1", "cos_incidence": "1",
-    "indirect": "1", "dark": "1", "n_scatter": "1", "n_reflect": "1", "x0": "m", "x1": "m", "beta0": "1",
-    "beta1": "1", "t0": "ns", "n_photons": "1", "charge": "p.e.", "time": "ns",
+    "pos": "m",
+    "dir": "1",
+    "t": "ns",
+    "wavelength": "nm",
+    "event": "1",
+    "pmt": "1",
+    "cos_incidence": "1",
+    "indirect": "1",
+    "dark": "1",
+    "n_scatter": "1",
+    "n_reflect": "1",
+    "x0": "m",
+    "x1": "m",
+    "beta0": "1",
+    "beta1": "1",
+    "t0": "ns",
+    "n_photons": "1",
+    "charge": "p.e.",
+    "time": "ns",
 }
 HITS_UNITS = {"pmt": "1", "charge": "p.e.", "time": "ns", "event": "1", "offsets": "1"}
-_RECORD_TYPES = {c.__name__: c for c in (_records.Photons, _records.CathodeHits, _records.WallHits,
-                                         _records.PhotoElectrons, _records.TrackSteps, _records.Hits)}
+_RECORD_TYPES = {
+    c.__name__: c
+    for c in (
+        _records.Photons,
+        _records.CathodeHits,
+        _records.WallHits,
+        _records.PhotoElectrons,
+        _records.TrackSteps,
+        _records.Hits,
+    )
+}
 _WAVEFORM_UNITS = {"samples": "ADC counts", "event": "1", "pmt": "1", "t_start": "ns"}
 
 
@@ -101,6 +142,7 @@ class RunData:
 # helpers
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _np(x: Any, field_name: str) -> np.ndarray:
     """Tensor / array / list -> numpy array (CPU, detached)."""
     if isinstance(x, Tensor):
@@ -108,12 +150,14 @@ def _np(x: Any, field_name: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except Exception as exc:  # noqa: BLE001 - report any conversion failure as a config error
-        raise ConfigError(f"{field_name}: got {type(x).__name__}, expected a tensor or array "
-                          f"({exc})") from exc
+        raise ConfigError(
+            f"{field_name}: got {type(x).__name__}, expected a tensor or array ({exc})"
+        ) from exc
 
 
-def _write_dataset(group: h5py.Group, name: str, data: np.ndarray, unit: str, *,
-                   compress: bool = False) -> h5py.Dataset:
+def _write_dataset(
+    group: h5py.Group, name: str, data: np.ndarray, unit: str, *, compress: bool = False
+) -> h5py.Dataset:
     """Create one dataset with its 'unit' attribute (chunked + gzip-compressed when ``compress``)."""
     kind = "array"
     if data.dtype.kind in "USO":
@@ -122,8 +166,15 @@ def _write_dataset(group: h5py.Group, name: str, data: np.ndarray, unit: str, *,
         kind = "str"
     elif compress:
         chunks = tuple(max(1, min(s, c)) for s, c in zip(data.shape, (64,) + (1 << 16,) * 8, strict=False))
-        ds = group.create_dataset(name, data=data, chunks=chunks, compression="gzip", compression_opts=4,
-                                  shuffle=True, maxshape=(None,) + data.shape[1:])
+        ds = group.create_dataset(
+            name,
+            data=data,
+            chunks=chunks,
+            compression="gzip",
+            compression_opts=4,
+            shuffle=True,
+            maxshape=(None,) + data.shape[1:],
+        )
     else:
         ds = group.create_dataset(name, data=data)
     ds.attrs["unit"] = unit
@@ -133,8 +184,10 @@ def _write_dataset(group: h5py.Group, name: str, data: np.ndarray, unit: str, *,
 
 def _read_dataset(group: h5py.Group, name: str, path: Path) -> np.ndarray:
     if name not in group:
-        raise RunFileError(f"run file {str(path)!r}: dataset {group.name}/{name} is missing "
-                           f"(present: {sorted(group.keys())})")
+        raise RunFileError(
+            f"run file {str(path)!r}: dataset {group.name}/{name} is missing "
+            f"(present: {sorted(group.keys())})"
+        )
     ds = group[name]
     if ds.attrs.get("kind", "array") == "str":
         return np.array(ds.asstr()[()], dtype=str)
@@ -143,21 +196,27 @@ def _read_dataset(group: h5py.Group, name: str, path: Path) -> np.ndarray:
 
 def _detector_table(det: Any) -> dict[str, Any]:
     """Geometry Detector (attributes) or mapping -> plain dict of the PMT table and shape."""
+
     def get(key: str, default: Any = None) -> Any:
         if isinstance(det, dict):
             return det.get(key, default)
         return getattr(det, key, default)
+
     out: dict[str, Any] = {}
     for key in ("pmt_pos", "pmt_normal", "pmt_radius"):
         v = get(key)
         if v is None:
-            raise ConfigError(f"detector.{key}: missing; a detector table needs pmt_pos (P,3), "
-                              "pmt_normal (P,3), pmt_radius (P,)")
+            raise ConfigError(
+                f"detector.{key}: missing; a detector table needs pmt_pos (P,3), "
+                "pmt_normal (P,3), pmt_radius (P,)"
+            )
         out[key] = _np(v, f"detector.{key}")
     p = out["pmt_pos"].shape[0]
     if out["pmt_pos"].shape != (p, 3) or out["pmt_normal"].shape != (p, 3) or out["pmt_radius"].shape != (p,):
-        raise ConfigError(f"detector: pmt_pos {out['pmt_pos'].shape}, pmt_normal {out['pmt_normal'].shape}, "
-                          f"pmt_radius {out['pmt_radius'].shape}; expected (P,3), (P,3), (P,)")
+        raise ConfigError(
+            f"detector: pmt_pos {out['pmt_pos'].shape}, pmt_normal {out['pmt_normal'].shape}, "
+            f"pmt_radius {out['pmt_radius'].shape}; expected (P,3), (P,3), (P,)"
+        )
     shape = get("shape")
     if shape not in ("cylinder", "sphere"):
         raise ConfigError(f"detector.shape: got {shape!r}, allowed: ['cylinder', 'sphere']")
@@ -175,8 +234,10 @@ def _prepare_hits(hits: Hits, n_events: int) -> dict[str, np.ndarray]:
         if v.ndim != 1 or v.shape[0] != n:
             raise ConfigError(f"hits.{f.name}: shape {tuple(v.shape)}, expected ({n},)")
     if n and (int(hits.event.min()) < 0 or int(hits.event.max()) >= n_events):
-        raise ConfigError(f"hits.event: values in [{int(hits.event.min())}, {int(hits.event.max())}], "
-                          f"allowed: [0, {n_events - 1}] for n_events={n_events}")
+        raise ConfigError(
+            f"hits.event: values in [{int(hits.event.min())}, {int(hits.event.max())}], "
+            f"allowed: [0, {n_events - 1}] for n_events={n_events}"
+        )
     order = torch.argsort(hits.event.detach(), stable=True)
     out = {f.name: _np(getattr(hits, f.name)[order], f"hits.{f.name}") for f in fields(Hits)}
     out["offsets"] = _np(event_offsets(hits.event.detach().long().cpu(), n_events), "hits.offsets")
@@ -207,10 +268,23 @@ def _major(version: str) -> str:
 # public API
 # ----------------------------------------------------------------------------------------------------------
 
-def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, truth: dict[str, Any],
-              hits: Hits, n_events: int, photons: Any = None, waveforms: dict[str, Any] | None = None,
-              detector: Any = None, run_name: str = "run0", overwrite: bool = False, append: bool = False,
-              truth_units: dict[str, str] | None = None) -> Path:
+
+def write_run(
+    path: str | os.PathLike,
+    *,
+    config: dict[str, Any],
+    seed: int,
+    truth: dict[str, Any],
+    hits: Hits,
+    n_events: int,
+    photons: Any = None,
+    waveforms: dict[str, Any] | None = None,
+    detector: Any = None,
+    run_name: str = "run0",
+    overwrite: bool = False,
+    append: bool = False,
+    truth_units: dict[str, str] | None = None,
+) -> Path:
     """Write one run atomically; returns the path.
 
     config: JSON-serialisable mapping (stored as a JSON string; tuples come back as lists); seed: int;
@@ -233,8 +307,9 @@ def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, tru
     try:
         config_json = json.dumps(config)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"config: not JSON-serialisable ({exc}); "
-                          "use plain dicts/lists/numbers/strings") from exc
+        raise ConfigError(
+            f"config: not JSON-serialisable ({exc}); use plain dicts/lists/numbers/strings"
+        ) from exc
     units = dict(TRUTH_UNITS, **(truth_units or {}))
     truth_np: dict[str, tuple[np.ndarray, str]] = {}
     for key, val in truth.items():
@@ -242,11 +317,14 @@ def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, tru
             raise ConfigError(f"truth: key {key!r} is not a valid dataset name")
         arr = _np(val, f"truth[{key!r}]")
         if arr.ndim == 0 or arr.shape[0] != n_events:
-            raise ConfigError(f"truth[{key!r}]: shape {arr.shape}, "
-                              f"expected leading dimension n_events={n_events}")
+            raise ConfigError(
+                f"truth[{key!r}]: shape {arr.shape}, expected leading dimension n_events={n_events}"
+            )
         if key not in units:
-            raise ConfigError(f"truth[{key!r}]: unit unknown; pass truth_units={{{key!r}: '<unit>'}} "
-                              f"(known: {sorted(TRUTH_UNITS)})")
+            raise ConfigError(
+                f"truth[{key!r}]: unit unknown; pass truth_units={{{key!r}: '<unit>'}} "
+                f"(known: {sorted(TRUTH_UNITS)})"
+            )
         truth_np[key] = (arr, units[key])
     hits_np = _prepare_hits(hits, n_events)
     phot_np = None
@@ -254,8 +332,10 @@ def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, tru
         rtype = type(photons).__name__
         if rtype not in _RECORD_TYPES:
             raise ConfigError(f"photons: got {rtype}, allowed: {sorted(_RECORD_TYPES)}")
-        phot_np = (rtype, {f.name: _np(getattr(photons, f.name), f"photons.{f.name}")
-                           for f in fields(photons)})
+        phot_np = (
+            rtype,
+            {f.name: _np(getattr(photons, f.name), f"photons.{f.name}") for f in fields(photons)},
+        )
     wave_np = None
     if waveforms is not None:
         need = {"samples", "event", "pmt", "t_start", "sampling_ns"}
@@ -265,9 +345,11 @@ def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, tru
         wave_np = {k: _np(waveforms[k], f"waveforms[{k!r}]") for k in ("samples", "event", "pmt", "t_start")}
         c = wave_np["samples"].shape[0] if wave_np["samples"].ndim == 2 else -1
         if c < 0 or any(wave_np[k].shape != (c,) for k in ("event", "pmt", "t_start")):
-            raise ConfigError(f"waveforms: samples {wave_np['samples'].shape}, event/pmt/t_start "
-                              f"{[wave_np[k].shape for k in ('event', 'pmt', 't_start')]}; "
-                              "expected (C,S) and (C,)")
+            raise ConfigError(
+                f"waveforms: samples {wave_np['samples'].shape}, event/pmt/t_start "
+                f"{[wave_np[k].shape for k in ('event', 'pmt', 't_start')]}; "
+                "expected (C,S) and (C,)"
+            )
         sampling = float(waveforms["sampling_ns"])
         if not sampling > 0:
             raise ConfigError(f"waveforms['sampling_ns']: got {sampling}, allowed: > 0")
@@ -276,15 +358,19 @@ def write_run(path: str | os.PathLike, *, config: dict[str, Any], seed: int, tru
 
     exists = path.exists()
     if exists and not (overwrite or append):
-        raise FileExistsError(f"run file {str(path)!r} already exists; pass overwrite=True to replace it "
-                              "or append=True to add a run")
+        raise FileExistsError(
+            f"run file {str(path)!r} already exists; pass overwrite=True to replace it "
+            "or append=True to add a run"
+        )
     copy_from = None
     if append and exists:
         _check_file(path)
         with h5py.File(path, "r") as f:
             if run_name in f and not overwrite:
-                raise FileExistsError(f"run file {str(path)!r} already holds run {run_name!r}; "
-                                      "pass overwrite=True to replace that run")
+                raise FileExistsError(
+                    f"run file {str(path)!r} already holds run {run_name!r}; "
+                    "pass overwrite=True to replace that run"
+                )
         copy_from = path
 
     def write(tmp: Path) -> None:
@@ -338,12 +424,16 @@ def _check_file(path: Path) -> None:
     with h5py.File(path, "r") as f:
         fmt = f.attrs.get("format")
         if fmt != FORMAT_NAME:
-            raise RunFileError(f"run file {str(path)!r}: attribute format={fmt!r}, expected {FORMAT_NAME!r} "
-                               "(not a photonfit run file)")
+            raise RunFileError(
+                f"run file {str(path)!r}: attribute format={fmt!r}, expected {FORMAT_NAME!r} "
+                "(not a photonfit run file)"
+            )
         fv = str(f.attrs.get("format_version", ""))
         if _major(fv) != _major(FORMAT_VERSION):
-            raise RunFileError(f"run file {str(path)!r}: format_version {fv!r}, this reader supports "
-                               f"{_major(FORMAT_VERSION)}.x")
+            raise RunFileError(
+                f"run file {str(path)!r}: format_version {fv!r}, this reader supports "
+                f"{_major(FORMAT_VERSION)}.x"
+            )
 
 
 def list_runs(path: str | os.PathLike) -> list[str]:
@@ -379,11 +469,16 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
                 raise RunFileError(f"run file {str(path)!r}: run {run!r} lacks attribute {key!r}")
         version = str(g.attrs["version"])
         if _major(version) != _major(physics.__version__):
-            raise RunFileError(f"run file {str(path)!r}: written by photonfit {version}, this is "
-                               f"{physics.__version__} (major version differs)")
+            raise RunFileError(
+                f"run file {str(path)!r}: written by photonfit {version}, this is "
+                f"{physics.__version__} (major version differs)"
+            )
         units: dict[str, str] = {}
-        g.visititems(lambda name, obj: units.__setitem__(name, str(obj.attrs.get("unit")))
-                     if isinstance(obj, h5py.Dataset) else None)
+        g.visititems(
+            lambda name, obj: (
+                units.__setitem__(name, str(obj.attrs.get("unit"))) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
         n_events = int(g.attrs["n_events"])
         for grp in ("hits", "truth"):
             if grp not in g:
@@ -400,8 +495,9 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
             gp = g["photons"]
             cls = _RECORD_TYPES.get(str(gp.attrs.get("record_type")))
             if cls is None:
-                raise RunFileError(f"run file {str(path)!r}: unknown photons record_type "
-                                   f"{gp.attrs.get('record_type')!r}")
+                raise RunFileError(
+                    f"run file {str(path)!r}: unknown photons record_type {gp.attrs.get('record_type')!r}"
+                )
             photons = cls(**{fl.name: t(_read_dataset(gp, fl.name, path)) for fl in fields(cls)})
         waveforms = None
         if "waveforms" in g:
@@ -413,9 +509,24 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
             gd = g["detector"]
             detector = {k: t(_read_dataset(gd, k, path)) for k in ("pmt_pos", "pmt_normal", "pmt_radius")}
             height = float(gd.attrs["height"])
-            detector.update(name=str(gd.attrs["name"]), shape=str(gd.attrs["shape"]),
-                            radius=float(gd.attrs["radius"]), height=None if np.isnan(height) else height)
-        return RunData(name=run, config=json.loads(g.attrs["config"]), seed=int(g.attrs["seed"]),
-                       version=version, created=str(g.attrs["created"]), n_events=n_events, truth=truth,
-                       hits=hits, offsets=t(h["offsets"]), photons=photons, waveforms=waveforms,
-                       detector=detector, units=units)
+            detector.update(
+                name=str(gd.attrs["name"]),
+                shape=str(gd.attrs["shape"]),
+                radius=float(gd.attrs["radius"]),
+                height=None if np.isnan(height) else height,
+            )
+        return RunData(
+            name=run,
+            config=json.loads(g.attrs["config"]),
+            seed=int(g.attrs["seed"]),
+            version=version,
+            created=str(g.attrs["created"]),
+            n_events=n_events,
+            truth=truth,
+            hits=hits,
+            offsets=t(h["offsets"]),
+            photons=photons,
+            waveforms=waveforms,
+            detector=detector,
+            units=units,
+        )

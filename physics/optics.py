@@ -224,8 +224,14 @@ class PhotonState:
         return PhotonState(**{f.name: getattr(self, f.name).index_select(0, idx) for f in fields(self)})
 
 
-_CONFIG_KEYS = ("wall_reflectivity", "diffuse_fraction", "pmt_reflectivity", "max_rounds", "chunk_size",
-                "backend")
+_CONFIG_KEYS = (
+    "wall_reflectivity",
+    "diffuse_fraction",
+    "pmt_reflectivity",
+    "max_rounds",
+    "chunk_size",
+    "backend",
+)
 BACKENDS = ("auto", "torch", "numba")
 
 
@@ -248,9 +254,15 @@ class Optics(nn.Module):
     and 8-20" PMT glass; set them from measurement/calibration.
     """
 
-    def __init__(self, wall_reflectivity: float = 0.1, diffuse_fraction: float = 1.0,
-                 pmt_reflectivity: float = 0.1, max_rounds: int = 100, chunk_size: int = 1_000_000,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        wall_reflectivity: float = 0.1,
+        diffuse_fraction: float = 1.0,
+        pmt_reflectivity: float = 0.1,
+        max_rounds: int = 100,
+        chunk_size: int = 1_000_000,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         wall_reflectivity = check_number(wall_reflectivity, "wall_reflectivity", minimum=0.0, maximum=1.0)
         diffuse_fraction = check_number(diffuse_fraction, "diffuse_fraction", minimum=0.0, maximum=1.0)
@@ -273,14 +285,21 @@ class Optics(nn.Module):
         return cls(**dict(cfg))
 
     def extra_repr(self) -> str:
-        return (f"wall_reflectivity={float(self.wall_reflectivity):.3g}, "
-                f"diffuse_fraction={float(self.diffuse_fraction):.3g}, "
-                f"pmt_reflectivity={float(self.pmt_reflectivity):.3g}, max_rounds={self.max_rounds}, "
-                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
+        return (
+            f"wall_reflectivity={float(self.wall_reflectivity):.3g}, "
+            f"diffuse_fraction={float(self.diffuse_fraction):.3g}, "
+            f"pmt_reflectivity={float(self.pmt_reflectivity):.3g}, max_rounds={self.max_rounds}, "
+            f"chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
 
     # ----------------------------------------------------------------------------------------------
-    def init_state(self, photons: Photons, medium: Any, generator: torch.Generator | None = None,
-                   polarization: Tensor | None = None) -> PhotonState:
+    def init_state(
+        self,
+        photons: Photons,
+        medium: Any,
+        generator: torch.Generator | None = None,
+        polarization: Tensor | None = None,
+    ) -> PhotonState:
         """Transport state for ``photons`` in ``medium`` (wavelength-dependent coefficients evaluated once).
 
         polarization: (N,3) linear polarisation (made perpendicular to dir and normalised here) or None for
@@ -319,17 +338,36 @@ class Optics(nn.Module):
             pol = rnd_pol()
         else:
             if polarization.shape != d.shape:
-                raise ConfigError(f"polarization: got shape {tuple(polarization.shape)}, allowed: "
-                                  f"{tuple(d.shape)} (one vector per photon) or None")
+                raise ConfigError(
+                    f"polarization: got shape {tuple(polarization.shape)}, allowed: "
+                    f"{tuple(d.shape)} (one vector per photon) or None"
+                )
             pol = project_polarization(polarization.to(dtype), d, rnd_pol)
         zeros = torch.zeros(n, dtype=torch.int32, device=wl.device)
-        return PhotonState(pos=photons.pos, dir=d, pol=pol, t=photons.t, wavelength=wl, event=photons.event,
-                           n_scatter=zeros, n_reflect=zeros.clone(), inv_v=inv_v, inv_mu=inv_mu, p_abs=p_abs,
-                           p_ray=p_ray)
+        return PhotonState(
+            pos=photons.pos,
+            dir=d,
+            pol=pol,
+            t=photons.t,
+            wavelength=wl,
+            event=photons.event,
+            n_scatter=zeros,
+            n_reflect=zeros.clone(),
+            inv_v=inv_v,
+            inv_mu=inv_mu,
+            p_abs=p_abs,
+            p_ray=p_ray,
+        )
 
-    def step(self, state: PhotonState, detector: Any, medium: Any, generator: torch.Generator,
-             record_wall: bool = False, use_pmts: bool = True
-             ) -> tuple[PhotonState, CathodeHits | None, WallHits | None]:
+    def step(
+        self,
+        state: PhotonState,
+        detector: Any,
+        medium: Any,
+        generator: torch.Generator,
+        record_wall: bool = False,
+        use_pmts: bool = True,
+    ) -> tuple[PhotonState, CathodeHits | None, WallHits | None]:
         """One transport round of every photon in ``state``.
 
         Returns (surviving photons, photocathode hits of this round or None, wall arrivals or None).
@@ -390,19 +428,27 @@ class Optics(nn.Module):
             wi = torch.nonzero(at_wall).squeeze(1)
             d_wi = d.index_select(0, wi)
             pos_wi = torch.addcmul(pos.index_select(0, wi), d_wi, step_len.index_select(0, wi)[:, None])
-            wall_rec = WallHits(pos=pos_wi, dir=d_wi,
-                                t=new_t.index_select(0, wi), wavelength=state.wavelength.index_select(0, wi),
-                                event=state.event.index_select(0, wi),
-                                n_scatter=state.n_scatter.index_select(0, wi).long(),
-                                n_reflect=state.n_reflect.index_select(0, wi).long())
+            wall_rec = WallHits(
+                pos=pos_wi,
+                dir=d_wi,
+                t=new_t.index_select(0, wi),
+                wavelength=state.wavelength.index_select(0, wi),
+                event=state.event.index_select(0, wi),
+                n_scatter=state.n_scatter.index_select(0, wi).long(),
+                n_reflect=state.n_reflect.index_select(0, wi).long(),
+            )
         cath = None
         if have_pmts:
             hi = torch.nonzero(detected).squeeze(1)
             indirect = (state.n_scatter.index_select(0, hi) + state.n_reflect.index_select(0, hi)) > 0
-            cath = CathodeHits(pmt=pmt.index_select(0, hi), t=new_t.index_select(0, hi),
-                               wavelength=state.wavelength.index_select(0, hi),
-                               cos_incidence=cos_inc.index_select(0, hi).to(dtype),
-                               event=state.event.index_select(0, hi), indirect=indirect)
+            cath = CathodeHits(
+                pmt=pmt.index_select(0, hi),
+                t=new_t.index_select(0, hi),
+                wavelength=state.wavelength.index_select(0, hi),
+                cos_incidence=cos_inc.index_select(0, hi).to(dtype),
+                event=state.event.index_select(0, hi),
+                indirect=indirect,
+            )
 
         # survivors: scattered or reflected photons, with their new direction
         keep = torch.nonzero(redirect).squeeze(1)
@@ -428,8 +474,9 @@ class Optics(nn.Module):
             if not bool(k_scat.all()):
                 # reflections: wall (diffuse or specular about the wall normal) or PMT glass (specular)
                 if split_wall:
-                    nrm = detector.wall_normal(pos_k, dk, d_wall.index_select(0, keep),
-                                               surf.index_select(0, keep)).to(dtype)
+                    nrm = detector.wall_normal(
+                        pos_k, dk, d_wall.index_select(0, keep), surf.index_select(0, keep)
+                    ).to(dtype)
                 else:
                     nrm = n_wall.index_select(0, keep).to(dtype)
                 if have_pmts:
@@ -461,10 +508,19 @@ class Optics(nn.Module):
         return new, cath, wall_rec
 
     # ----------------------------------------------------------------------------------------------
-    def sample(self, photons: Photons, detector: Any, medium: Any, generator: torch.Generator,
-               record_wall: bool = False, *, max_rounds: int | None = None, chunk_size: int | None = None,
-               use_pmts: bool = True, polarization: Tensor | None = None
-               ) -> CathodeHits | tuple[CathodeHits, WallHits]:
+    def sample(
+        self,
+        photons: Photons,
+        detector: Any,
+        medium: Any,
+        generator: torch.Generator,
+        record_wall: bool = False,
+        *,
+        max_rounds: int | None = None,
+        chunk_size: int | None = None,
+        use_pmts: bool = True,
+        polarization: Tensor | None = None,
+    ) -> CathodeHits | tuple[CathodeHits, WallHits]:
         """Transport ``photons`` through ``medium`` inside ``detector``.
 
         photons: :class:`Photons` (N rows, any device; the generator must live on the same device type).
@@ -476,21 +532,29 @@ class Optics(nn.Module):
         photons, outside, steps (photon-rounds), rounds, truncated (alive at the round cap), lost (non-finite
         geometry), cathode_hits, wall_hits.
         """
-        max_rounds = self.max_rounds if max_rounds is None else check_number(max_rounds, "max_rounds",
-                                                                             minimum=1, integer=True)
-        chunk = self.chunk_size if chunk_size is None else check_number(chunk_size, "chunk_size", minimum=1,
-                                                                        integer=True)
+        max_rounds = (
+            self.max_rounds
+            if max_rounds is None
+            else check_number(max_rounds, "max_rounds", minimum=1, integer=True)
+        )
+        chunk = (
+            self.chunk_size
+            if chunk_size is None
+            else check_number(chunk_size, "chunk_size", minimum=1, integer=True)
+        )
         dev = photons.pos.device
         if generator.device.type != dev.type:
-            raise ConfigError(f"generator: device {generator.device} does not match the photons' device "
-                              f"{dev}; allowed: a torch.Generator on the photons' device")
+            raise ConfigError(
+                f"generator: device {generator.device} does not match the photons' device "
+                f"{dev}; allowed: a torch.Generator on the photons' device"
+            )
         stats = dict(photons=len(photons), outside=0, steps=0, rounds=0, truncated=0, lost=0)
         fused = self._fused_kernel(dev, detector, record_wall, use_pmts)
         cath_parts: list[CathodeHits] = []
         wall_parts: list[WallHits] = []
         for start in range(0, len(photons), chunk):
             part = photons.select(slice(start, start + chunk))
-            pol = None if polarization is None else polarization[start:start + chunk]
+            pol = None if polarization is None else polarization[start : start + chunk]
             if fused is not None:  # (the kernel drops and counts the photons outside the detector itself)
                 hits = self._sample_fused(fused, part, pol, detector, medium, generator, max_rounds, stats)
                 if hits is not None:
@@ -529,26 +593,42 @@ class Optics(nn.Module):
         """The :mod:`physics.transport_cpu` module when this run uses the fused CPU kernel, else None."""
         if self.backend == "torch":
             return None
-        usable = (dev.type == "cpu" and not record_wall and use_pmts and hasattr(detector, "_table")
-                  and int(detector.n_pmts) > 0)
+        usable = (
+            dev.type == "cpu"
+            and not record_wall
+            and use_pmts
+            and hasattr(detector, "_table")
+            and int(detector.n_pmts) > 0
+        )
         if self.backend == "numba" and not usable:
-            raise ConfigError(f"backend: got 'numba' for a run on {dev} with record_wall={record_wall}, "
-                              f"use_pmts={use_pmts}; allowed: 'numba' only for CPU runs with photocathodes "
-                              f"(use 'torch' or 'auto')")
+            raise ConfigError(
+                f"backend: got 'numba' for a run on {dev} with record_wall={record_wall}, "
+                f"use_pmts={use_pmts}; allowed: 'numba' only for CPU runs with photocathodes "
+                f"(use 'torch' or 'auto')"
+            )
         if not usable:
             return None
         try:
             from . import transport_cpu
         except ImportError as err:  # numba missing or broken: the tensor transport is exact too, only slower
             if self.backend == "numba":
-                raise ConfigError(f"backend: got 'numba' but numba cannot be imported ({err}); allowed: "
-                                  f"'torch' or 'auto'") from err
+                raise ConfigError(
+                    f"backend: got 'numba' but numba cannot be imported ({err}); allowed: 'torch' or 'auto'"
+                ) from err
             return None
         return transport_cpu
 
-    def _sample_fused(self, kernel: Any, photons: Photons, polarization: Tensor | None, detector: Any,
-                      medium: Any, generator: torch.Generator, max_rounds: int, stats: dict[str, int]
-                      ) -> CathodeHits | None:
+    def _sample_fused(
+        self,
+        kernel: Any,
+        photons: Photons,
+        polarization: Tensor | None,
+        detector: Any,
+        medium: Any,
+        generator: torch.Generator,
+        max_rounds: int,
+        stats: dict[str, int],
+    ) -> CathodeHits | None:
         """One chunk through the fused CPU kernel (photons outside the detector are dropped and counted
         there): adds to ``stats`` and returns the chunk's cathode hits (photon order); None (nothing done)
         when the medium cannot be tabulated exactly for the kernel (see transport_cpu.medium_table)."""
@@ -559,15 +639,24 @@ class Optics(nn.Module):
         if tab is None:
             return None
         if polarization is not None and polarization.shape != photons.dir.shape:
-            raise ConfigError(f"polarization: got shape {tuple(polarization.shape)}, allowed: "
-                              f"{tuple(photons.dir.shape)} (one vector per photon) or None")
+            raise ConfigError(
+                f"polarization: got shape {tuple(polarization.shape)}, allowed: "
+                f"{tuple(photons.dir.shape)} (one vector per photon) or None"
+            )
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         res = kernel.transport(
-            photons, polarization, detector, tab, wall_reflectivity=float(self.wall_reflectivity.detach()),
+            photons,
+            polarization,
+            detector,
+            tab,
+            wall_reflectivity=float(self.wall_reflectivity.detach()),
             diffuse_fraction=float(self.diffuse_fraction.detach()),
             pmt_reflectivity=float(self.pmt_reflectivity.detach()),
-            mie_g=float(getattr(medium, "mie_g", 0.0)), max_rounds=max_rounds, seed=seed,
-            eps=_surface_eps(detector, dtype))
+            mie_g=float(getattr(medium, "mie_g", 0.0)),
+            max_rounds=max_rounds,
+            seed=seed,
+            eps=_surface_eps(detector, dtype),
+        )
         steps, status = res["steps"], res["status"]
         stats["steps"] += int(steps.sum())
         stats["rounds"] = max(stats["rounds"], int(steps.max()))
@@ -580,11 +669,14 @@ class Optics(nn.Module):
         def rows(name: str) -> Tensor:
             return torch.from_numpy(res[name]).index_select(0, idx)
 
-        return CathodeHits(pmt=rows("pmt"), t=rows("t").to(dtype),
-                           wavelength=photons.wavelength.index_select(0, idx),
-                           cos_incidence=rows("cos_incidence").to(dtype),
-                           event=photons.event.index_select(0, idx),
-                           indirect=rows("indirect"))
+        return CathodeHits(
+            pmt=rows("pmt"),
+            t=rows("t").to(dtype),
+            wavelength=photons.wavelength.index_select(0, idx),
+            cos_incidence=rows("cos_incidence").to(dtype),
+            event=photons.event.index_select(0, idx),
+            indirect=rows("indirect"),
+        )
 
     def _kernel_medium_table(self, kernel: Any, medium: Any, wavelength: Tensor) -> Any:
         """The fused kernel's medium table over the medium's band widened to ``wavelength`` [nm]; the last one
@@ -593,16 +685,28 @@ class Optics(nn.Module):
         lo = min(float(wavelength.min()), float(medium.wl_min))
         hi = max(float(wavelength.max()), float(medium.wl_max))
         state = medium.state_dict() if isinstance(medium, nn.Module) else None
-        key = (type(medium), lo, hi, None if state is None else tuple(
-            (k, v.detach().cpu().numpy().tobytes()) for k, v in state.items()))
+        key = (
+            type(medium),
+            lo,
+            hi,
+            None
+            if state is None
+            else tuple((k, v.detach().cpu().numpy().tobytes()) for k, v in state.items()),
+        )
         if state is not None and self._medium_tab is not None and self._medium_tab[0] == key:
             return self._medium_tab[1]
         tab = kernel.medium_table(medium, lo, hi)
         self._medium_tab = (key, tab)
         return tab
 
-    def forward(self, photons: Photons, detector: Any, medium: Any, generator: torch.Generator,
-                record_wall: bool = False) -> CathodeHits | tuple[CathodeHits, WallHits]:
+    def forward(
+        self,
+        photons: Photons,
+        detector: Any,
+        medium: Any,
+        generator: torch.Generator,
+        record_wall: bool = False,
+    ) -> CathodeHits | tuple[CathodeHits, WallHits]:
         """Alias of :meth:`sample`."""
         return self.sample(photons, detector, medium, generator, record_wall)
 
@@ -636,8 +740,14 @@ def _cat_sorted(cls, parts: list, empty):
 def _empty_cathode(dev: torch.device, dtype: torch.dtype) -> CathodeHits:
     e = torch.empty(0, dtype=dtype, device=dev)
     i = torch.empty(0, dtype=torch.long, device=dev)
-    return CathodeHits(pmt=i, t=e, wavelength=e, cos_incidence=e, event=i,
-                       indirect=torch.empty(0, dtype=torch.bool, device=dev))
+    return CathodeHits(
+        pmt=i,
+        t=e,
+        wavelength=e,
+        cos_incidence=e,
+        event=i,
+        indirect=torch.empty(0, dtype=torch.bool, device=dev),
+    )
 
 
 def _empty_wall(dev: torch.device, dtype: torch.dtype) -> WallHits:

@@ -42,6 +42,7 @@ ACCEPTANCE_KINDS = ("polynomial", "table")
 # pure kernels
 # ----------------------------------------------------------------------------------------------------------
 
+
 def interp_table(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     """Linear interpolation of the table (xp (K,) increasing, fp (K,)) at x (any shape); 0 outside [xp0, xpK].
 
@@ -56,8 +57,9 @@ def interp_table(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return torch.where(inside, y, torch.zeros_like(y))
 
 
-def angular_acceptance(cos_incidence: Tensor, kind: str, coef: Tensor,
-                       table_cos: Tensor | None = None) -> Tensor:
+def angular_acceptance(
+    cos_incidence: Tensor, kind: str, coef: Tensor, table_cos: Tensor | None = None
+) -> Tensor:
     """Relative angular acceptance A(cos theta), normalised to A(1) = 1, 0 for cos <= 0 (from behind).
 
     kind 'polynomial': A = sum_k c_k cos^k / sum_k c_k (Horner); kind 'table': linear interpolation of the
@@ -92,8 +94,14 @@ def spe_moments(family: str, sigma: float) -> tuple[float, float]:
     return mean, var / (mean * mean)
 
 
-def sample_spe(n: int, family: str, sigma: float, generator: torch.Generator, device: torch.device | str,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def sample_spe(
+    n: int,
+    family: str,
+    sigma: float,
+    generator: torch.Generator,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Draw n single-p.e. charges (n,) [p.e.], normalised so that the mean is exactly 1 p.e.
 
     gaussian: inverse-CDF sampling of N(1, sigma^2) truncated at 0, divided by its mean (spe_moments);
@@ -111,8 +119,9 @@ def sample_spe(n: int, family: str, sigma: float, generator: torch.Generator, de
     return q.to(dtype)
 
 
-def first_hit_digitize(pmt: Tensor, event: Tensor, t: Tensor, q: Tensor, n_pmts: int,
-                       threshold: float) -> Hits:
+def first_hit_digitize(
+    pmt: Tensor, event: Tensor, t: Tensor, q: Tensor, n_pmts: int, threshold: float
+) -> Hits:
     """Group p.e. (N,) by (event, PMT): charge = sum q, time = min t; drop hits with charge < threshold.
 
     Vectorised with torch.unique + index_add + scatter_reduce('amin'); output sorted by (event, pmt).
@@ -124,18 +133,35 @@ def first_hit_digitize(pmt: Tensor, event: Tensor, t: Tensor, q: Tensor, n_pmts:
     time = torch.full((m,), float("inf"), device=t.device, dtype=t.dtype)
     time = time.scatter_reduce(0, inv, t, reduce="amin", include_self=False)
     keep = charge >= threshold
-    return Hits(pmt=(uniq % n_pmts)[keep], charge=charge[keep], time=time[keep],
-                event=torch.div(uniq, n_pmts, rounding_mode="floor")[keep])
+    return Hits(
+        pmt=(uniq % n_pmts)[keep],
+        charge=charge[keep],
+        time=time[keep],
+        event=torch.div(uniq, n_pmts, rounding_mode="floor")[keep],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # module
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     """Check a sensor config mapping and return a normalised copy (raises ConfigError naming the field)."""
-    check_keys(cfg, required=["qe", "collection_efficiency", "angular_acceptance", "spe", "tts_ns",
-                              "dark_rate_hz", "threshold_pe"], optional=["name"], where="sensors")
+    check_keys(
+        cfg,
+        required=[
+            "qe",
+            "collection_efficiency",
+            "angular_acceptance",
+            "spe",
+            "tts_ns",
+            "dark_rate_hz",
+            "threshold_pe",
+        ],
+        optional=["name"],
+        where="sensors",
+    )
     out: dict[str, Any] = {"name": str(cfg.get("name", "pmt"))}
     qe = cfg["qe"]
     check_keys(qe, required=["wavelength_nm", "efficiency"], optional=["reference"], where="sensors.qe")
@@ -144,16 +170,21 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(arr, list) or len(arr) < 2:
             raise ConfigError(f"{field}: got {arr!r}, expected a list of at least 2 numbers")
     if len(wl) != len(eff):
-        raise ConfigError(f"sensors.qe.efficiency: got {len(eff)} values for {len(wl)} wavelengths; "
-                          "allowed: the same length as sensors.qe.wavelength_nm")
-    wl = [check_number(v, f"sensors.qe.wavelength_nm[{i}]", minimum=0, strict_min=True)
-          for i, v in enumerate(wl)]
+        raise ConfigError(
+            f"sensors.qe.efficiency: got {len(eff)} values for {len(wl)} wavelengths; "
+            "allowed: the same length as sensors.qe.wavelength_nm"
+        )
+    wl = [
+        check_number(v, f"sensors.qe.wavelength_nm[{i}]", minimum=0, strict_min=True)
+        for i, v in enumerate(wl)
+    ]
     eff = [check_number(v, f"sensors.qe.efficiency[{i}]", minimum=0, maximum=1) for i, v in enumerate(eff)]
     if any(b <= a for a, b in zip(wl, wl[1:], strict=False)):
         raise ConfigError(f"sensors.qe.wavelength_nm: got {wl}, allowed: strictly increasing [nm]")
     out["qe_wavelength"], out["qe_efficiency"], out["qe_reference"] = wl, eff, str(qe.get("reference", ""))
-    out["collection_efficiency"] = check_number(cfg["collection_efficiency"], "sensors.collection_efficiency",
-                                                minimum=0, maximum=1, strict_min=True)
+    out["collection_efficiency"] = check_number(
+        cfg["collection_efficiency"], "sensors.collection_efficiency", minimum=0, maximum=1, strict_min=True
+    )
     acc = cfg["angular_acceptance"]
     check_keys(acc, required=["kind", "coefficients"], optional=["cos"], where="sensors.angular_acceptance")
     kind = check_choice(acc["kind"], "sensors.angular_acceptance.kind", ACCEPTANCE_KINDS)
@@ -164,21 +195,29 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     table_cos = None
     if kind == "polynomial":
         if sum(coef) <= 0:
-            raise ConfigError(f"sensors.angular_acceptance.coefficients: got {coef}, allowed: sum (value at "
-                              "normal incidence) > 0")
+            raise ConfigError(
+                f"sensors.angular_acceptance.coefficients: got {coef}, allowed: sum (value at "
+                "normal incidence) > 0"
+            )
     else:
         table_cos = acc.get("cos")
         if not isinstance(table_cos, list) or len(table_cos) != len(coef) or len(coef) < 2:
-            raise ConfigError(f"sensors.angular_acceptance.cos: got {table_cos!r}, expected a list of the "
-                              "same length (>= 2) as coefficients")
-        table_cos = [check_number(v, f"sensors.angular_acceptance.cos[{i}]", minimum=0, maximum=1)
-                     for i, v in enumerate(table_cos)]
+            raise ConfigError(
+                f"sensors.angular_acceptance.cos: got {table_cos!r}, expected a list of the "
+                "same length (>= 2) as coefficients"
+            )
+        table_cos = [
+            check_number(v, f"sensors.angular_acceptance.cos[{i}]", minimum=0, maximum=1)
+            for i, v in enumerate(table_cos)
+        ]
         if any(b <= a for a, b in zip(table_cos, table_cos[1:], strict=False)) or table_cos[-1] != 1.0:
-            raise ConfigError(f"sensors.angular_acceptance.cos: got {table_cos}, "
-                              "allowed: increasing, ending at 1")
+            raise ConfigError(
+                f"sensors.angular_acceptance.cos: got {table_cos}, allowed: increasing, ending at 1"
+            )
         if coef[-1] <= 0 or min(coef) < 0:
-            raise ConfigError(f"sensors.angular_acceptance.coefficients: got {coef}, "
-                              "allowed: >= 0 with last > 0")
+            raise ConfigError(
+                f"sensors.angular_acceptance.coefficients: got {coef}, allowed: >= 0 with last > 0"
+            )
     out["acc_kind"], out["acc_coef"], out["acc_cos"] = kind, coef, table_cos
     spe = cfg["spe"]
     check_keys(spe, required=["family", "sigma"], where="sensors.spe")
@@ -230,8 +269,10 @@ class PMTResponse(nn.Module):
         if p.suffix not in (".yaml", ".yml"):
             p = config_dir() / "sensors" / f"{name_or_path}.yaml"
             if not p.is_file():
-                raise ConfigError(f"sensors: preset {str(name_or_path)!r} not found; allowed: "
-                                  f"{list_presets()} or a path to a .yaml file")
+                raise ConfigError(
+                    f"sensors: preset {str(name_or_path)!r} not found; allowed: "
+                    f"{list_presets()} or a path to a .yaml file"
+                )
         return cls(load_yaml(p), n_pmts)
 
     # ------------------------------------------------------------------ detection
@@ -281,8 +322,9 @@ class PMTResponse(nn.Module):
         s_max = float(self.qe_scale.detach().max().clamp_min(0.0))
         return min(1.0, qe_max * s_max * self.collection_efficiency * self._max_acceptance())
 
-    def detect(self, cathode_hits: CathodeHits, generator: torch.Generator,
-               thin: float = 1.0) -> PhotoElectrons:
+    def detect(
+        self, cathode_hits: CathodeHits, generator: torch.Generator, thin: float = 1.0
+    ) -> PhotoElectrons:
         """Keep each cathode hit with probability p/thin (photons were pre-thinned by ``thin`` at emission).
 
         Raises ConfigError if thin is outside (0, 1] or smaller than p anywhere."""
@@ -290,17 +332,28 @@ class PMTResponse(nn.Module):
         h = cathode_hits
         p = self.detection_probability(h.wavelength, h.cos_incidence, h.pmt)
         if p.numel() and float(p.detach().max()) > thin * (1 + 1e-6):
-            raise ConfigError(f"thin: got {thin}, but the detection probability reaches "
-                              f"{float(p.detach().max()):.6g}; allowed: thin >= max_detection_probability() "
-                              f"= {self.max_detection_probability():.6g}")
+            raise ConfigError(
+                f"thin: got {thin}, but the detection probability reaches "
+                f"{float(p.detach().max()):.6g}; allowed: thin >= max_detection_probability() "
+                f"= {self.max_detection_probability():.6g}"
+            )
         u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
         keep = u < p / thin
-        return PhotoElectrons(pmt=h.pmt[keep], t=h.t[keep], event=h.event[keep],
-                              dark=torch.zeros(int(keep.sum()), dtype=torch.bool, device=p.device))
+        return PhotoElectrons(
+            pmt=h.pmt[keep],
+            t=h.t[keep],
+            event=h.event[keep],
+            dark=torch.zeros(int(keep.sum()), dtype=torch.bool, device=p.device),
+        )
 
     # ------------------------------------------------------------------ dark noise
-    def dark_noise(self, n_events: int, window_ns: tuple[float, float], generator: torch.Generator,
-                   device: torch.device | str | None = None) -> PhotoElectrons:
+    def dark_noise(
+        self,
+        n_events: int,
+        window_ns: tuple[float, float],
+        generator: torch.Generator,
+        device: torch.device | str | None = None,
+    ) -> PhotoElectrons:
         """Dark p.e.: per event Poisson(R_dark * (t_max - t_min) * 1e-9 * P), PMT and time uniform, dark=True.
 
         window_ns: (t_min, t_max) [ns]; device defaults to this module's device (match the generator)."""
@@ -320,8 +373,9 @@ class PMTResponse(nn.Module):
         return PhotoElectrons(pmt=pmt, t=t, event=event, dark=torch.ones(n, dtype=torch.bool, device=dev))
 
     # ------------------------------------------------------------------ digitisation
-    def digitize(self, pe: PhotoElectrons, n_events: int,
-                 generator: torch.Generator) -> tuple[Hits, dict[str, Tensor]]:
+    def digitize(
+        self, pe: PhotoElectrons, n_events: int, generator: torch.Generator
+    ) -> tuple[Hits, dict[str, Tensor]]:
         """Hits per (event, PMT) and the digitised p.e. (for waveform synthesis).
 
         q_j = gain[pmt_j] * SPE sample (mean 1); t_j = t_j + N(0, tts^2) + time_offset[pmt_j];
@@ -331,11 +385,14 @@ class PMTResponse(nn.Module):
         time_offset."""
         n_events = check_number(n_events, "n_events", minimum=0, integer=True)
         if len(pe) and int(pe.event.max()) >= n_events:
-            raise ConfigError(f"n_events: got {n_events}, but photoelectrons reference event "
-                              f"{int(pe.event.max())}")
+            raise ConfigError(
+                f"n_events: got {n_events}, but photoelectrons reference event {int(pe.event.max())}"
+            )
         if len(pe) and (int(pe.pmt.min()) < 0 or int(pe.pmt.max()) >= self.n_pmts):
-            raise ConfigError(f"pe.pmt: values in [{int(pe.pmt.min())}, {int(pe.pmt.max())}], "
-                              f"allowed: [0, {self.n_pmts - 1}]")
+            raise ConfigError(
+                f"pe.pmt: values in [{int(pe.pmt.min())}, {int(pe.pmt.max())}], "
+                f"allowed: [0, {self.n_pmts - 1}]"
+            )
         dev, dt = pe.t.device, pe.t.dtype if pe.t.is_floating_point() else torch.float32
         n = len(pe)
         q = sample_spe(n, self.spe_family, self.spe_sigma, generator, dev, dt)
@@ -351,20 +408,22 @@ class PMTResponse(nn.Module):
         i = int(torch.argmax(self.qe_efficiency))
         wl = self.qe_wavelength
         mean, rel_var = spe_moments(self.spe_family, self.spe_sigma)
-        return "\n".join([
-            f"PMTResponse '{self.name}': {self.n_pmts} PMTs",
-            f"  QE peak {float(self.qe_efficiency[i]):.3f} at {float(self.qe_wavelength[i]):.0f} nm "
-            f"(table {float(wl[0]):.0f}-{float(wl[-1]):.0f} nm; {self.qe_reference})",
-            f"  qe_scale mean {float(self.qe_scale.detach().mean()):.3f}, "
-            f"collection eff. {self.collection_efficiency:.3f}, "
-            f"angular acceptance {self.acc_kind} {[round(float(c), 4) for c in self.acc_coef]}",
-            f"  max detection probability {self.max_detection_probability():.4f}",
-            f"  SPE {self.spe_family} sigma {self.spe_sigma:.3f} (rel. variance after normalisation "
-            f"{rel_var:.4f}), gain mean {float(self.gain.detach().mean()):.3f}",
-            f"  TTS {self.tts_ns:.3f} ns (1 sigma), "
-            f"time offsets mean {float(self.time_offset.detach().mean()):.3f} ns",
-            f"  dark rate {self.dark_rate_hz:.1f} Hz, threshold {self.threshold_pe:.3f} p.e.",
-        ])
+        return "\n".join(
+            [
+                f"PMTResponse '{self.name}': {self.n_pmts} PMTs",
+                f"  QE peak {float(self.qe_efficiency[i]):.3f} at {float(self.qe_wavelength[i]):.0f} nm "
+                f"(table {float(wl[0]):.0f}-{float(wl[-1]):.0f} nm; {self.qe_reference})",
+                f"  qe_scale mean {float(self.qe_scale.detach().mean()):.3f}, "
+                f"collection eff. {self.collection_efficiency:.3f}, "
+                f"angular acceptance {self.acc_kind} {[round(float(c), 4) for c in self.acc_coef]}",
+                f"  max detection probability {self.max_detection_probability():.4f}",
+                f"  SPE {self.spe_family} sigma {self.spe_sigma:.3f} (rel. variance after normalisation "
+                f"{rel_var:.4f}), gain mean {float(self.gain.detach().mean()):.3f}",
+                f"  TTS {self.tts_ns:.3f} ns (1 sigma), "
+                f"time offsets mean {float(self.time_offset.detach().mean()):.3f} ns",
+                f"  dark rate {self.dark_rate_hz:.1f} Hz, threshold {self.threshold_pe:.3f} p.e.",
+            ]
+        )
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, n_pmts={self.n_pmts}"

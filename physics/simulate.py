@@ -105,8 +105,9 @@ class Simulator:
         if cfg.vertex is not None and not bool(
             self.detector.inside(torch.tensor([cfg.vertex], dtype=torch.float32, device=self.device))[0]
         ):
-            raise ConfigError(f"vertex: got {list(cfg.vertex)!r} [m], which is outside detector "
-                              f"{self.detector.name!r}")
+            raise ConfigError(
+                f"vertex: got {list(cfg.vertex)!r} [m], which is outside detector {self.detector.name!r}"
+            )
 
     def _kinematics(self, n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         dev, cfg = self.device, self.cfg
@@ -124,8 +125,9 @@ class Simulator:
             d = torch.tensor(cfg.direction, dtype=torch.float32, device=dev).expand(n, 3).clone()
         return vtx, d / d.norm(dim=1, keepdim=True)
 
-    def _photons(self, vtx: Tensor, d: Tensor, thin: float, gen: torch.Generator
-                 ) -> tuple[Photons, Tensor | None]:
+    def _photons(
+        self, vtx: Tensor, d: Tensor, thin: float, gen: torch.Generator
+    ) -> tuple[Photons, Tensor | None]:
         """Emitted photons and their linear polarisation (N,3) (None: unpolarised). Cherenkov light is
         polarised in the plane of the photon and its radiating particle (emission.cherenkov_polarization:
         each step's direction for tracks, the cascade axis for showers); scintillation and calibration-source
@@ -140,8 +142,9 @@ class Simulator:
             steps = track_steps(cfg.particle, cfg.energy, vtx, d, self.medium, gen)
             return cherenkov_photons(steps, self.medium, gen, thin=thin, with_polarization=True)
         if cfg.particle in SHOWER_PARTICLES:
-            return shower_photons(cfg.particle, cfg.energy, vtx, d, self.medium, gen, thin=thin,
-                                  with_polarization=True)
+            return shower_photons(
+                cfg.particle, cfg.energy, vtx, d, self.medium, gen, thin=thin, with_polarization=True
+            )
         # calibration sources: Poisson(n_photons * thin) photons per event at one wavelength, t = 0
         mean, wl = cfg.n_photons * thin, cfg.wavelength_nm
         if cfg.particle == "isotropic":
@@ -161,11 +164,14 @@ class Simulator:
             pe = PhotoElectrons.cat([pe, self.sensors.dark_noise(n_events, self.cfg.dark_window_ns, gen)])
         hits, pe_digi = self.sensors.digitize(pe, n_events, gen)
         out = {
-            "truth": {"vertex": vtx, "direction": d,
-                      "energy": torch.full((n_events,), self.cfg.energy, device=self.device),
-                      # emitted photons (the thinned count scaled back: an unbiased estimate)
-                      "n_photons": torch.bincount(photons.event, minlength=n_events) / thin,
-                      "n_pe": torch.bincount(pe.event, minlength=n_events)},
+            "truth": {
+                "vertex": vtx,
+                "direction": d,
+                "energy": torch.full((n_events,), self.cfg.energy, device=self.device),
+                # emitted photons (the thinned count scaled back: an unbiased estimate)
+                "n_photons": torch.bincount(photons.event, minlength=n_events) / thin,
+                "n_pe": torch.bincount(pe.event, minlength=n_events),
+            },
             "hits": hits,
         }
         if self.cfg.keep_photons:
@@ -187,13 +193,26 @@ class Simulator:
             found = key_hit[order][pos] == key_pe
             channel = order[pos][found]
         t_start = hits.time  # the window opens pre_trigger before the first hit (electronics convention)
-        samples = self.electronics.sample(channel, pe_digi["t"][found], pe_digi["charge"][found],
-                                          len(hits), t_start, gen)
-        return {"samples": samples, "event": hits.event, "pmt": hits.pmt, "t_start": t_start,
-                "sampling_ns": self.electronics.sampling_period}
+        samples = self.electronics.sample(
+            channel, pe_digi["t"][found], pe_digi["charge"][found], len(hits), t_start, gen
+        )
+        return {
+            "samples": samples,
+            "event": hits.event,
+            "pmt": hits.pmt,
+            "t_start": t_start,
+            "sampling_ns": self.electronics.sampling_period,
+        }
 
-    def run(self, n_events: int, seed: int, batch_size: int = 16, progress: bool = False,
-            vertices: Tensor | None = None, directions: Tensor | None = None) -> dict:
+    def run(
+        self,
+        n_events: int,
+        seed: int,
+        batch_size: int = 16,
+        progress: bool = False,
+        vertices: Tensor | None = None,
+        directions: Tensor | None = None,
+    ) -> dict:
         """Simulate ``n_events`` events in batches; returns concatenated truth, hits and extras.
 
         vertices, directions: optional per-event (n_events, 3) kinematics [m] / (any norm), used instead of
@@ -210,8 +229,9 @@ class Simulator:
                 if tuple(t.shape) != (n_events, 3):
                     raise ConfigError(f"{name}: got shape {tuple(t.shape)}, expected ({n_events}, 3)")
             if not bool(self.detector.inside(vertices.to(self.device, torch.float32)).all()):
-                raise ConfigError("vertices: some lie outside detector "
-                                  f"{self.detector.name!r}; allowed: points inside it")
+                raise ConfigError(
+                    f"vertices: some lie outside detector {self.detector.name!r}; allowed: points inside it"
+                )
             if bool((directions.norm(dim=1) == 0).any()):
                 raise ConfigError("directions: got a zero vector, expected non-zero directions")
             self._given = (vertices.float(), directions.float())
@@ -239,13 +259,21 @@ class Simulator:
         return {
             "simulation": asdict(self.cfg),
             "version": __version__,
-            "detector": {"name": det.name, "shape": det.shape, "radius_m": det.radius, "height_m": det.height,
-                         "n_pmts": det.n_pmts, "photocoverage": det.photocoverage},
+            "detector": {
+                "name": det.name,
+                "shape": det.shape,
+                "radius_m": det.radius,
+                "height_m": det.height,
+                "n_pmts": det.n_pmts,
+                "photocoverage": det.photocoverage,
+            },
             "medium": self.medium.config,
-            "optics": {"wall_reflectivity": float(self.optics.wall_reflectivity.detach()),
-                       "diffuse_fraction": float(self.optics.diffuse_fraction.detach()),
-                       "pmt_reflectivity": float(self.optics.pmt_reflectivity.detach()),
-                       "max_rounds": self.optics.max_rounds},
+            "optics": {
+                "wall_reflectivity": float(self.optics.wall_reflectivity.detach()),
+                "diffuse_fraction": float(self.optics.diffuse_fraction.detach()),
+                "pmt_reflectivity": float(self.optics.pmt_reflectivity.detach()),
+                "max_rounds": self.optics.max_rounds,
+            },
             "sensors": self.sensors.config,
             "electronics": None if self.electronics is None else self.electronics.config,
         }

@@ -159,8 +159,9 @@ def _exit_root(a, b, c):
 def _wall(px, py, pz, dx, dy, dz, sphere, R, H):
     """Exit distance [m] and surface (0 barrel / sphere, 1 top cap, 2 bottom cap)."""
     if sphere:
-        return _exit_root(dx * dx + dy * dy + dz * dz, px * dx + py * dy + pz * dz,
-                          px * px + py * py + pz * pz - R * R), 0
+        return _exit_root(
+            dx * dx + dy * dy + dz * dz, px * dx + py * dy + pz * dz, px * px + py * py + pz * pz - R * R
+        ), 0
     tb = _exit_root(dx * dx + dy * dy, px * dx + py * dy, px * px + py * py - R * R)
     if dz != 0.0:
         tc = max((math.copysign(0.5 * H, dz) - pz) / dz, 0.0)
@@ -287,8 +288,9 @@ def _disk(px, py, pz, dx, dy, dz, geom, j, limit, best, best_dn, best_j):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _first_pmt(px, py, pz, dx, dy, dz, t_wall, surf, sphere, R, H, shell, pad, tol, g0, g1, g2, bnd,
-               geom, table, counts):
+def _first_pmt(
+    px, py, pz, dx, dy, dz, t_wall, surf, sphere, R, H, shell, pad, tol, g0, g1, g2, bnd, geom, table, counts
+):
     """Nearest PMT disk hit before the wall: (t [m] or inf, d.n, PMT index or -1). Fast path: the candidates
     of the exit point's cell, plus those of the cell of the wall point under the start for a start inside
     the shell; otherwise every PMT. One loop over (cell, candidate) pairs, so that :func:`_cell` and
@@ -351,9 +353,42 @@ def _coefficients(w, lo, inv_h, tab):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _transport(pos, dir, pol, t0, wl, lo, inv_h, tab, sphere, R, H, shell, pad, tol, eps, g0, g1, g2, bnd,
-               geom, table, counts, r_wall, f_diffuse, r_pmt, mie_g, max_rounds, seed,
-               out_pmt, out_t, out_cos, out_indirect, out_steps, out_status):
+def _transport(
+    pos,
+    dir,
+    pol,
+    t0,
+    wl,
+    lo,
+    inv_h,
+    tab,
+    sphere,
+    R,
+    H,
+    shell,
+    pad,
+    tol,
+    eps,
+    g0,
+    g1,
+    g2,
+    bnd,
+    geom,
+    table,
+    counts,
+    r_wall,
+    f_diffuse,
+    r_pmt,
+    mie_g,
+    max_rounds,
+    seed,
+    out_pmt,
+    out_t,
+    out_cos,
+    out_indirect,
+    out_steps,
+    out_status,
+):
     n = pos.shape[0]
     base = np.uint64(seed)
     given_pol = pol.shape[0] == n
@@ -394,14 +429,38 @@ def _transport(pos, dir, pol, t0, wl, lo, inv_h, tab, sphere, R, H, shell, pad, 
             s, u1 = _uniform(s)
             d_int = -math.log(u0) * inv_mu
             t_wall, surf = _wall(px, py, pz, dx, dy, dz, sphere, R, H)
-            if d_int < t_wall and _in_inner(px, py, pz, sphere, R, H, shell) and _in_inner(
-                    px + d_int * dx, py + d_int * dy, pz + d_int * dz, sphere, R, H, shell):
+            if (
+                d_int < t_wall
+                and _in_inner(px, py, pz, sphere, R, H, shell)
+                and _in_inner(px + d_int * dx, py + d_int * dy, pz + d_int * dz, sphere, R, H, shell)
+            ):
                 # start and interaction point deeper than every disk: the segment between them lies in that
                 # convex volume, so no photocathode is met first (same decision as the full look-up)
                 t_pmt, dn, j = math.inf, 0.0, -1
             else:
-                t_pmt, dn, j = _first_pmt(px, py, pz, dx, dy, dz, t_wall, surf, sphere, R, H, shell, pad,
-                                          tol, g0, g1, g2, bnd, geom, table, counts)
+                t_pmt, dn, j = _first_pmt(
+                    px,
+                    py,
+                    pz,
+                    dx,
+                    dy,
+                    dz,
+                    t_wall,
+                    surf,
+                    sphere,
+                    R,
+                    H,
+                    shell,
+                    pad,
+                    tol,
+                    g0,
+                    g1,
+                    g2,
+                    bnd,
+                    geom,
+                    table,
+                    counts,
+                )
             d_bnd = t_pmt if j >= 0 else t_wall
             step = min(d_int, d_bnd)
             if not math.isfinite(step):  # outside the detector / numerical failure: drop
@@ -481,8 +540,11 @@ def medium_table(medium: Any, wl_lo: float, wl_hi: float) -> tuple[float, float,
     hi = max(float(wl_hi), float(medium.wl_max))
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         return None
-    knots = medium.interpolation_knots().double().cpu().numpy() if hasattr(medium, "interpolation_knots") \
+    knots = (
+        medium.interpolation_knots().double().cpu().numpy()
+        if hasattr(medium, "interpolation_knots")
         else np.zeros(0)
+    )
     rel = (knots[(knots > lo) & (knots < hi)] - lo) / (hi - lo)
     base = 1  # smallest interval count that puts every knot on a node: lcm of the knots' denominators
     for q in np.unique(rel):
@@ -521,14 +583,30 @@ def _detector_tables(detector: Any) -> tuple:
             g = (int(m["n_phi"]), int(m["n_z"]), int(m["n_c"]))
             ang = -math.pi + 2.0 * math.pi * np.arange(g[0] + 1) / g[0]
         bnd = np.ascontiguousarray(np.stack([np.cos(ang), np.sin(ang)], 1))
-        cache[key] = (np.ascontiguousarray(geom.numpy()), np.ascontiguousarray(table.numpy(), dtype=np.int32),
-                      np.ascontiguousarray(counts.numpy(), dtype=np.int32), g, bnd)
+        cache[key] = (
+            np.ascontiguousarray(geom.numpy()),
+            np.ascontiguousarray(table.numpy(), dtype=np.int32),
+            np.ascontiguousarray(counts.numpy(), dtype=np.int32),
+            g,
+            bnd,
+        )
     return cache[key]
 
 
-def transport(photons: Any, polarization: torch.Tensor | None, detector: Any, medium_tab: tuple, *,
-              wall_reflectivity: float, diffuse_fraction: float, pmt_reflectivity: float, mie_g: float,
-              max_rounds: int, seed: int, eps: float) -> dict[str, Any]:
+def transport(
+    photons: Any,
+    polarization: torch.Tensor | None,
+    detector: Any,
+    medium_tab: tuple,
+    *,
+    wall_reflectivity: float,
+    diffuse_fraction: float,
+    pmt_reflectivity: float,
+    mie_g: float,
+    max_rounds: int,
+    seed: int,
+    eps: float,
+) -> dict[str, Any]:
     """Transport every photon of ``photons`` (:class:`physics.records.Photons` on CPU) to its death.
 
     polarization: (N,3) linear polarisation (projected perpendicular to dir here) or None (unpolarised:
@@ -549,8 +627,14 @@ def transport(photons: Any, polarization: torch.Tensor | None, detector: Any, me
         return np.ascontiguousarray(x.numpy())
 
     n = len(photons)
-    out = dict(pmt=np.empty(n, np.int64), t=np.empty(n), cos_incidence=np.empty(n),
-               indirect=np.empty(n, np.bool_), steps=np.empty(n, np.int32), status=np.empty(n, np.int8))
+    out = dict(
+        pmt=np.empty(n, np.int64),
+        t=np.empty(n),
+        cos_incidence=np.empty(n),
+        indirect=np.empty(n, np.bool_),
+        steps=np.empty(n, np.int32),
+        status=np.empty(n, np.int8),
+    )
     pos = arr(photons.pos)
     pol = np.zeros((0, 3), pos.dtype) if polarization is None else arr(polarization).astype(pos.dtype)
     lo, inv_h, tab = medium_tab
@@ -560,12 +644,42 @@ def transport(photons: Any, polarization: torch.Tensor | None, detector: Any, me
         old = get_num_threads()
         set_num_threads(threads)
         try:
-            _transport(pos, arr(photons.dir), pol, arr(photons.t), arr(photons.wavelength), lo, inv_h,
-                       tab, sphere, float(detector.radius), 0.0 if sphere else float(detector.height),
-                       float(detector.shell), float(detector.pad), float(detector.tol), float(eps), g0, g1,
-                       g2, bnd, geom, table, counts, float(wall_reflectivity), float(diffuse_fraction),
-                       float(pmt_reflectivity), float(mie_g), int(max_rounds), int(seed), out["pmt"],
-                       out["t"], out["cos_incidence"], out["indirect"], out["steps"], out["status"])
+            _transport(
+                pos,
+                arr(photons.dir),
+                pol,
+                arr(photons.t),
+                arr(photons.wavelength),
+                lo,
+                inv_h,
+                tab,
+                sphere,
+                float(detector.radius),
+                0.0 if sphere else float(detector.height),
+                float(detector.shell),
+                float(detector.pad),
+                float(detector.tol),
+                float(eps),
+                g0,
+                g1,
+                g2,
+                bnd,
+                geom,
+                table,
+                counts,
+                float(wall_reflectivity),
+                float(diffuse_fraction),
+                float(pmt_reflectivity),
+                float(mie_g),
+                int(max_rounds),
+                int(seed),
+                out["pmt"],
+                out["t"],
+                out["cos_incidence"],
+                out["indirect"],
+                out["steps"],
+                out["status"],
+            )
         finally:
             set_num_threads(old)
     return out

@@ -14,8 +14,27 @@ from physics.simulate import SimConfig, Simulator
 
 def test_simulate_show_round_trip(tmp_path, capsys):
     out = tmp_path / "ev.h5"
-    rc = main(["simulate", "--events", "3", "--particle", "mu-", "--energy", "300", "--vertex", "0,0,0",
-               "--direction", "1,0,0", "--waveforms", "--seed", "5", "-q", "-o", str(out)])
+    rc = main(
+        [
+            "simulate",
+            "--events",
+            "3",
+            "--particle",
+            "mu-",
+            "--energy",
+            "300",
+            "--vertex",
+            "0,0,0",
+            "--direction",
+            "1,0,0",
+            "--waveforms",
+            "--seed",
+            "5",
+            "-q",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0 and out.exists()
     run = read_run(out)
     assert run.seed == 5
@@ -81,10 +100,18 @@ def test_same_seed_same_events_other_seed_different():
 def test_calibration_sources_through_the_chain():
     """An isotropic source at the centre lights both caps and the barrel all around; a laser fired along +x
     from the centre puts its light on the barrel PMTs around (R, 0, 0)."""
-    iso = Simulator(SimConfig(particle="isotropic", n_photons=2e5, vertex=[0.0, 0.0, 0.0],
-                              direction=[1.0, 0.0, 0.0])).run(2, seed=3)
-    las_sim = Simulator(SimConfig(particle="laser", n_photons=2e4, vertex=[0.0, 0.0, 0.0],
-                                  direction=[1.0, 0.0, 0.0], laser_divergence_deg=2.0))
+    iso = Simulator(
+        SimConfig(particle="isotropic", n_photons=2e5, vertex=[0.0, 0.0, 0.0], direction=[1.0, 0.0, 0.0])
+    ).run(2, seed=3)
+    las_sim = Simulator(
+        SimConfig(
+            particle="laser",
+            n_photons=2e4,
+            vertex=[0.0, 0.0, 0.0],
+            direction=[1.0, 0.0, 0.0],
+            laser_divergence_deg=2.0,
+        )
+    )
     las = las_sim.run(2, seed=3)
     det = las_sim.detector
     pos = det.pmt_pos[iso["hits"].pmt]
@@ -100,8 +127,9 @@ def test_calibration_sources_through_the_chain():
 def test_scintillator_medium_adds_scintillation_light():
     """A muon in liquid scintillator gives far more light than Cherenkov alone: the LAB yield
     (~1e4 photons/MeV, Birks-quenched) exceeds the Cherenkov yield (~2e2 photons/MeV in the band) by > 10x."""
-    kw = dict(detector="wcte", particle="mu-", energy=200.0, vertex=[0.0, 0.0, 0.0],
-              direction=[0.0, 0.0, 1.0])
+    kw = dict(
+        detector="wcte", particle="mu-", energy=200.0, vertex=[0.0, 0.0, 0.0], direction=[0.0, 0.0, 1.0]
+    )
     water = Simulator(SimConfig(medium="water", **kw)).run(1, seed=1)
     ls = Simulator(SimConfig(medium="juno_ls", **kw)).run(1, seed=1)
     assert float(ls["hits"].charge.sum()) > 10 * float(water["hits"].charge.sum())

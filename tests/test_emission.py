@@ -272,8 +272,9 @@ def test_ring_direction_event_by_event_vs_geant4(water):
     gen = torch.Generator().manual_seed(21)
     d = torch.tensor(cfg["direction"], dtype=torch.float64)
     d = (d / d.norm()).float().expand(n_ev, 3)
-    steps = em.track_steps(cfg["particle"], cfg["energy_mev"], torch.tensor(cfg["vertex_m"]).expand(n_ev, 3),
-                           d, water, gen)
+    steps = em.track_steps(
+        cfg["particle"], cfg["energy_mev"], torch.tensor(cfg["vertex_m"]).expand(n_ev, 3), d, water, gen
+    )
     ph = em.cherenkov_photons(steps, water, gen)
     cnt = torch.bincount(ph.event, minlength=n_ev).double()
     sums = torch.stack([torch.bincount(ph.event, ph.dir[:, k].double(), minlength=n_ev) for k in range(3)], 1)
@@ -470,16 +471,26 @@ def test_cherenkov_polarization_track_and_shower(water):
     photons themselves are unchanged by asking for the polarisation (same random stream)."""
     u = torch.tensor([[0.3, -0.2, 0.9]], dtype=torch.float64)
     u = u / u.norm()
-    steps = em.track_steps("mu-", 400.0, torch.zeros(1, 3), u, water, torch.Generator().manual_seed(3),
-                           multiple_scattering=False)
-    ph, pol = em.cherenkov_photons(steps, water, torch.Generator().manual_seed(4), thin=0.05,
-                                   with_polarization=True)
+    steps = em.track_steps(
+        "mu-", 400.0, torch.zeros(1, 3), u, water, torch.Generator().manual_seed(3), multiple_scattering=False
+    )
+    ph, pol = em.cherenkov_photons(
+        steps, water, torch.Generator().manual_seed(4), thin=0.05, with_polarization=True
+    )
     assert len(ph) > 1000 and pol.shape == ph.dir.shape
     _check_cone_polarization(ph.dir, pol, u.expand(len(ph), 3))
     same = em.cherenkov_photons(steps, water, torch.Generator().manual_seed(4), thin=0.05)
     assert torch.equal(same.dir, ph.dir) and torch.equal(same.t, ph.t)
-    sh, spol = em.shower_photons("e-", 300.0, torch.zeros(1, 3), u, water, torch.Generator().manual_seed(5),
-                                 thin=0.05, with_polarization=True)
+    sh, spol = em.shower_photons(
+        "e-",
+        300.0,
+        torch.zeros(1, 3),
+        u,
+        water,
+        torch.Generator().manual_seed(5),
+        thin=0.05,
+        with_polarization=True,
+    )
     _check_cone_polarization(sh.dir, spol, u.expand(len(sh), 3))
     # a photon along the axis has no such plane: zero (the optics then draws a random polarisation)
     k = u.clone()
@@ -491,8 +502,11 @@ def test_simulator_passes_cherenkov_polarization():
     scattering on): unit, perpendicular to the photon; none for calibration sources."""
     from physics.simulate import SimConfig, Simulator
 
-    sim = Simulator(SimConfig(detector="wcte", particle="mu-", energy=300.0, vertex=(0.0, 0.0, 0.0),
-                              direction=(0.0, 0.0, 1.0)))
+    sim = Simulator(
+        SimConfig(
+            detector="wcte", particle="mu-", energy=300.0, vertex=(0.0, 0.0, 0.0), direction=(0.0, 0.0, 1.0)
+        )
+    )
     vtx, d = torch.zeros(1, 3), torch.tensor([[0.0, 0.0, 1.0]])
     ph, pol = sim._photons(vtx, d, 0.05, torch.Generator().manual_seed(6))
     assert pol is not None and pol.shape == ph.dir.shape
@@ -502,8 +516,9 @@ def test_simulator_passes_cherenkov_polarization():
     # photon and +z: its out-of-plane component is about the step's multiple-scattering deflection (Highland
     # theta_0 ~ 0.05 rad averaged over a 300 MeV muon's path), against a median of 0.71 for random
     # (unpolarised) light
-    cross = torch.linalg.cross(torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64).expand(len(ph), 3),
-                               ph.dir.double())
+    cross = torch.linalg.cross(
+        torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64).expand(len(ph), 3), ph.dir.double()
+    )
     assert float((pol.double() * cross / cross.norm(dim=1, keepdim=True)).sum(1).abs().median()) < 0.15
     src = Simulator(SimConfig(detector="wcte", particle="isotropic", n_photons=1000.0))
     assert src._photons(vtx, d, 1.0, torch.Generator().manual_seed(7))[1] is None

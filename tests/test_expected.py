@@ -542,9 +542,13 @@ def test_track_nodes_mean_position_matches_scattered_mc_tracks() -> None:
     m = Medium.load("water")
     n_ev = 4000
     st = emission.track_steps(
-        "mu-", 500.0, torch.zeros(n_ev, 3, dtype=torch.float64),
-        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(n_ev, 3), m,
-        torch.Generator().manual_seed(5), dtype=torch.float64,
+        "mu-",
+        500.0,
+        torch.zeros(n_ev, 3, dtype=torch.float64),
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).expand(n_ev, 3),
+        m,
+        torch.Generator().manual_seed(5),
+        dtype=torch.float64,
     )
     k = int(torch.bincount(st.event)[0])  # CSDA stepping: every event has the same steps
     path = (st.x1 - st.x0).norm(dim=1).reshape(n_ev, k).cumsum(1)
@@ -552,8 +556,12 @@ def test_track_nodes_mean_position_matches_scattered_mc_tracks() -> None:
     mc, err = deficit.mean(0), deficit.std(0) / math.sqrt(n_ev)
     wl = torch.linspace(m.wl_min, m.wl_max, 200, dtype=torch.float64)
     nodes = muon_track_nodes(
-        torch.tensor([500.0], dtype=torch.float64), MUON_MASS, float(m.refractive_index(wl).max()), 2048,
-        lambda kin: emission.bethe_dedx(kin, MUON_MASS, m, spin_half=True), m.radiation_length,
+        torch.tensor([500.0], dtype=torch.float64),
+        MUON_MASS,
+        float(m.refractive_index(wl).max()),
+        2048,
+        lambda kin: emission.bethe_dedx(kin, MUON_MASS, m, spin_half=True),
+        m.radiation_length,
     )
     lp, dl = nodes["path"][0].numpy(), (nodes["path"] - nodes["s"])[0].numpy()
     assert 0.008 < dl[-1] < 0.012  # ~1 cm at the end of the 2.2 m track
@@ -589,11 +597,27 @@ def test_ms_time_shift_is_the_gaussian_conditional_displacement() -> None:
         sel = (a - delta).abs() < 0.02 * sig
         mc = -(ng / C_M_PER_NS) * math.sin(alpha) * float(u[sel].mean())
         err = (ng / C_M_PER_NS) * math.sin(alpha) * float(u[sel].std()) / math.sqrt(int(sel.sum()))
-        got = float(ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(r)[None], t(math.sin(alpha))[None],
-                                  t(delta)[None], t(sig2)[None], ng))
+        got = float(
+            ms_time_shift(
+                t(s).view(1, 1),
+                t(th2).view(1, 1),
+                t(r)[None],
+                t(math.sin(alpha))[None],
+                t(delta)[None],
+                t(sig2)[None],
+                ng,
+            )
+        )
         assert abs(got - mc) < 0.03 * abs(mc) + 3 * err, (delta, got, mc, err)
-    on_ring = ms_time_shift(t(s).view(1, 1), t(th2).view(1, 1), t(r)[None], t(math.sin(alpha))[None],
-                            t(0.0)[None], t(sig2)[None], ng)
+    on_ring = ms_time_shift(
+        t(s).view(1, 1),
+        t(th2).view(1, 1),
+        t(r)[None],
+        t(math.sin(alpha))[None],
+        t(0.0)[None],
+        t(sig2)[None],
+        ng,
+    )
     assert float(on_ring.abs()) == 0.0
 
 
@@ -611,8 +635,10 @@ def test_track_quadrature_resolves_the_collapsing_cone() -> None:
     d = torch.tensor([[0.1, 0.05, 1.0]], dtype=F64)
     d = d / d.norm()
     p = {"vertex": vtx, "direction": d, "energy": torch.tensor([400.0], dtype=F64)}
-    mu = {k: PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=k).expected(p)["mu"][0].detach()
-          for k in (64, 2048)}
+    mu = {
+        k: PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=k).expected(p)["mu"][0].detach()
+        for k in (64, 2048)
+    }
     ref = mu[2048]
     rel = det.pmt_pos.double() - vtx
     ang = torch.rad2deg(torch.acos(((rel @ d[0]) / rel.norm(dim=1)).clamp(-1, 1)))

@@ -49,13 +49,15 @@ def _iso_check(n_ev: int, n_ph: int, n_trace: int, diffuse: float, seed: int) ->
     ph = emission.isotropic_source(torch.tensor([vtx] * n_ev, dtype=F64), n_ph, gen, wavelength=405.0)
     tot, ind, sw2 = _mc(ph, det, sen, opt, med, n_ev, gen)
     resp = PhysicsResponse(det, med, sen, "isotropic", opt, source_wavelength=405.0)
-    direct = resp.expected({"vertex": torch.tensor([vtx], dtype=F64),
-                            "n_photons": torch.tensor([n_ph], dtype=F64)})["mu"][0].detach()
+    direct = resp.expected(
+        {"vertex": torch.tensor([vtx], dtype=F64), "n_photons": torch.tensor([n_ph], dtype=F64)}
+    )["mu"][0].detach()
     # the expectation's own sampling error: trace K independent batches, use their spread
     k = 8
     g2 = torch.Generator().manual_seed(seed + 1)
-    tr = emission.isotropic_source(torch.tensor([vtx] * k, dtype=F64), n_trace // k, g2, wavelength=405.0,
-                                   dtype=F64)
+    tr = emission.isotropic_source(
+        torch.tensor([vtx] * k, dtype=F64), n_trace // k, g2, wavelength=405.0, dtype=F64
+    )
     mu_k = indirect_light(tr, det, med, opt, sen, k, g2, weight=n_ph / (n_trace // k))["mu"].detach()
     mu_ind, err_ind = mu_k.mean(0), mu_k.std(0) / math.sqrt(k)
     ind_mc, ind_err = float(ind.sum(1).mean()), float(ind.sum(1).std() / math.sqrt(n_ev))
@@ -105,12 +107,14 @@ def test_track_direct_plus_indirect_vs_mc(particle):
 
     def photons(n, gen, thin_):
         if particle == "mu-":
-            st = emission.track_steps(particle, energy, vtx.expand(n, 3).float(), d.expand(n, 3).float(), med,
-                                      gen)
+            st = emission.track_steps(
+                particle, energy, vtx.expand(n, 3).float(), d.expand(n, 3).float(), med, gen
+            )
             ph = emission.cherenkov_photons(st, med, gen, thin=thin_, chunk_photons=200_000)
         else:
-            ph = emission.shower_photons(particle, energy, vtx.expand(n, 3).float(), d.expand(n, 3).float(),
-                                         med, gen, thin=thin_)
+            ph = emission.shower_photons(
+                particle, energy, vtx.expand(n, 3).float(), d.expand(n, 3).float(), med, gen, thin=thin_
+            )
         u = d.float().expand_as(ph.dir)
         pol = -(u - (u * ph.dir).sum(1, keepdim=True) * ph.dir)
         return ph, pol
@@ -121,15 +125,22 @@ def test_track_direct_plus_indirect_vs_mc(particle):
     tot, _, _ = _mc(ph, det, sen, opt, med, n_ev, gen, polarization=pol)
     tot = tot / thin
     resp = PhysicsResponse(det, med, sen, particle, opt)
-    direct = resp.expected({"vertex": vtx, "direction": d,
-                            "energy": torch.tensor([energy], dtype=F64)})["mu"][0].detach()
+    direct = resp.expected({"vertex": vtx, "direction": d, "energy": torch.tensor([energy], dtype=F64)})[
+        "mu"
+    ][0].detach()
     g2 = torch.Generator().manual_seed(6)
     n_tr, keep = 8, 0.05
     tr, tpol = photons(n_tr, g2, keep)
-    tr = Photons(pos=tr.pos.double(), dir=tr.dir.double(), t=tr.t.double(), wavelength=tr.wavelength.double(),
-                 event=torch.zeros_like(tr.event))
-    mu_ind = indirect_light(tr, det, med, opt, sen, 1, g2, weight=1.0 / (keep * n_tr),
-                            polarization=tpol.double())["mu"][0].detach()
+    tr = Photons(
+        pos=tr.pos.double(),
+        dir=tr.dir.double(),
+        t=tr.t.double(),
+        wavelength=tr.wavelength.double(),
+        event=torch.zeros_like(tr.event),
+    )
+    mu_ind = indirect_light(
+        tr, det, med, opt, sen, 1, g2, weight=1.0 / (keep * n_tr), polarization=tpol.double()
+    )["mu"][0].detach()
     mu, mc = direct + mu_ind, tot.mean(0)
     tot_err = float(tot.sum(1).std() / math.sqrt(n_ev))
     assert abs(float(mu.sum()) - float(mc.sum())) < max(0.01 * float(mc.sum()), 2.5 * tot_err)
@@ -149,11 +160,18 @@ def test_gradcheck_detector_and_source_parameters():
     with torch.no_grad():
         med.rayleigh_scale.fill_(0.02)  # short scattering length: every order of scattering matters
         med.abs_scale.fill_(0.1)
-    base = emission.isotropic_source(torch.zeros(1, 3, dtype=F64), 8, torch.Generator().manual_seed(2),
-                                     wavelength=420.0, dtype=F64)
+    base = emission.isotropic_source(
+        torch.zeros(1, 3, dtype=F64), 8, torch.Generator().manual_seed(2), wavelength=420.0, dtype=F64
+    )
 
-    slots = [(med, "abs_scale"), (med, "rayleigh_scale"), (opt, "wall_reflectivity"),
-             (opt, "pmt_reflectivity"), (opt, "diffuse_fraction"), (sen, "qe_scale")]
+    slots = [
+        (med, "abs_scale"),
+        (med, "rayleigh_scale"),
+        (opt, "wall_reflectivity"),
+        (opt, "pmt_reflectivity"),
+        (opt, "diffuse_fraction"),
+        (sen, "qe_scale"),
+    ]
 
     def g(*args):
         """Functional form: the parameters are routed through the modules on every call."""
@@ -162,18 +180,26 @@ def test_gradcheck_detector_and_source_parameters():
             for (m, name), val in zip(slots, args[:-1], strict=True):
                 delattr(m, name)
                 setattr(m, name, val)
-            ph = Photons(pos=base.pos + args[-1], dir=base.dir, t=base.t, wavelength=base.wavelength,
-                         event=base.event)
-            return indirect_light(ph, det, med, opt, sen, 1, torch.Generator().manual_seed(3),
-                                  max_rounds=3)["mu"].sum(1)
+            ph = Photons(
+                pos=base.pos + args[-1], dir=base.dir, t=base.t, wavelength=base.wavelength, event=base.event
+            )
+            return indirect_light(ph, det, med, opt, sen, 1, torch.Generator().manual_seed(3), max_rounds=3)[
+                "mu"
+            ].sum(1)
         finally:
             for (m, name), par in zip(slots, saved, strict=True):
                 delattr(m, name)
                 m.register_parameter(name, par)
 
-    args = (torch.tensor(0.1, dtype=F64), torch.tensor(0.02, dtype=F64), torch.tensor(0.4, dtype=F64),
-            torch.tensor(0.2, dtype=F64), torch.tensor(0.7, dtype=F64),
-            torch.ones(det.n_pmts, dtype=F64), torch.tensor([0.05, -0.02, 0.1], dtype=F64))
+    args = (
+        torch.tensor(0.1, dtype=F64),
+        torch.tensor(0.02, dtype=F64),
+        torch.tensor(0.4, dtype=F64),
+        torch.tensor(0.2, dtype=F64),
+        torch.tensor(0.7, dtype=F64),
+        torch.ones(det.n_pmts, dtype=F64),
+        torch.tensor([0.05, -0.02, 0.1], dtype=F64),
+    )
     args = tuple(a.clone().requires_grad_(True) for a in args)
     out = g(*args)
     assert float(out.sum().detach()) > 0
@@ -185,8 +211,9 @@ def test_gradcheck_detector_and_source_parameters():
 def test_bad_input():
     det = _cyl(0.6, 1.2, 0.1, 0.35)
     med, sen, opt = Medium.load("water"), PMTResponse.load("default", n_pmts=det.n_pmts), Optics()
-    ph = emission.isotropic_source(torch.zeros(2, 3, dtype=F64), 5, torch.Generator().manual_seed(0),
-                                   dtype=F64)
+    ph = emission.isotropic_source(
+        torch.zeros(2, 3, dtype=F64), 5, torch.Generator().manual_seed(0), dtype=F64
+    )
     gen = torch.Generator().manual_seed(1)
     with pytest.raises(ConfigError, match="photons.event"):
         indirect_light(ph, det, med, opt, sen, 1, gen)
@@ -212,8 +239,16 @@ def test_response_indirect_gradcheck_and_freeze(particle):
     opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
     with torch.no_grad():
         med.rayleigh_scale.fill_(0.05)
-    resp = PhysicsResponse(det, med, sen, particle, opt, n_track_nodes=16, n_depth_nodes=8,
-                           indirect={"n_trace": 150, "seed": 4, "max_rounds": 3})
+    resp = PhysicsResponse(
+        det,
+        med,
+        sen,
+        particle,
+        opt,
+        n_track_nodes=16,
+        n_depth_nodes=8,
+        indirect={"n_trace": 150, "seed": 4, "max_rounds": 3},
+    )
     v = torch.tensor([[0.1, -0.2, -0.3]], dtype=F64)
     d = torch.tensor([[0.3, 0.1, 1.0]], dtype=F64)
     second = torch.tensor([60.0 if particle != "isotropic" else 5e4], dtype=F64)

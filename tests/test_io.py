@@ -36,9 +36,15 @@ def cylinder_detector(radius=2.0, height=4.0, n_phi=48, n_z=16, n_ring=6):
             cn.append(np.tile([0.0, 0.0, -sgn], (m, 1)))
     pos = np.concatenate([barrel] + caps)
     nrm = np.concatenate([bn] + cn)
-    return {"name": "test-cyl", "shape": "cylinder", "radius": radius, "height": height,
-            "pmt_pos": torch.tensor(pos), "pmt_normal": torch.tensor(nrm),
-            "pmt_radius": torch.full((len(pos),), 0.04)}
+    return {
+        "name": "test-cyl",
+        "shape": "cylinder",
+        "radius": radius,
+        "height": height,
+        "pmt_pos": torch.tensor(pos),
+        "pmt_normal": torch.tensor(nrm),
+        "pmt_radius": torch.full((len(pos),), 0.04),
+    }
 
 
 def sphere_detector(radius=17.7, n=3000):
@@ -48,38 +54,67 @@ def sphere_detector(radius=17.7, n=3000):
     phi = np.pi * (1 + 5**0.5) * i
     s = np.sqrt(1 - cz**2)
     u = np.stack([s * np.cos(phi), s * np.sin(phi), cz], 1)
-    return {"name": "test-sphere", "shape": "sphere", "radius": radius, "height": None,
-            "pmt_pos": torch.tensor(radius * u), "pmt_normal": torch.tensor(-u),
-            "pmt_radius": torch.full((n,), 0.254)}
+    return {
+        "name": "test-sphere",
+        "shape": "sphere",
+        "radius": radius,
+        "height": None,
+        "pmt_pos": torch.tensor(radius * u),
+        "pmt_normal": torch.tensor(-u),
+        "pmt_radius": torch.full((n,), 0.254),
+    }
 
 
 def make_run(n_events=6, n_pmts=400, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = 300
-    hits = Hits(pmt=torch.randint(0, n_pmts, (n,), generator=g),
-                charge=torch.rand(n, generator=g) * 5,
-                time=torch.randn(n, generator=g, dtype=torch.float64) * 3 + 20,
-                event=torch.randint(0, n_events, (n,), generator=g))  # deliberately unsorted
-    truth = {"vertex": torch.randn(n_events, 3, generator=g),
-             "direction": torch.randn(n_events, 3, generator=g),
-             "energy": torch.rand(n_events, generator=g, dtype=torch.float64) * 500,
-             "particle": np.array(["mu-", "e-", "gamma", "mu+", "e+", "mu-"][:n_events]),
-             "custom_gain": torch.arange(n_events, dtype=torch.int32)}
+    hits = Hits(
+        pmt=torch.randint(0, n_pmts, (n,), generator=g),
+        charge=torch.rand(n, generator=g) * 5,
+        time=torch.randn(n, generator=g, dtype=torch.float64) * 3 + 20,
+        event=torch.randint(0, n_events, (n,), generator=g),
+    )  # deliberately unsorted
+    truth = {
+        "vertex": torch.randn(n_events, 3, generator=g),
+        "direction": torch.randn(n_events, 3, generator=g),
+        "energy": torch.rand(n_events, generator=g, dtype=torch.float64) * 500,
+        "particle": np.array(["mu-", "e-", "gamma", "mu+", "e+", "mu-"][:n_events]),
+        "custom_gain": torch.arange(n_events, dtype=torch.int32),
+    }
     m = 200
-    photons = CathodeHits(pmt=torch.randint(0, n_pmts, (m,), generator=g), t=torch.rand(m, generator=g),
-                          wavelength=300 + 300 * torch.rand(m, generator=g),
-                          cos_incidence=torch.rand(m, generator=g),
-                          event=torch.randint(0, n_events, (m,), generator=g),
-                          indirect=torch.rand(m, generator=g) < 0.3)
+    photons = CathodeHits(
+        pmt=torch.randint(0, n_pmts, (m,), generator=g),
+        t=torch.rand(m, generator=g),
+        wavelength=300 + 300 * torch.rand(m, generator=g),
+        cos_incidence=torch.rand(m, generator=g),
+        event=torch.randint(0, n_events, (m,), generator=g),
+        indirect=torch.rand(m, generator=g) < 0.3,
+    )
     c, s = 50, 128
-    waveforms = {"samples": torch.randint(-100, 4000, (c, s), generator=g, dtype=torch.int16),
-                 "event": torch.randint(0, n_events, (c,), generator=g),
-                 "pmt": torch.randint(0, n_pmts, (c,), generator=g),
-                 "t_start": torch.rand(c, generator=g) * 100, "sampling_ns": 2.0}
-    config = {"detector": "wcte", "medium": {"name": "water", "abs_scale": 1.0}, "sensors": "default",
-              "list": [1, 2.5, "x"], "nested": {"a": None, "b": True}}
-    return dict(config=config, seed=1234567890123, truth=truth, hits=hits, n_events=n_events, photons=photons,
-                waveforms=waveforms, truth_units={"custom_gain": "1"})
+    waveforms = {
+        "samples": torch.randint(-100, 4000, (c, s), generator=g, dtype=torch.int16),
+        "event": torch.randint(0, n_events, (c,), generator=g),
+        "pmt": torch.randint(0, n_pmts, (c,), generator=g),
+        "t_start": torch.rand(c, generator=g) * 100,
+        "sampling_ns": 2.0,
+    }
+    config = {
+        "detector": "wcte",
+        "medium": {"name": "water", "abs_scale": 1.0},
+        "sensors": "default",
+        "list": [1, 2.5, "x"],
+        "nested": {"a": None, "b": True},
+    }
+    return dict(
+        config=config,
+        seed=1234567890123,
+        truth=truth,
+        hits=hits,
+        n_events=n_events,
+        photons=photons,
+        waveforms=waveforms,
+        truth_units={"custom_gain": "1"},
+    )
 
 
 def _files(folder):
@@ -122,9 +157,18 @@ def test_round_trip_preserves_every_field(tmp_path):
         ds = f["run0/waveforms/samples"]
         assert ds.compression == "gzip" and ds.chunks is not None
     assert set(run.units) == set(names)
-    expect_units = {"hits/time": "ns", "hits/charge": "p.e.", "truth/vertex": "m", "truth/energy": "MeV",
-                    "photons/wavelength": "nm", "photons/t": "ns", "waveforms/t_start": "ns",
-                    "waveforms/samples": "ADC counts", "detector/pmt_pos": "m", "truth/custom_gain": "1"}
+    expect_units = {
+        "hits/time": "ns",
+        "hits/charge": "p.e.",
+        "truth/vertex": "m",
+        "truth/energy": "MeV",
+        "photons/wavelength": "nm",
+        "photons/t": "ns",
+        "waveforms/t_start": "ns",
+        "waveforms/samples": "ADC counts",
+        "detector/pmt_pos": "m",
+        "truth/custom_gain": "1",
+    }
     for k, u in expect_units.items():
         assert run.units[k] == u, k
     # CSR slice gives the event's hits

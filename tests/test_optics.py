@@ -59,8 +59,9 @@ def water(abs_m: float = HUGE, ray_m: float = HUGE, mie: dict | None = None) -> 
 def black_cylinder(radius: float, height: float) -> Detector:
     """Cylinder for bare-wall runs (``use_pmts=False``); the Detector class requires >= 1 PMT, so it holds one
     0.1 mm photocathode at the bottom centre (hit probability ~1e-11 per photon even if it were used)."""
-    return Detector("black_cyl", "cylinder", radius, height, [[0.0, 0.0, -height / 2]], [[0.0, 0.0, 1.0]],
-                    [1e-4])
+    return Detector(
+        "black_cyl", "cylinder", radius, height, [[0.0, 0.0, -height / 2]], [[0.0, 0.0, 1.0]], [1e-4]
+    )
 
 
 def black_sphere(radius: float) -> Detector:
@@ -72,8 +73,9 @@ def isotropic_dirs(n: int, gen: torch.Generator, dtype=torch.float32) -> torch.T
     return (v / v.norm(dim=1, keepdim=True)).to(dtype)
 
 
-def photons_at(pos: torch.Tensor, dirs: torch.Tensor, wl: torch.Tensor | float = 400.0,
-               event: torch.Tensor | None = None) -> Photons:
+def photons_at(
+    pos: torch.Tensor, dirs: torch.Tensor, wl: torch.Tensor | float = 400.0, event: torch.Tensor | None = None
+) -> Photons:
     n = dirs.shape[0]
     dtype = dirs.dtype
     pos = pos.to(dtype).expand(n, 3).contiguous()
@@ -86,17 +88,32 @@ def photons_at(pos: torch.Tensor, dirs: torch.Tensor, wl: torch.Tensor | float =
 # configuration
 # ----------------------------------------------------------------------------------------------------------
 def test_config_validation():
-    o = Optics.from_config({"wall_reflectivity": 0.3, "diffuse_fraction": 0.25, "pmt_reflectivity": 0.05,
-                            "max_rounds": 7, "chunk_size": 1000})
+    o = Optics.from_config(
+        {
+            "wall_reflectivity": 0.3,
+            "diffuse_fraction": 0.25,
+            "pmt_reflectivity": 0.05,
+            "max_rounds": 7,
+            "chunk_size": 1000,
+        }
+    )
     assert float(o.wall_reflectivity.detach()) == pytest.approx(0.3)
     assert float(o.diffuse_fraction.detach()) == pytest.approx(0.25)
     assert float(o.pmt_reflectivity.detach()) == pytest.approx(0.05)
     assert o.max_rounds == 7 and o.chunk_size == 1000
     names = {n for n, _ in o.named_parameters()}
     assert names == {"wall_reflectivity", "diffuse_fraction", "pmt_reflectivity"}
-    bad = [{"wall_reflectivity": 1.5}, {"wall_reflectivity": -0.1}, {"diffuse_fraction": 2.0},
-           {"pmt_reflectivity": float("nan")}, {"max_rounds": 0}, {"max_rounds": 2.5}, {"chunk_size": 0},
-           {"wall_reflectivity": "0.2"}, {"reflectivity": 0.2}]
+    bad = [
+        {"wall_reflectivity": 1.5},
+        {"wall_reflectivity": -0.1},
+        {"diffuse_fraction": 2.0},
+        {"pmt_reflectivity": float("nan")},
+        {"max_rounds": 0},
+        {"max_rounds": 2.5},
+        {"chunk_size": 0},
+        {"wall_reflectivity": "0.2"},
+        {"reflectivity": 0.2},
+    ]
     for cfg in bad:
         with pytest.raises(ConfigError) as err:
             Optics.from_config(cfg)
@@ -127,8 +144,14 @@ def test_phase_function_kernels():
 # photocathode solid angle and attenuation
 # ----------------------------------------------------------------------------------------------------------
 def _sphere_with_pmts() -> Detector:
-    return Detector.from_config({"name": "solid_angle", "shape": "sphere", "radius_m": 2.0,
-                                 "pmt": {"layout": "fibonacci", "radius_m": 0.1, "n_target": 100}})
+    return Detector.from_config(
+        {
+            "name": "solid_angle",
+            "shape": "sphere",
+            "radius_m": 2.0,
+            "pmt": {"layout": "fibonacci", "radius_m": 0.1, "n_target": 100},
+        }
+    )
 
 
 @pytest.mark.parametrize("abs_m", [HUGE, 5.0])
@@ -147,8 +170,9 @@ def test_point_source_disk_solid_angle(abs_m):
     if abs_m == HUGE:
         frac = (1 - cmax) / 2
     else:
-        frac = 0.5 * integrate.quad(lambda c: math.exp(-dd / (abs_m * c)), cmax, 1.0,
-                                    epsabs=0, epsrel=1e-12)[0]
+        frac = (
+            0.5 * integrate.quad(lambda c: math.exp(-dd / (abs_m * c)), cmax, 1.0, epsabs=0, epsrel=1e-12)[0]
+        )
     n = 400_000
     gen = torch.Generator().manual_seed(2)
     ph = photons_at(torch.zeros(1, 3), isotropic_dirs(n, gen))
@@ -235,8 +259,15 @@ def test_rayleigh_polarised_dipole_pattern():
     assert stats.kstest(k[:, 0].numpy(), lambda x: (2 + 3 * x - x**3) / 4).pvalue > 1e-3
     e = new.pol.double()
     assert float((e.norm(dim=1) - 1).abs().max()) < 1e-5 and float((e * k).sum(1).abs().max()) < 1e-5
-    assert float((e * torch.linalg.cross(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64).expand(n, 3), k)
-                  ).sum(1).abs().max()) < 1e-5
+    assert (
+        float(
+            (e * torch.linalg.cross(torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64).expand(n, 3), k))
+            .sum(1)
+            .abs()
+            .max()
+        )
+        < 1e-5
+    )
 
 
 def test_absorption_vs_scattering_branching():
@@ -271,8 +302,11 @@ def _ray_cylinder_exit(p: np.ndarray, d: np.ndarray, R: float, H: float) -> np.n
     c = p[:, 0] ** 2 + p[:, 1] ** 2 - R * R
     with np.errstate(divide="ignore", invalid="ignore"):
         tb = np.where(a > 0, (-b + np.sqrt(b * b - a * c)) / a, np.inf)
-        tz = np.where(d[:, 2] > 0, (H / 2 - p[:, 2]) / d[:, 2],
-                      np.where(d[:, 2] < 0, (-H / 2 - p[:, 2]) / d[:, 2], np.inf))
+        tz = np.where(
+            d[:, 2] > 0,
+            (H / 2 - p[:, 2]) / d[:, 2],
+            np.where(d[:, 2] < 0, (-H / 2 - p[:, 2]) / d[:, 2], np.inf),
+        )
     return np.minimum(tb, tz)
 
 
@@ -289,8 +323,9 @@ def test_direct_arrival_time_and_position(dtype):
     dirs = isotropic_dirs(n, gen, torch.float64)
     wl = 300 + 300 * torch.rand(n, generator=gen, dtype=torch.float64)
     t0 = 10 * torch.rand(n, generator=gen, dtype=torch.float64)
-    ph = Photons(pos=pos.to(dtype), dir=dirs.to(dtype), t=t0.to(dtype), wavelength=wl.to(dtype),
-                 event=torch.arange(n))
+    ph = Photons(
+        pos=pos.to(dtype), dir=dirs.to(dtype), t=t0.to(dtype), wavelength=wl.to(dtype), event=torch.arange(n)
+    )
     opt = Optics(wall_reflectivity=0.0)
     _, wall = opt.sample(ph, det, med, gen, record_wall=True, use_pmts=False)
     assert len(wall) == n and torch.equal(wall.event, torch.arange(n))  # sorted by event, all arrive
@@ -320,11 +355,16 @@ def test_geant4_direct_photons_per_photon():
     dirs = torch.tensor(d["dir_emit"], dtype=torch.float64).view(-1, 3)
     dirs = dirs / dirs.norm(dim=1, keepdim=True)
     n = dirs.shape[0]
-    ph = Photons(pos=torch.tensor(d["x_emit"], dtype=torch.float64).view(-1, 3), dir=dirs,
-                 t=torch.tensor(d["t_emit"], dtype=torch.float64),
-                 wavelength=torch.tensor(d["wavelength"], dtype=torch.float64), event=torch.arange(n))
-    _, wall = Optics(wall_reflectivity=0.0).sample(ph, det, water(), torch.Generator().manual_seed(0),
-                                                   record_wall=True, use_pmts=False)
+    ph = Photons(
+        pos=torch.tensor(d["x_emit"], dtype=torch.float64).view(-1, 3),
+        dir=dirs,
+        t=torch.tensor(d["t_emit"], dtype=torch.float64),
+        wavelength=torch.tensor(d["wavelength"], dtype=torch.float64),
+        event=torch.arange(n),
+    )
+    _, wall = Optics(wall_reflectivity=0.0).sample(
+        ph, det, water(), torch.Generator().manual_seed(0), record_wall=True, use_pmts=False
+    )
     assert len(wall) == n
     xw = torch.tensor(d["x_wall"], dtype=torch.float64).view(-1, 3)
     assert float((wall.pos - xw).norm(dim=1).max()) < 1e-4  # m (float32 storage of Geant4's directions)
@@ -394,8 +434,13 @@ def test_reproducible_chunked_and_outside_dropped():
     gen = torch.Generator().manual_seed(10)
     pos = det.sample_fiducial(n, gen, margin=0.3)
     pos[:10] = torch.tensor([0.0, 0.0, 5.0])  # outside the tank
-    ph = Photons(pos=pos, dir=isotropic_dirs(n, gen), t=torch.zeros(n), wavelength=torch.full((n,), 420.0),
-                 event=torch.randint(0, 5, (n,), generator=gen))
+    ph = Photons(
+        pos=pos,
+        dir=isotropic_dirs(n, gen),
+        t=torch.zeros(n),
+        wavelength=torch.full((n,), 420.0),
+        event=torch.randint(0, 5, (n,), generator=gen),
+    )
     opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, chunk_size=3000)
     a = opt.sample(ph, det, med, torch.Generator().manual_seed(11))
     st = dict(opt.last_stats)
@@ -467,13 +512,18 @@ def test_geant4_photons_through_our_optics():
     p = ref["photons"]
     dirs = torch.tensor(p["dir"], dtype=torch.float64).view(-1, 3)
     n = dirs.shape[0]
-    ph = Photons(pos=torch.tensor(p["pos"]).view(-1, 3), dir=(dirs / dirs.norm(dim=1, keepdim=True)).float(),
-                 t=torch.tensor(p["t"]), wavelength=torch.tensor(p["wavelength"]),
-                 event=torch.zeros(n, dtype=torch.long))
+    ph = Photons(
+        pos=torch.tensor(p["pos"]).view(-1, 3),
+        dir=(dirs / dirs.norm(dim=1, keepdim=True)).float(),
+        t=torch.tensor(p["t"]),
+        wavelength=torch.tensor(p["wavelength"]),
+        event=torch.zeros(n, dtype=torch.long),
+    )
     pol = torch.tensor(p["pol"]).view(-1, 3)
     opt = Optics(wall_reflectivity=0.0)
-    _, wall = opt.sample(ph, det, med, torch.Generator().manual_seed(12), record_wall=True, use_pmts=False,
-                         polarization=pol)
+    _, wall = opt.sample(
+        ph, det, med, torch.Generator().manual_seed(12), record_wall=True, use_pmts=False, polarization=pol
+    )
     _compare_with_g4(ref, wall, n)
 
 
@@ -522,9 +572,13 @@ def _per_event_hists(ref: dict, wall, n_ev: int) -> dict[str, np.ndarray]:
     def pe(v, sel, edges):
         return np.stack([np.histogram(v[sel & (ev == e)], edges)[0] for e in range(n_ev)])
 
-    return {"t": pe(t, every, te), "barrel_z": pe(x[:, 2], bar, h["barrel_z"]["edges"]),
-            "barrel_phi": pe(phi, bar, h["barrel_phi"]["edges"]), "top_r2": pe(r2, top, h["top_r2"]["edges"]),
-            "surface": pe(surf, every, [-0.5, 0.5, 1.5, 2.5])}
+    return {
+        "t": pe(t, every, te),
+        "barrel_z": pe(x[:, 2], bar, h["barrel_z"]["edges"]),
+        "barrel_phi": pe(phi, bar, h["barrel_phi"]["edges"]),
+        "top_r2": pe(r2, top, h["top_r2"]["edges"]),
+        "surface": pe(surf, every, [-0.5, 0.5, 1.5, 2.5]),
+    }
 
 
 @pytest.mark.slow

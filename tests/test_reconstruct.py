@@ -400,8 +400,12 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
     assert resp.ms_relative_variance({}) is None  # default ms_samples = 0: Poisson counts
     resp.ms_samples = 32
     d = torch.tensor(DIR, dtype=F64)
-    p = {"vertex": torch.tensor([VTX], dtype=F64), "direction": (d / d.norm())[None],
-         "energy": torch.tensor([500.0], dtype=F64), "t0": torch.zeros(1, dtype=F64)}
+    p = {
+        "vertex": torch.tensor([VTX], dtype=F64),
+        "direction": (d / d.norm())[None],
+        "energy": torch.tensor([500.0], dtype=F64),
+        "t0": torch.zeros(1, dtype=F64),
+    }
     with torch.no_grad():
         mu = resp.expected(p)["mu"][0]
         w = resp.ms_relative_variance(p)[0]
@@ -421,8 +425,9 @@ def test_ms_over_dispersion_predicts_the_mc_hit_fractions():
     resp.ms_samples = 0
     assert resp.ms_relative_variance(p) is None
     with pytest.raises(ConfigError, match="ms_samples"):
-        PhysicsResponse(sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, fold_wavelength=True,
-                        ms_samples=1)
+        PhysicsResponse(
+            sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, fold_wavelength=True, ms_samples=1
+        )
 
 
 def test_antithetic_kink_sets_cancel_the_linear_term():
@@ -437,8 +442,12 @@ def test_antithetic_kink_sets_cancel_the_linear_term():
     resp.medium.radiation_length = resp.medium.radiation_length * 1e6
     resp.ms_samples = 16
     d = torch.tensor(DIR)
-    p = {"vertex": torch.tensor([VTX]), "direction": (d / d.norm())[None], "energy": torch.tensor([500.0]),
-         "t0": torch.zeros(1)}
+    p = {
+        "vertex": torch.tensor([VTX]),
+        "direction": (d / d.norm())[None],
+        "energy": torch.tensor([500.0]),
+        "t0": torch.zeros(1),
+    }
     with torch.no_grad():
         straight = resp._expected({**p, "node_offset": torch.zeros(1, 32, 6)}, True)["mu"][0].double()
         ratio = {}
@@ -570,8 +579,12 @@ def test_kinked_sharp_ring_is_the_rotated_straight_track(monkeypatch):
     u = u / u.norm()
     phi = 0.2
     rot = math.cos(phi) * d + math.sin(phi) * u
-    p = {"vertex": torch.tensor([[0.1, 0.0, -0.4]], dtype=F64), "direction": d,
-         "energy": torch.tensor([300.0], dtype=F64), "t0": torch.zeros(1, dtype=F64)}
+    p = {
+        "vertex": torch.tensor([[0.1, 0.0, -0.4]], dtype=F64),
+        "direction": d,
+        "energy": torch.tensor([300.0], dtype=F64),
+        "t0": torch.zeros(1, dtype=F64),
+    }
     s = resp.ms_kinks(p)["s"][0]  # the nodes' positions along the track
     k = s.numel()
     off = torch.cat([s[:, None] * (rot - d), math.tan(phi) * u.expand(k, 3)], 1)[None]

@@ -33,7 +33,8 @@ def _hits(n: int, n_pmts: int, g: torch.Generator, wl=(280.0, 660.0), cos=(0.0, 
         wavelength=wl0 + (wl1 - wl0) * torch.rand(n, generator=g, dtype=torch.float64),
         cos_incidence=c0 + (c1 - c0) * torch.rand(n, generator=g, dtype=torch.float64),
         event=torch.randint(0, n_events, (n,), generator=g).sort().values,
-        indirect=torch.zeros(n, dtype=torch.bool))
+        indirect=torch.zeros(n, dtype=torch.bool),
+    )
 
 
 def _pe(pmt, event, t) -> PhotoElectrons:
@@ -48,8 +49,10 @@ def _spe_trunc_moments(sigma: float) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------------ detection
 
-@pytest.mark.parametrize("preset,wl,cos", [("default", (280.0, 660.0), (0.0, 1.0)),
-                                           ("20inch", (250.0, 700.0), (-0.5, 1.0))])
+
+@pytest.mark.parametrize(
+    "preset,wl,cos", [("default", (280.0, 660.0), (0.0, 1.0)), ("20inch", (250.0, 700.0), (-0.5, 1.0))]
+)
 def test_detected_fraction_equals_mean_qe_ce_acceptance(preset, wl, cos):
     cfg = _cfg(preset)
     n_pmts, n = 40, 400_000
@@ -131,6 +134,7 @@ def test_detection_probability_gradient_wrt_qe_scale():
 
 # ------------------------------------------------------------------------------------------ digitisation
 
+
 @pytest.mark.parametrize("family,sigma", [("gaussian", 0.6), ("lognormal", 0.4)])
 def test_charge_is_compound_poisson(family, sigma):
     cfg = _cfg("default")
@@ -193,9 +197,11 @@ def test_first_hit_time_is_minimum_of_gaussians():
     hits, _ = s.digitize(pe, n_ev, g)
     assert len(hits) == n_ev
     x = (hits.time.detach().numpy() - t0 - 2.0) / tts
+
     # closed form: density of min of n standard normals n phi(x) (1 - Phi(x))^(n-1)
     def dens(u):
         return n_pe * stats.norm.pdf(u) * stats.norm.sf(u) ** (n_pe - 1)
+
     e1 = integrate.quad(lambda u: u * dens(u), -np.inf, np.inf)[0]
     e2 = integrate.quad(lambda u: u * u * dens(u), -np.inf, np.inf)[0]
     sd = math.sqrt(e2 - e1 * e1)
@@ -223,8 +229,11 @@ def test_threshold_removes_expected_fraction():
 
 
 def test_digitize_groups_by_event_and_pmt_and_is_reproducible():
-    pe = _pe(torch.tensor([3, 3, 7, 3, 7, 1]), torch.tensor([0, 0, 0, 1, 1, 1]),
-             torch.tensor([5.0, 1.0, 2.0, 4.0, 3.0, 0.5]))
+    pe = _pe(
+        torch.tensor([3, 3, 7, 3, 7, 1]),
+        torch.tensor([0, 0, 0, 1, 1, 1]),
+        torch.tensor([5.0, 1.0, 2.0, 4.0, 3.0, 0.5]),
+    )
     cfg = _cfg("default")
     cfg["tts_ns"], cfg["threshold_pe"] = 0.0, 0.0
     s = PMTResponse(cfg, 10)
@@ -239,6 +248,7 @@ def test_digitize_groups_by_event_and_pmt_and_is_reproducible():
 
 
 # ------------------------------------------------------------------------------------------ dark noise
+
 
 def test_dark_noise_rate_and_uniformity():
     cfg = _cfg("default")
@@ -263,6 +273,7 @@ def test_dark_noise_rate_and_uniformity():
 
 # ------------------------------------------------------------------------------------------ configs
 
+
 def _mutate(path, value):
     cfg = copy.deepcopy(_cfg("default"))
     node = cfg
@@ -275,21 +286,24 @@ def _mutate(path, value):
     return cfg
 
 
-@pytest.mark.parametrize("path,value,field", [
-    (("collection_efficiency",), 1.5, "collection_efficiency"),
-    (("collection_efficiency",), "high", "collection_efficiency"),
-    (("qe", "wavelength_nm"), [280, 300, 290] + list(range(320, 660, 20)) + [660], "wavelength_nm"),
-    (("qe", "efficiency"), [0.1, 0.2], "efficiency"),
-    (("qe", "efficiency"), [0.0] * 19 + [1.2], r"efficiency\[19\]"),
-    (("spe", "family"), "weibull", "spe.family"),
-    (("spe", "sigma"), -0.1, "spe.sigma"),
-    (("tts_ns",), -1.0, "tts_ns"),
-    (("threshold_pe",), -0.2, "threshold_pe"),
-    (("dark_rate_hz",), KeyError, "dark_rate_hz"),
-    (("angular_acceptance", "kind"), "spline", "angular_acceptance.kind"),
-    (("angular_acceptance", "coefficients"), [-1.0, 0.5], "angular_acceptance.coefficients"),
-    (("colour",), "blue", "colour"),
-])
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("collection_efficiency",), 1.5, "collection_efficiency"),
+        (("collection_efficiency",), "high", "collection_efficiency"),
+        (("qe", "wavelength_nm"), [280, 300, 290] + list(range(320, 660, 20)) + [660], "wavelength_nm"),
+        (("qe", "efficiency"), [0.1, 0.2], "efficiency"),
+        (("qe", "efficiency"), [0.0] * 19 + [1.2], r"efficiency\[19\]"),
+        (("spe", "family"), "weibull", "spe.family"),
+        (("spe", "sigma"), -0.1, "spe.sigma"),
+        (("tts_ns",), -1.0, "tts_ns"),
+        (("threshold_pe",), -0.2, "threshold_pe"),
+        (("dark_rate_hz",), KeyError, "dark_rate_hz"),
+        (("angular_acceptance", "kind"), "spline", "angular_acceptance.kind"),
+        (("angular_acceptance", "coefficients"), [-1.0, 0.5], "angular_acceptance.coefficients"),
+        (("colour",), "blue", "colour"),
+    ],
+)
 def test_invalid_configs_raise_config_error_naming_field(path, value, field):
     with pytest.raises(ConfigError, match=field):
         PMTResponse(_mutate(path, value), 10)

@@ -50,13 +50,26 @@ def water(abs_m: float = 8.0, ray_m: float = 6.0, mie_m: float | None = 10.0, g:
 
 
 def cylinder() -> Detector:
-    return Detector.from_config({"name": "cyl", "shape": "cylinder", "radius_m": 1.0, "height_m": 2.0,
-                                 "pmt": {"layout": "grid", "radius_m": 0.08, "spacing_m": 0.25}})
+    return Detector.from_config(
+        {
+            "name": "cyl",
+            "shape": "cylinder",
+            "radius_m": 1.0,
+            "height_m": 2.0,
+            "pmt": {"layout": "grid", "radius_m": 0.08, "spacing_m": 0.25},
+        }
+    )
 
 
 def sphere() -> Detector:
-    return Detector.from_config({"name": "sph", "shape": "sphere", "radius_m": 1.2,
-                                 "pmt": {"layout": "fibonacci", "radius_m": 0.08, "n_target": 250}})
+    return Detector.from_config(
+        {
+            "name": "sph",
+            "shape": "sphere",
+            "radius_m": 1.2,
+            "pmt": {"layout": "fibonacci", "radius_m": 0.08, "n_target": 250},
+        }
+    )
 
 
 def source(n: int, seed: int, centre=(0.2, -0.1, 0.3), dtype=torch.float32) -> Photons:
@@ -66,8 +79,9 @@ def source(n: int, seed: int, centre=(0.2, -0.1, 0.3), dtype=torch.float32) -> P
     v = (v / v.norm(dim=1, keepdim=True)).to(dtype)
     pos = torch.tensor([centre], dtype=dtype).expand(n, 3).contiguous()
     wl = (300.0 + 300.0 * torch.rand(n, generator=g, dtype=torch.float64)).to(dtype)
-    return Photons(pos=pos, dir=v, t=torch.zeros(n, dtype=dtype), wavelength=wl,
-                   event=torch.arange(n) // (n // 4))
+    return Photons(
+        pos=pos, dir=v, t=torch.zeros(n, dtype=dtype), wavelength=wl, event=torch.arange(n) // (n // 4)
+    )
 
 
 def chi2_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -75,8 +89,14 @@ def chi2_p(a: np.ndarray, b: np.ndarray) -> float:
     return two_sample_chi2(a, b)[2]
 
 
-def compare(det: Detector, med: Medium, ph: Photons, opt_kw: dict, polarization=None,
-            parts=("all", "direct", "indirect")) -> None:
+def compare(
+    det: Detector,
+    med: Medium,
+    ph: Photons,
+    opt_kw: dict,
+    polarization=None,
+    parts=("all", "direct", "indirect"),
+) -> None:
     runs = {}
     for backend, seed in (("torch", 1), ("numba", 2)):
         opt = Optics(backend=backend, **opt_kw)
@@ -117,8 +137,12 @@ def compare(det: Detector, med: Medium, ph: Photons, opt_kw: dict, polarization=
 @pytest.mark.parametrize("make_det", [cylinder, sphere], ids=["cylinder", "sphere"])
 def test_numba_matches_torch_all_processes(make_det):
     det = make_det()
-    compare(det, water(), source(200_000, 3),
-            dict(wall_reflectivity=0.4, diffuse_fraction=0.5, pmt_reflectivity=0.25))
+    compare(
+        det,
+        water(),
+        source(200_000, 3),
+        dict(wall_reflectivity=0.4, diffuse_fraction=0.5, pmt_reflectivity=0.25),
+    )
 
 
 def test_numba_matches_torch_polarised_rayleigh():
@@ -129,14 +153,21 @@ def test_numba_matches_torch_polarised_rayleigh():
     det = cylinder()
     n = 200_000
     ph = source(n, 4, centre=(0.0, 0.0, -0.9))
-    ph = Photons(pos=ph.pos, dir=torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3).contiguous(), t=ph.t,
-                 wavelength=ph.wavelength, event=ph.event)
+    ph = Photons(
+        pos=ph.pos,
+        dir=torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3).contiguous(),
+        t=ph.t,
+        wavelength=ph.wavelength,
+        event=ph.event,
+    )
     pol = torch.tensor([[1.0, 0.0, 0.0]]).expand(n, 3)
     med = water(abs_m=1e9, ray_m=1.5, mie_m=None)
-    compare(det, med, ph, dict(wall_reflectivity=0.0, pmt_reflectivity=0.0), polarization=pol,
-            parts=("indirect",))
+    compare(
+        det, med, ph, dict(wall_reflectivity=0.0, pmt_reflectivity=0.0), polarization=pol, parts=("indirect",)
+    )
     hits = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.0, backend="numba").sample(
-        ph, det, med, torch.Generator().manual_seed(9), polarization=pol)
+        ph, det, med, torch.Generator().manual_seed(9), polarization=pol
+    )
     p = det.pmt_pos[hits.pmt[hits.indirect]].double()
     barrel = p[:, 2].abs() < 0.9
     along_y = (p[barrel, 1].abs() > p[barrel, 0].abs()).double().mean()
@@ -157,7 +188,8 @@ def test_reproducible_and_thread_independent():
         assert torch.equal(h.pmt, out[0].pmt) and torch.equal(h.t, out[0].t)
         assert torch.equal(h.indirect, out[0].indirect) and torch.equal(h.event, out[0].event)
     other = Optics(wall_reflectivity=0.4, pmt_reflectivity=0.2, backend="numba").sample(
-        ph, det, med, torch.Generator().manual_seed(8))
+        ph, det, med, torch.Generator().manual_seed(8)
+    )
     assert not (len(other) == len(out[0]) and torch.equal(other.pmt, out[0].pmt))
 
 
@@ -173,8 +205,13 @@ def test_medium_table_reproduces_coefficients():
     assert np.allclose(x, np.round(x), atol=1e-6)  # knots on nodes
     wl = torch.cat([torch.linspace(300.0, 600.0, 3001, dtype=torch.float64), torch.from_numpy(knots)])
     n = len(wl)
-    ph = Photons(pos=torch.zeros(n, 3, dtype=torch.float64), dir=torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3),
-                 t=torch.zeros(n, dtype=torch.float64), wavelength=wl, event=torch.zeros(n, dtype=torch.long))
+    ph = Photons(
+        pos=torch.zeros(n, 3, dtype=torch.float64),
+        dir=torch.tensor([[0.0, 0.0, 1.0]]).expand(n, 3),
+        t=torch.zeros(n, dtype=torch.float64),
+        wavelength=wl,
+        event=torch.zeros(n, dtype=torch.long),
+    )
     st = Optics().init_state(ph, med, torch.Generator().manual_seed(0))
     got = np.array([tc._coefficients(float(w), lo, inv_h, tab) for w in wl])
     exact = np.stack([st.inv_mu.numpy(), st.p_abs.numpy(), st.p_ray.numpy(), st.inv_v.numpy()], 1)
@@ -200,8 +237,13 @@ def test_medium_table_follows_calibrated_scales():
     gen = torch.Generator().manual_seed(3)
     d = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     zero = torch.zeros(n, dtype=torch.float64)
-    ph = Photons(pos=torch.zeros(n, 3, dtype=torch.float64), dir=d / d.norm(dim=1, keepdim=True), t=zero,
-                 wavelength=zero + 400.0, event=torch.zeros(n, dtype=torch.long))
+    ph = Photons(
+        pos=torch.zeros(n, 3, dtype=torch.float64),
+        dir=d / d.norm(dim=1, keepdim=True),
+        t=zero,
+        wavelength=zero + 400.0,
+        event=torch.zeros(n, dtype=torch.long),
+    )
     hits1 = len(opt.sample(ph, det, med, gen))
     tab1 = opt._medium_tab[1]
     assert opt._kernel_medium_table(tc, med, ph.wavelength) is tab1  # reused, not rebuilt
@@ -221,11 +263,24 @@ def test_edge_rays_axis_parallel_and_in_plane():
     axis when there is one, at t = (H/2 - z0) n_g / c)."""
     det = cylinder()
     med = water(abs_m=1e9, ray_m=1e9, mie_m=None)
-    dirs = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0],
-                         [math.sqrt(0.5), math.sqrt(0.5), 0.0]], dtype=torch.float64)
+    dirs = torch.tensor(
+        [
+            [0.0, 0.0, 1.0],
+            [0.0, 0.0, -1.0],
+            [1.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [math.sqrt(0.5), math.sqrt(0.5), 0.0],
+        ],
+        dtype=torch.float64,
+    )
     n = len(dirs)
-    ph = Photons(pos=torch.zeros(n, 3, dtype=torch.float64), dir=dirs, t=torch.zeros(n, dtype=torch.float64),
-                 wavelength=torch.full((n,), 400.0, dtype=torch.float64), event=torch.arange(n))
+    ph = Photons(
+        pos=torch.zeros(n, 3, dtype=torch.float64),
+        dir=dirs,
+        t=torch.zeros(n, dtype=torch.float64),
+        wavelength=torch.full((n,), 400.0, dtype=torch.float64),
+        event=torch.arange(n),
+    )
     for backend in ("torch", "numba"):
         opt = Optics(wall_reflectivity=0.0, pmt_reflectivity=0.0, backend=backend)
         hits = opt.sample(ph, det, med, torch.Generator().manual_seed(0))
@@ -244,8 +299,9 @@ def test_backend_choice_errors():
     with pytest.raises(ConfigError, match="backend: got 'numba'"):
         Optics(backend="numba").sample(ph, det, med, torch.Generator().manual_seed(0), record_wall=True)
     with pytest.raises(ConfigError, match="polarization"):
-        Optics(backend="numba").sample(ph, det, med, torch.Generator().manual_seed(0),
-                                       polarization=torch.zeros(3, 3))
+        Optics(backend="numba").sample(
+            ph, det, med, torch.Generator().manual_seed(0), polarization=torch.zeros(3, 3)
+        )
 
 
 def test_concurrent_calls_from_threads():
@@ -253,13 +309,15 @@ def test_concurrent_calls_from_threads():
     both finish, each with the result of the same call made alone."""
     det, med = cylinder(), water()
     ph = source(20_000, 11)
-    solo = Optics(wall_reflectivity=0.3, backend="numba").sample(ph, det, med,
-                                                                 torch.Generator().manual_seed(3))
+    solo = Optics(wall_reflectivity=0.3, backend="numba").sample(
+        ph, det, med, torch.Generator().manual_seed(3)
+    )
     results: list = [None, None]
 
     def work(i: int) -> None:
         results[i] = Optics(wall_reflectivity=0.3, backend="numba").sample(
-            ph, det, med, torch.Generator().manual_seed(3))
+            ph, det, med, torch.Generator().manual_seed(3)
+        )
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
@@ -299,8 +357,9 @@ def test_round_cap_truncates_like_the_tensor_transport():
     med = water(abs_m=1e9, ray_m=1e9, mie_m=None)
     p = 0.6**3
     for backend in ("torch", "numba"):
-        opt = Optics(wall_reflectivity=0.6, diffuse_fraction=0.5, pmt_reflectivity=0.6, max_rounds=3,
-                     backend=backend)
+        opt = Optics(
+            wall_reflectivity=0.6, diffuse_fraction=0.5, pmt_reflectivity=0.6, max_rounds=3, backend=backend
+        )
         opt.sample(ph, det, med, torch.Generator().manual_seed(2))
         st = opt.last_stats
         assert st["rounds"] == 3 and st["lost"] == 0 and st["steps"] <= 3 * n

@@ -155,11 +155,19 @@ def test_response_hook_tracks_and_showers(wcte):
         assert float(r.irreducible_covariance(good).abs().max()) == 0.0
     assert ResponseModel.irreducible_covariance(mu, good).shape == (1, 8, 8)
     with pytest.raises(ConfigError, match="particle"):
-        track_ms_covariance(good["vertex"], good["direction"], good["energy"], particle="e-", medium=med,
-                            wall=None)
+        track_ms_covariance(
+            good["vertex"], good["direction"], good["energy"], particle="e-", medium=med, wall=None
+        )
     with pytest.raises(ConfigError, match="weighting"):
-        track_ms_covariance(good["vertex"], good["direction"], good["energy"], particle="mu-", medium=med,
-                            wall=None, weighting="bogus")
+        track_ms_covariance(
+            good["vertex"],
+            good["direction"],
+            good["energy"],
+            particle="mu-",
+            medium=med,
+            wall=None,
+            weighting="bogus",
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -186,16 +194,24 @@ def test_ms_kinks_of_the_response(wcte):
     from physics import expected as px
 
     det, med, sen = wcte
-    p = {"vertex": torch.tensor([VTX], dtype=F64), "direction": torch.tensor([DIR], dtype=F64),
-         "energy": torch.tensor([500.0], dtype=F64)}
+    p = {
+        "vertex": torch.tensor([VTX], dtype=F64),
+        "direction": torch.tensor([DIR], dtype=F64),
+        "energy": torch.tensor([500.0], dtype=F64),
+    }
     mu = PhysicsResponse(det, med, sen, "mu-", n_track_nodes=32, fold_wavelength=True)
     k = mu.ms_kinks(p)
     assert k["s"].shape == (1, 32) and k["var"].shape == (1, 32)
     assert bool((k["var"] > 0).all()) and bool((k["s"].diff(dim=1) > 0).all())
     wl, _ = mu._wavelength_nodes(F64, torch.device("cpu"))
-    nodes = px.muon_track_nodes(p["energy"], MUON_MASS, float(med.refractive_index(wl).max()), 32,
-                                lambda kin: emission.bethe_dedx(kin, MUON_MASS, med, spin_half=True),
-                                med.radiation_length)
+    nodes = px.muon_track_nodes(
+        p["energy"],
+        MUON_MASS,
+        float(med.refractive_index(wl).max()),
+        32,
+        lambda kin: emission.bethe_dedx(kin, MUON_MASS, med, spin_half=True),
+        med.radiation_length,
+    )
     acc = torch.cumsum(k["var"], 1) - 0.5 * k["var"]
     print("kink variance sum", float(acc[0, -1]), "theta0^2 at the last node", float(nodes["theta2"][0, -1]))
     assert float(acc[0, -1]) == pytest.approx(float(nodes["theta2"][0, -1]), rel=0.1)

@@ -35,10 +35,36 @@ def main() -> None:
     h5 = work / "mu500_dir300.h5"
     if not h5.exists():
         subprocess.run(
-            [sys.executable, str(tool), "--n-events", "300", "--energy-mev", "500",
-             "--direction", "0.3", "0.2", "0.933", "--vertex-mm", "1000", "-500", "-2000",
-             "--radius-m", "5", "--half-height-m", "5", "--abs-length-m", "30", "--rayleigh-length-m", "60",
-             "--max-store", "2000", "--seed", "11", "-o", str(h5)],
+            [
+                sys.executable,
+                str(tool),
+                "--n-events",
+                "300",
+                "--energy-mev",
+                "500",
+                "--direction",
+                "0.3",
+                "0.2",
+                "0.933",
+                "--vertex-mm",
+                "1000",
+                "-500",
+                "-2000",
+                "--radius-m",
+                "5",
+                "--half-height-m",
+                "5",
+                "--abs-length-m",
+                "30",
+                "--rayleigh-length-m",
+                "60",
+                "--max-store",
+                "2000",
+                "--seed",
+                "11",
+                "-o",
+                str(h5),
+            ],
             check=True,
         )
     with h5py.File(h5) as f:
@@ -49,8 +75,12 @@ def main() -> None:
     mean_dir = np.stack([np.bincount(ev, d[:, k]) for k in range(3)], 1) / cnt[:, None]
     out = {
         "provenance": __doc__.split("Run (")[0].strip(),
-        "config": {"particle": "mu-", "energy_mev": 500.0, "vertex_m": [1.0, -0.5, -2.0],
-                   "direction": [0.3, 0.2, 0.933]},
+        "config": {
+            "particle": "mu-",
+            "energy_mev": 500.0,
+            "vertex_m": [1.0, -0.5, -2.0],
+            "direction": [0.3, 0.2, 0.933],
+        },
         "n_events": len(cnt),
         "mean_dir_per_event": np.round(mean_dir, 6).tolist(),
         "n_photons_per_event": n_photons.astype(int).tolist(),

@@ -42,9 +42,28 @@ def main() -> None:
         h5 = work / f"range_{e}.h5"
         if not h5.exists():
             subprocess.run(
-                [sys.executable, str(tool), "--n-events", str(N_EVENTS), "--energy-mev", str(e),
-                 "--radius-m", "10", "--half-height-m", "30", "--vertex-mm", "0", "0", "-29500",
-                 "--no-stack", "--no-record", "--seed", "7", "-o", str(h5)],
+                [
+                    sys.executable,
+                    str(tool),
+                    "--n-events",
+                    str(N_EVENTS),
+                    "--energy-mev",
+                    str(e),
+                    "--radius-m",
+                    "10",
+                    "--half-height-m",
+                    "30",
+                    "--vertex-mm",
+                    "0",
+                    "0",
+                    "-29500",
+                    "--no-stack",
+                    "--no-record",
+                    "--seed",
+                    "7",
+                    "-o",
+                    str(h5),
+                ],
                 check=True,
             )
         with h5py.File(h5) as f:
@@ -57,8 +76,12 @@ def main() -> None:
     for e, m, s in zip(ENERGIES_MEV, mean, sem, strict=True):
         if float(e) in pdg["kinetic_energy_mev"]:
             r = pdg["csda_range_g_cm2"][pdg["kinetic_energy_mev"].index(float(e))] / 100.0
-            cross[str(e)] = {"pdg_csda_m": r, "g4_mean_m": m, "g4_over_pdg_minus_1": m / r - 1,
-                             "sem_rel": s / r}
+            cross[str(e)] = {
+                "pdg_csda_m": r,
+                "g4_mean_m": m,
+                "g4_over_pdg_minus_1": m / r - 1,
+                "sem_rel": s / r,
+            }
     out = {
         "provenance": __doc__.split("Run (")[0].strip(),
         "particle": "mu-",

@@ -57,11 +57,14 @@ def main(src: Path) -> None:
 
     n_ph, n_hit = ev["n_photons"].astype(float), ev["n_hits"].astype(float)
     frac_ev = n_hit / n_ph
-    wall_fraction = dict(value=float(n_hit.sum() / n_ph.sum()),
-                         error=float(frac_ev.std(ddof=1) / np.sqrt(len(frac_ev))),
-                         binomial_error=float(np.sqrt(frac_ev.mean() * (1 - frac_ev.mean()) / n_ph.sum())),
-                         n_photons=ev["n_photons"].tolist(), n_hits=ev["n_hits"].tolist(),
-                         stored_hit_fraction=float(len(h["t"]) / n_hit.sum()))
+    wall_fraction = dict(
+        value=float(n_hit.sum() / n_ph.sum()),
+        error=float(frac_ev.std(ddof=1) / np.sqrt(len(frac_ev))),
+        binomial_error=float(np.sqrt(frac_ev.mean() * (1 - frac_ev.mean()) / n_ph.sum())),
+        n_photons=ev["n_photons"].tolist(),
+        n_hits=ev["n_hits"].tolist(),
+        stored_hit_fraction=float(len(h["t"]) / n_hit.sum()),
+    )
 
     x, y, z = h["x"] / 1e3, h["y"] / 1e3, h["z"] / 1e3
     r = np.hypot(x, y)
@@ -92,25 +95,41 @@ def main(src: Path) -> None:
     hist_out = dict(
         n_total=int(len(t)),
         t=dict(edges=T_EDGES.tolist(), counts=hist(t, T_EDGES), per_event=per_event(t, every, T_EDGES)),
-        barrel_z=dict(edges=Z_EDGES.tolist(), counts=hist(z[bar], Z_EDGES),
-                      per_event=per_event(z, bar, Z_EDGES)),
-        barrel_phi=dict(edges=PHI_EDGES.tolist(), counts=hist(phi[bar], PHI_EDGES),
-                        per_event=per_event(phi, bar, PHI_EDGES)),
-        top_r2=dict(edges=R2_EDGES.tolist(), counts=hist(r[top] ** 2, R2_EDGES),
-                    per_event=per_event(r**2, top, R2_EDGES)),
-        surface=dict(names=["barrel", "top", "bottom"],
-                     counts=[int(bar.sum()), int(top.sum()), int(bot.sum())],
-                     per_event=per_event(surf, every, s_edges)),
-        scattered=dict(count=int(scattered.sum()), total=int(len(t)),
-                       per_event=[int((scattered & (hev == e)).sum()) for e in range(n_ev)]),
+        barrel_z=dict(
+            edges=Z_EDGES.tolist(), counts=hist(z[bar], Z_EDGES), per_event=per_event(z, bar, Z_EDGES)
+        ),
+        barrel_phi=dict(
+            edges=PHI_EDGES.tolist(),
+            counts=hist(phi[bar], PHI_EDGES),
+            per_event=per_event(phi, bar, PHI_EDGES),
+        ),
+        top_r2=dict(
+            edges=R2_EDGES.tolist(),
+            counts=hist(r[top] ** 2, R2_EDGES),
+            per_event=per_event(r**2, top, R2_EDGES),
+        ),
+        surface=dict(
+            names=["barrel", "top", "bottom"],
+            counts=[int(bar.sum()), int(top.sum()), int(bot.sum())],
+            per_event=per_event(surf, every, s_edges),
+        ),
+        scattered=dict(
+            count=int(scattered.sum()),
+            total=int(len(t)),
+            per_event=[int((scattered & (hev == e)).sum()) for e in range(n_ev)],
+        ),
     )
 
     rng = np.random.default_rng(12345)
     di = np.sort(rng.choice(np.nonzero(~scattered)[0], 600, replace=False))
     direct = dict(
         x_emit=rnd(np.stack([h["x_emit"][di], h["y_emit"][di], h["z_emit"][di]], 1) / 1e3, 7),
-        dir_emit=rnd(de[di], 7), t_emit=rnd(h["t_emit"][di], 5), wavelength=rnd(h["wavelength_nm"][di], 3),
-        x_wall=rnd(np.stack([x[di], y[di], z[di]], 1), 7), t_wall=rnd(t[di], 5))
+        dir_emit=rnd(de[di], 7),
+        t_emit=rnd(h["t_emit"][di], 5),
+        wavelength=rnd(h["wavelength_nm"][di], 3),
+        x_wall=rnd(np.stack([x[di], y[di], z[di]], 1), 7),
+        t_wall=rnd(t[di], 5),
+    )
 
     pi = np.sort(rng.choice(len(p["t"]), 10000, replace=False))
     # Geant4's Cherenkov polarisation (G4Cerenkov): e = -(u - (u.k) k)/|...| with u the emitting step's
@@ -127,25 +146,43 @@ def main(src: Path) -> None:
         pos=rnd(np.stack([p["x"][pi], p["y"][pi], p["z"][pi]], 1) / 1e3, 4),
         pol=rnd(pol, 4),
         dir=rnd(np.stack([p["dx"][pi], p["dy"][pi], p["dz"][pi]], 1), 5),
-        t=rnd(p["t"][pi], 3), wavelength=rnd(p["wavelength_nm"][pi], 2))
+        t=rnd(p["t"][pi], 3),
+        wavelength=rnd(p["wavelength_nm"][pi], 2),
+    )
 
     out = dict(
-        provenance=("derived by tests/data/make_g4_tracked.py from shared/reference/geant4/mu500_tracked.h5 "
-                    f"({cfg['geant4_version']}, seed {cfg['seed']}); lengths m, times ns, wavelengths nm"),
-        config=dict(particle=cfg["particle"], energy_mev=cfg["energy_mev"],
-                    vertex_m=[v / 1e3 for v in cfg["vertex_mm"]], direction=cfg["direction"],
-                    radius_m=cfg["radius_m"], half_height_m=half, abs_length_m=cfg["abs_length_m"],
-                    rayleigh_length_m=cfg["rayleigh_length_m"], wl_min=cfg["wl_min"], wl_max=cfg["wl_max"],
-                    n_events=cfg["n_events"]),
+        provenance=(
+            "derived by tests/data/make_g4_tracked.py from shared/reference/geant4/mu500_tracked.h5 "
+            f"({cfg['geant4_version']}, seed {cfg['seed']}); lengths m, times ns, wavelengths nm"
+        ),
+        config=dict(
+            particle=cfg["particle"],
+            energy_mev=cfg["energy_mev"],
+            vertex_m=[v / 1e3 for v in cfg["vertex_mm"]],
+            direction=cfg["direction"],
+            radius_m=cfg["radius_m"],
+            half_height_m=half,
+            abs_length_m=cfg["abs_length_m"],
+            rayleigh_length_m=cfg["rayleigh_length_m"],
+            wl_min=cfg["wl_min"],
+            wl_max=cfg["wl_max"],
+            n_events=cfg["n_events"],
+        ),
         tables=tables,
         geant4_cpu_s_per_event=dict(mean=float(ev["cpu_s"].mean()), readme_quote=1.44),
-        wall_fraction=wall_fraction, hist=hist_out, direct=direct, photons=photons)
+        wall_fraction=wall_fraction,
+        hist=hist_out,
+        direct=direct,
+        photons=photons,
+    )
     tmp = OUT.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, separators=(",", ":")))
     os.replace(tmp, OUT)
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e3:.0f} kB): fraction {wall_fraction['value']:.5f} "
-          f"+- {wall_fraction['error']:.5f}, scattered share {scattered.mean():.4f}, "
-          f"surfaces {hist_out['surface']['counts']}")
+    print(
+        f"wrote {OUT} ({OUT.stat().st_size / 1e3:.0f} kB): fraction {wall_fraction['value']:.5f} "
+        f"+- {wall_fraction['error']:.5f}, scattered share {scattered.mean():.4f}, "
+        f"surfaces {hist_out['surface']['counts']}"
+    )
 
 
 if __name__ == "__main__":
