@@ -116,6 +116,11 @@ class ResponseModel(nn.Module, ABC):
         None (not modelled: Poisson counts)."""
         return None
 
+    #: whether the NLL through this model is smooth enough (twice continuously differentiable) for the
+    #: observed Hessian to measure its curvature; False: the reconstruction polishes by Fisher scoring and
+    #: reports the inverse expected information (fitting.reconstruct, status bit 'fisher_cov')
+    hessian_reliable: bool = True
+
     def ms_kinks(self, event_params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """Multiple-scattering kinks of the track for the reported covariance: dict s (E,K) [m] (the track
         nodes that ``expected`` accepts offsets for as event_params['node_offset'] (E,K,6)) and var (E,K)
@@ -192,6 +197,10 @@ class PhysicsResponse(ResponseModel):
         self.sensors = sensors
         self.optics = optics
         self.particle = particle
+        # the cascade's Raedel-Wiebusch angular density has a cusp at the Cherenkov angle (|cos - 1/n|^C,
+        # C < 1): its cell average is once differentiable only, and the observed Hessian of a shower fit is
+        # spiky (fitting.reconstruct._fisher_polish)
+        self.hessian_reliable = particle not in SHOWER_PARTICLES
         self.fold_wavelength = bool(fold_wavelength)
         self.ms_covariance = bool(ms_covariance)
         self.ms_samples = check_number(ms_samples, "ms_samples", minimum=0, integer=True)

@@ -278,6 +278,47 @@ def test_float32_hessian_matches_float64_and_finite_differences():
     assert float((m32 - m64).norm() / m64.norm()) < 0.01
 
 
+def test_shower_fits_report_the_fisher_covariance():
+    """EM cascades: the Raedel-Wiebusch angular density's cusp at the Cherenkov angle (|cos - 1/n|^C, C < 1)
+    leaves the NLL once differentiable on small scales, and its observed Hessian spiky (measured on WCTE
+    500 MeV electrons: eigenvalues down to -9.5e4 at the fit, where finite differences at 1 cm give +4e4);
+    before, 5 of 10 such fits ended 'hessian_not_pd'. PhysicsResponse('e-').hessian_reliable is False, so
+    reconstruct polishes by Fisher scoring and reports the inverse expected information (status fisher_cov).
+    Six 500 MeV electrons, direct light: at least 5 converge (measured 5; the sixth stops where a Fisher step
+    gains nothing at 1, 1/2, 1/4 of its length); every fit has fisher_cov and a covariance equal to the
+    inverse of fitting.fisher.event_fisher (the CRB module's expected information) at the reported
+    parameters; vertex pulls |fit - truth| / sigma < 4 (measured max 2.4)."""
+    from fitting.fisher import event_fisher
+
+    n = 6
+    cfg = SimConfig(
+        detector="wcte",
+        particle="e-",
+        energy=500.0,
+        vertex=VTX,
+        direction=DIR,
+        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+    )
+    sim = Simulator(cfg)
+    sim.medium.rayleigh_scale.data.fill_(math.inf)
+    res = sim.run(n, seed=3, batch_size=n)
+    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics)
+    assert resp.hessian_reliable is False
+    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    fit = reconstruct(res["hits"], n, resp, like, "e-", n_starts=1, batch_size=n, dtype=torch.float32)
+    st = fit["status"]
+    print([status_names(int(x)) for x in st])
+    assert int(fit["ok"].sum()) >= n - 1
+    assert bool(((st & STATUS["fisher_cov"]) > 0).all())
+    assert not bool(((st & STATUS["hessian_not_pd"]) > 0).any())
+    p = {k: fit[k] for k in ("vertex", "direction", "energy", "t0")}
+    cov_f = torch.linalg.inv(event_fisher(resp, like, p)["F"])
+    assert torch.allclose(fit["cov"], cov_f, rtol=1e-6, atol=1e-12)
+    pull = (fit["vertex"] - res["truth"]["vertex"].double()) / fit["sigma_vertex"]
+    print("vertex pulls", pull.tolist())
+    assert float(pull.abs().max()) < 4.0
+
+
 def test_bad_input_flags_and_errors():
     det, med, sen, opt = _small()
     resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=8, fold_wavelength=True)
