@@ -418,7 +418,8 @@ def _fisher_polish(
     point x (N,8) (float64): each step re-centres the local coordinates at the current point, takes the
     float64 NLL gradient g (``f64``: params -> (N,) NLL) and the expected information F of the hit
     likelihood (:func:`fitting.fisher.event_fisher`: exact charge and first-hit-time information, the same
-    chart), and moves y <- -F^-1 g when the NLL decreases; converged when g^T F^-1 g < ``tol``.
+    chart; Poisson counts, without a negative binomial's over-dispersion), and moves y <- -F^-1 g (or 1/2,
+    1/4 of it) when the NLL decreases; converged when g^T F^-1 g < ``tol``.
     Returns x (N,8), NLL (N,), covariance F^-1 (N,7,7) in the local coordinates about x, converged, F
     positive definite (N,) bool.
 
