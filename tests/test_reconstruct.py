@@ -51,10 +51,10 @@ def _small():
     return det, med, sen, Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
 
 
-def _direct_only_sim(n: int, seed: int, energy: float = 500.0):
+def _direct_only_sim(n: int, seed: int, energy: float = 500.0, particle: str = "mu-"):
     cfg = SimConfig(
         detector="wcte",
-        particle="mu-",
+        particle=particle,
         energy=energy,
         vertex=VTX,
         direction=DIR,
@@ -63,9 +63,8 @@ def _direct_only_sim(n: int, seed: int, energy: float = 500.0):
     sim = Simulator(cfg)
     sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
     res = sim.run(n, seed=seed, batch_size=n)
-    resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
-    )
+    track = {"n_track_nodes": 32, "fold_wavelength": True} if particle.startswith("mu") else {}
+    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, particle, sim.optics, **track)
     like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
     return sim, res, resp, like
 
@@ -291,20 +290,8 @@ def test_shower_fits_report_the_fisher_covariance():
     from fitting.fisher import event_fisher
 
     n = 6
-    cfg = SimConfig(
-        detector="wcte",
-        particle="e-",
-        energy=500.0,
-        vertex=VTX,
-        direction=DIR,
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
-    )
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
-    res = sim.run(n, seed=3, batch_size=n)
-    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, "e-", sim.optics)
+    _, res, resp, like = _direct_only_sim(n, seed=3, particle="e-")
     assert resp.hessian_reliable is False
-    like = HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
     fit = reconstruct(res["hits"], n, resp, like, "e-", n_starts=1, batch_size=n, dtype=torch.float32)
     st = fit["status"]
     print([status_names(int(x)) for x in st])
