@@ -905,6 +905,8 @@ def _fit_batch(
         sel = fisher.nonzero()[:, 0]
         with torch.no_grad():
             x_sel = _x_from_local(y[sel], {k: v[sel] for k, v in base.items()})
+            if freeze is not None:  # traced indirect photons for this subset, fixed through its polish
+                freeze(_unpack(x_sel))
         x_f, nll_f, cov_f, conv_f, pd_f = _fisher_polish(
             response,
             likelihood,
