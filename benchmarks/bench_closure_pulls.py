@@ -1,8 +1,8 @@
 """Closure pulls of the reconstruction: residual / reported uncertainty for contained 500 MeV muons.
 
-Events (``closure_simulator``): 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light
-only (wall/PMT reflection and Rayleigh off) so that the physics response is the truth up to the muon's
-multiple scattering (MS).
+Events (``closure_simulator``): 500 MeV mu- in WCTE from (0, 0, -1.2) m (``--detector sk``: SK from
+(0, 0, -5) m) along (0.2, 0.1, 1), direct light only (wall/PMT reflection and Rayleigh off) so that the
+physics response is the truth up to the muon's multiple scattering (MS).
 ``--no-ms`` switches the MC's multiple scattering off
 (physics.emission.track_steps(multiple_scattering=False)) to separate the MS fluctuation from the fit itself;
 with it, ``--fit-no-ms`` (X0 -> inf in the fit's model) and ``--exact-wavelength`` make the fit's model the
@@ -14,8 +14,9 @@ Pull widths: standard deviation and the robust half 16-84 % inter-quantile range
 Pulls are reported with the pure-Hessian uncertainty (``cov_hessian``) and with the reported one (Hessian + MS
 covariance, ``cov``) when the fit provides both.
 Writes benchmarks/results/closure_pulls[_noms].json.
-Usage: python benchmarks/bench_closure_pulls.py [--events N] [--no-ms [--fit-no-ms --exact-wavelength]]
-    [--track-nodes K] [--ms-samples S] [--device cuda] [--seed S] [--batch-size B] [--name NAME]
+Usage: python benchmarks/bench_closure_pulls.py [--events N] [--detector wcte|sk]
+    [--no-ms [--fit-no-ms --exact-wavelength]] [--track-nodes K] [--ms-samples S] [--device cuda]
+    [--seed S] [--batch-size B] [--name NAME]
 """
 
 from __future__ import annotations
@@ -34,23 +35,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import physics.simulate as psim  # noqa: E402
 from benchmarks._util import write_json  # noqa: E402
-from benchmarks.bench_reconstruct import direct_light_simulator  # noqa: E402
+from benchmarks.bench_reconstruct import DIRECTION, direct_light_simulator  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
 from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
 from physics.simulate import Simulator  # noqa: E402
 
-VERTEX = (0.0, 0.0, -1.2)
+VERTICES = {"wcte": (0.0, 0.0, -1.2), "sk": (0.0, 0.0, -5.0)}  # [m], those of bench_reconstruct
+VERTEX = VERTICES["wcte"]
+__all__ = ["DIRECTION", "VERTEX", "VERTICES", "closure_simulator", "fit_model"]
 
 
-def closure_simulator(no_ms: bool, device: str = "cpu") -> Simulator:
-    """The closure events' simulator: 500 MeV mu- in WCTE from VERTEX along DIRECTION, direct light only
-    (wall/PMT reflection and Rayleigh off); ``no_ms`` switches the MC's multiple scattering off (the
-    Simulator calls physics.simulate.track_steps: replaced for the rest of the process)."""
+def closure_simulator(no_ms: bool, device: str = "cpu", detector: str = "wcte") -> Simulator:
+    """The closure events' simulator: 500 MeV mu- in ``detector`` from VERTICES[detector] along DIRECTION,
+    direct light only (wall/PMT reflection and Rayleigh off); ``no_ms`` switches the MC's multiple
+    scattering off (the Simulator calls physics.simulate.track_steps: replaced for the rest of the
+    process)."""
     if no_ms:
         psim.track_steps = partial(track_steps, multiple_scattering=False)
-    return direct_light_simulator("wcte", VERTEX, device)
+    return direct_light_simulator(detector, VERTICES[detector], device)
 
 
 def fit_model(
@@ -111,6 +115,7 @@ def pull_summary(fit: dict, truth: dict, cov_key: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=64)
+    ap.add_argument("--detector", default="wcte", choices=sorted(VERTICES), help="detector preset")
     ap.add_argument("--no-ms", action="store_true", help="switch the MC's multiple scattering off")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=101)
@@ -128,7 +133,7 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sim = closure_simulator(args.no_ms, args.device)
+    sim = closure_simulator(args.no_ms, args.device, args.detector)
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
@@ -150,6 +155,7 @@ def main() -> None:
     truth = {k: res["truth"][k].to(args.device) for k in ("vertex", "direction", "energy")}
     out = {
         "events": args.events,
+        "detector": args.detector,
         "multiple_scattering": not args.no_ms,
         "seed": args.seed,
         "device": args.device,
