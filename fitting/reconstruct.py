@@ -62,6 +62,7 @@ from torch import Tensor
 
 from physics.config import ConfigError, check_choice, check_number
 
+from .fisher import crb_covariance, event_fisher
 from .likelihood import hits_to_dense
 from .prefit import prefit
 from .uncertainty import kink_response_covariance, tangent_basis
@@ -122,6 +123,21 @@ def _nll_fn(response, likelihood, obs: dict[str, Tensor]):
         return likelihood(response.expected(params), obs)
 
     return f
+
+
+def _local_nll(response, likelihood, obs: dict[str, Tensor], base: dict[str, Tensor], dtype: torch.dtype):
+    """f(y, off=None) -> per-event NLL (N,) at local coordinates y (N,7) about ``base``
+    (``_local_to_params``), with optional track-node offsets off (N,K,6), evaluated in ``dtype`` (obs and
+    base cast to it; y and off too, so the derivatives come back in y's dtype)."""
+    obs_d = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in obs.items()}
+    f = _nll_fn(response, likelihood, obs_d)
+    b = {k: v.to(dtype) for k, v in base.items()}
+
+    def floc(y: Tensor, off: Tensor | None = None) -> Tensor:
+        p = _local_to_params(y.to(dtype), b)
+        return f(p if off is None else {**p, "node_offset": off.to(dtype)})
+
+    return floc
 
 
 def _hessian(f, y: Tensor, off: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -431,14 +447,11 @@ def _fisher_polish(
     float64 Hessian had eigenvalues down to -9.5e4 at the fit and finite differences along that direction
     gave +4e4 at 1 cm but -2e4 at 0.1 mm. The Fisher matrix (expected information, J^T I J) takes only
     first derivatives, and its inverse is the Cramer-Rao covariance (James 2006, ch. 7)."""
-    from .fisher import event_fisher
-
     n = x.shape[0]
     nll = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
     cov = torch.full((n, 7, 7), float("nan"), dtype=torch.float64, device=x.device)
     converged = torch.zeros(n, dtype=torch.bool, device=x.device)
     pd = torch.zeros(n, dtype=torch.bool, device=x.device)
-    eye = torch.eye(7, dtype=torch.float64, device=x.device)
     for it in range(steps + 1):
         base = _base_from_x(x)
         y = torch.zeros(n, 7, dtype=torch.float64, device=x.device, requires_grad=True)
@@ -446,13 +459,8 @@ def _fisher_polish(
         (g,) = torch.autograd.grad(val.sum(), y)
         nll = val.detach()
         fy = event_fisher(response, likelihood, _unpack(x), batch_size=n)["F"]
-        chol, info = torch.linalg.cholesky_ex(fy)
-        pd = (info == 0) & torch.isfinite(fy).all(-1).all(-1)
-        cov = torch.where(
-            pd[:, None, None],
-            torch.cholesky_inverse(torch.where(pd[:, None, None], chol, eye)),
-            torch.full_like(fy, float("nan")),
-        )
+        cov, pd = crb_covariance(fy)
+        pd = pd & torch.isfinite(fy).all(-1).all(-1)
         step = -(cov @ g[..., None])[..., 0]
         converged = pd & ((g * -step).sum(-1) < tol)
         if it == steps or bool(converged.all()):
@@ -837,20 +845,9 @@ def _fit_batch(
     obs64 = {k: (v.double() if v.is_floating_point() else v) for k, v in obs.items()}
     if rel_var is not None:
         obs64["mu_rel_var"] = rel_var.double()
-    f64 = _nll_fn(response, likelihood, obs64)
-
-    def floc(y: Tensor, off: Tensor | None = None) -> Tensor:
-        p = _local_to_params(y, base)
-        return f64(p if off is None else {**p, "node_offset": off})
-
+    floc = _local_nll(response, likelihood, obs64, base, torch.float64)
     # the Hessian (and gradient, mixed derivatives) in the fit's dtype about the same float64 point
-    obs_h = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in obs64.items()}
-    f_h = _nll_fn(response, likelihood, obs_h)
-    base_h = {k: v.to(dtype) for k, v in base.items()}
-
-    def floc_h(y: Tensor, off: Tensor | None = None) -> Tensor:
-        p = _local_to_params(y.to(dtype), base_h)
-        return f_h(p if off is None else {**p, "node_offset": off.to(dtype)})
+    floc_h = floc if dtype == torch.float64 else _local_nll(response, likelihood, obs64, base, dtype)
 
     if freeze is not None:
         with torch.no_grad():
@@ -875,14 +872,7 @@ def _fit_batch(
             _, g, h, mix = _hessian(floc_h, y, off)
             g, h = g.double(), h.double()
             mixed = mix.double() if mix is not None else mixed
-            chol, info = torch.linalg.cholesky_ex(h)
-            pd = info == 0
-            eye = torch.eye(7, dtype=h.dtype, device=h.device)
-            hinv = torch.where(
-                pd[:, None, None],
-                torch.cholesky_inverse(torch.where(pd[:, None, None], chol, eye)),
-                torch.full_like(h, float("nan")),
-            )
+            hinv, pd = crb_covariance(h)  # H^-1 (NaN where H is not positive definite)
             step = -(hinv @ g[..., None])[..., 0]
             dec = (g * -step).sum(-1)
             converged = pd & (dec < tol_decrement)

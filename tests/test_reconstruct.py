@@ -21,8 +21,8 @@ from fitting.reconstruct import (
     STATUS,
     _base_from_x,
     _hessian,
+    _local_nll,
     _local_to_params,
-    _nll_fn,
     add_reconstruct_parser,
     reconstruct,
     resolutions,
@@ -236,18 +236,11 @@ def test_float32_hessian_matches_float64_and_finite_differences():
     y0 = torch.zeros(n, 7, dtype=F64)
     k = resp.ms_kinks(_local_to_params(y0, base))["s"].shape[1]
     off = torch.zeros(n, k, 6, dtype=F64)
-    out = {}
-    for dt in (F64, torch.float32):
-        f = _nll_fn(resp, like, {kk: (v.to(dt) if v.is_floating_point() else v) for kk, v in obs.items()})
-        b = {kk: v.to(dt) for kk, v in base.items()}
-
-        def floc(y, o=None, f=f, b=b, dt=dt):
-            p = _local_to_params(y.to(dt), b)
-            return f(p if o is None else {**p, "node_offset": o.to(dt)})
-
-        out[dt] = [t.double() for t in _hessian(floc, y0, off)[1:]]
-        if dt == F64:
-            f64_loc = floc
+    f64_loc = _local_nll(resp, like, obs, base, F64)
+    out = {
+        dt: [t.double() for t in _hessian(_local_nll(resp, like, obs, base, dt), y0, off)[1:]]
+        for dt in (F64, torch.float32)
+    }
     g64, h64, m64 = out[F64]
     g32, h32, m32 = out[torch.float32]
     steps = torch.tensor([1e-4, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-4], dtype=F64)
