@@ -29,6 +29,8 @@ with its standard error, and the rms moves. Writes benchmarks/results/closure_bi
 the mean gradient split into the likelihood's terms (the charge term of the unhit and of the hit PMTs, the
 time term); writes benchmarks/results/closure_bias_first_order[_nb].json.
 
+``--detector sk`` takes the SK closure events instead (bench_closure_pulls VERTICES; results get "_sk").
+
     python benchmarks/closure_bias_decomposition.py [--events 96] [--seed 101] [--ms-samples S] [--threads 2]
     python benchmarks/closure_bias_decomposition.py --asimov-sets 64
     python benchmarks/closure_bias_decomposition.py --first-order [--ms-samples 32]
@@ -47,7 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._util import write_json  # noqa: E402
-from benchmarks.bench_closure_pulls import closure_simulator, fit_model  # noqa: E402
+from benchmarks.bench_closure_pulls import VERTICES, closure_simulator, fit_model  # noqa: E402
 from fitting.likelihood import hits_to_dense  # noqa: E402
 from fitting.reconstruct import _base_from_x, _hessian, _local_to_params  # noqa: E402
 
@@ -118,12 +120,12 @@ def _rms_moves(y: torch.Tensor, d: torch.Tensor) -> dict:
     }
 
 
-def asimov(sets: int, threads: int) -> None:
+def asimov(sets: int, threads: int, detector: str) -> None:
     """The --asimov-sets mode (module doc)."""
     torch.set_num_threads(threads)
     if sets < 2 or sets % 2:
         raise SystemExit(f"--asimov-sets: got {sets}, allowed: an even number >= 2 (antithetic pairs)")
-    sim = closure_simulator(False)
+    sim = closure_simulator(False, detector=detector)
     tr = sim.run(1, seed=0, batch_size=1)["truth"]  # the closure's fixed truth (vertex, direction, energy)
     resp, _ = fit_model(sim, ms_samples=sets)
     resp = resp.double()
@@ -172,7 +174,7 @@ def asimov(sets: int, threads: int) -> None:
             f"{r_['rms_direction_mrad']:.1f} mrad",
             flush=True,
         )
-    write_json("closure_bias_asimov", out)
+    write_json("closure_bias_asimov" + ("_sk" if detector == "sk" else ""), out)
 
 
 def first_order(resp, like, obs: dict, base: dict, batch: int) -> dict:
@@ -238,6 +240,7 @@ def main() -> None:
     ap.add_argument("--ms-samples", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--detector", default="wcte", choices=sorted(VERTICES), help="detector preset")
     ap.add_argument(
         "--asimov-sets",
         type=int,
@@ -251,11 +254,11 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.asimov_sets:
-        asimov(args.asimov_sets, args.threads)
+        asimov(args.asimov_sets, args.threads, args.detector)
         return
     torch.set_num_threads(args.threads)
     n = args.events
-    sim = closure_simulator(False)
+    sim = closure_simulator(False, detector=args.detector)
     res = sim.run(n, seed=args.seed, batch_size=min(n, 32))
     resp, like = fit_model(sim, ms_samples=args.ms_samples)
     resp, like = resp.double(), like.double()
@@ -266,6 +269,7 @@ def main() -> None:
     if args.ms_samples:
         w = resp.ms_relative_variance(_local_to_params(torch.zeros(n, 7, dtype=torch.float64), base))
         obs["mu_rel_var"] = w
+    nb, sk = ("_nb" if args.ms_samples else ""), ("_sk" if args.detector == "sk" else "")
     if args.first_order:
         out = {
             "events": n,
@@ -273,7 +277,7 @@ def main() -> None:
             "ms_samples": args.ms_samples,
             "terms": first_order(resp, like, obs, base, args.batch_size),
         }
-        write_json("closure_bias_first_order" + ("_nb" if args.ms_samples else ""), out)
+        write_json("closure_bias_first_order" + nb + sk, out)
         return
     out = {"events": n, "seed": args.seed, "ms_samples": args.ms_samples, "subsets": {}}
     for subset in SUBSETS:
@@ -316,7 +320,7 @@ def main() -> None:
             f"{r['rms_transverse_vertex_cm']:.2f} cm, direction rms {r['rms_direction_mrad']:.2f} mrad",
             flush=True,
         )
-    write_json("closure_bias_decomposition" + ("_nb" if args.ms_samples else ""), out)
+    write_json("closure_bias_decomposition" + nb + sk, out)
 
 
 if __name__ == "__main__":
