@@ -485,8 +485,9 @@ class PhysicsResponse(ResponseModel):
     def ms_kinks(self, event_params: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """The track's multiple-scattering kinks per quadrature cell, for the reconstruction's kink-response
         covariance (:func:`fitting.uncertainty.kink_response_covariance`): s (E,K) [m] the nodes' mean
-        positions along the track (those of ``node_offset``) and var (E,K) [rad^2] projected kink variance per
-        axis over each cell's path length (Highland,
+        positions along the track (those of ``node_offset``), path (E,K) [m] their path lengths along the
+        scattered track, and var (E,K) [rad^2] projected kink variance per axis over each cell's path length
+        (Highland,
         PDG eq. 34.16, :func:`fitting.uncertainty.highland_kink_variance`), float64, no gradient. None when
         not modelled: showers, the isotropic source, fold_wavelength=False or ms_covariance=False."""
         if self.particle not in TRACK_PARTICLES or not self.fold_wavelength or not self.ms_covariance:
@@ -509,7 +510,7 @@ class PhysicsResponse(ResponseModel):
             path, ds = nodes["path"], nodes["ds"]
             x0 = m.radiation_length
             var = highland_kink_variance(path - 0.5 * ds, path + 0.5 * ds, nodes["kin"], mass, x0)
-        return {"s": nodes["s"], "var": var}
+        return {"s": nodes["s"], "path": path, "var": var}
 
     def ms_kink_expectations(
         self, event_params: dict[str, Tensor], antithetic: bool = False

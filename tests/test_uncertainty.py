@@ -212,6 +212,7 @@ def test_ms_kinks_of_the_response(wcte):
         lambda kin: emission.bethe_dedx(kin, MUON_MASS, med, spin_half=True),
         med.radiation_length,
     )
+    assert torch.equal(k["path"], nodes["path"])  # the nodes' path lengths along the scattered track
     acc = torch.cumsum(k["var"], 1) - 0.5 * k["var"]
     print("kink variance sum", float(acc[0, -1]), "theta0^2 at the last node", float(nodes["theta2"][0, -1]))
     assert float(acc[0, -1]) == pytest.approx(float(nodes["theta2"][0, -1]), rel=0.1)
