@@ -275,8 +275,11 @@ class PhysicsResponse(ResponseModel):
             "time_offset": self.sensors.time_offset.to(device=device, dtype=dtype),
         }
 
-    def expected(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return self._expected(event_params)
+    def expected(self, event_params: dict[str, Tensor], *, sharp_rings: bool = False) -> dict[str, Tensor]:
+        """See the class doc; sharp_rings: a track's rings without the accumulated multiple-scattering
+        smearing, for a track whose kinks are explicit in event_params['node_offset'] (the spread of
+        directions inside each node's own cell stays; physics.expected.direct_light_folded)."""
+        return self._expected(event_params, sharp_rings)
 
     def _expected(
         self, event_params: dict[str, Tensor], sharp_rings: bool = False, group: int = 1

@@ -515,16 +515,18 @@ def test_node_offset_rigid_motions_match_event_derivatives():
 
 def test_gradcheck_node_offset():
     """float64 gradcheck of mu, t_mean, t_var w.r.t. the per-node offsets of a bent track (small detector,
-    8 nodes, offsets of a few mm / mrad), and a wrong shape or a shower raises ConfigError."""
+    8 nodes, offsets of a few mm / mrad), with smeared and with sharp rings (the bent-track fit of
+    benchmarks/ms_bent_fit.py), and a wrong shape or a shower raises ConfigError."""
     resp, p = _bent_track_setup(8)
     gen = torch.Generator().manual_seed(5)
     off0 = 0.003 * torch.randn(2, 8, 6, generator=gen, dtype=F64)
+    for sharp in (False, True):
 
-    def f(off):
-        o = resp.expected({**p, "node_offset": off})
-        return o["mu"], o["t_mean"], o["t_var"]
+        def f(off, sharp=sharp):
+            o = resp.expected({**p, "node_offset": off}, sharp_rings=sharp)
+            return o["mu"], o["t_mean"], o["t_var"]
 
-    assert torch.autograd.gradcheck(f, (off0.requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-4)
+        assert torch.autograd.gradcheck(f, (off0.clone().requires_grad_(),), eps=1e-6, atol=1e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="node_offset"):
         resp.expected({**p, "node_offset": torch.zeros(2, 7, 6, dtype=F64)})
     det, med, sen, opt = _small()

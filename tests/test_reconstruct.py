@@ -610,8 +610,8 @@ def test_kinked_sharp_ring_is_the_rotated_straight_track(monkeypatch):
     k = s.numel()
     off = torch.cat([s[:, None] * (rot - d), math.tan(phi) * u.expand(k, 3)], 1)[None]
     with torch.no_grad():
-        kinked = resp._expected({**p, "node_offset": off}, True)
-        straight = resp._expected({**p, "direction": rot}, True)
+        kinked = resp.expected({**p, "node_offset": off}, sharp_rings=True)
+        straight = resp.expected({**p, "direction": rot}, sharp_rings=True)
     lit = straight["mu"] > 1e-6
     assert float(straight["mu"].sum()) > 100.0
     assert torch.allclose(kinked["mu"], straight["mu"], rtol=1e-9, atol=1e-12)
