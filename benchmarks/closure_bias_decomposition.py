@@ -71,8 +71,12 @@ def _basis(subset: str, d: torch.Tensor) -> torch.Tensor:
     return torch.cat([along, rest], 2)
 
 
-def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor:
-    """Minimise nll(y (E,7)) over y = basis z from z = 0; returns y (E,7) at the minimum."""
+def newton_from_truth(
+    nll, basis: torch.Tensor, iters: int = 12, max_step: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Minimise nll(y (E,n)) over y = basis z (basis (E,n,m)) from z = 0; returns y (E,n) at the minimum.
+    max_step (m,): optional largest move per iteration of each z, the step scaled down as a whole to stay
+    inside it (keeps a far Newton step of an ill-conditioned start out of unphysical parameters)."""
     n, _, m = basis.shape
     z = torch.zeros(n, m, dtype=torch.float64)
 
@@ -84,6 +88,8 @@ def newton_from_truth(nll, basis: torch.Tensor, iters: int = 12) -> torch.Tensor
         ev, u = torch.linalg.eigh(h)
         ev = ev.clamp_min(1e-6 * ev[:, -1:].abs())
         step = -(u @ ((u.transpose(1, 2) @ g[..., None]) / ev[..., None]))[..., 0]
+        if max_step is not None:
+            step = step / (step.abs() / max_step).amax(1, keepdim=True).clamp_min(1.0)
         lam = torch.ones(n, dtype=torch.float64)
         with torch.no_grad():
             for _ in range(8):

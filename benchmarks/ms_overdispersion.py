@@ -7,7 +7,9 @@ light only, Highland multiple scattering in the MC) in WCTE or SK (``--detector`
 * the MC's hit fraction against the model's P(hit) at the truth, with Poisson counts of the smeared mean
   (``PhysicsResponse.expected``) and with the negative binomial of ``ms_relative_variance``
   (``--ms-samples`` kink sets, ``--ms-seed``): the clumping of a sharp ring that moves from event to event;
-* the MC's mean charge less dark noise against the smeared mean mu;
+* the MC's mean charge less dark noise, with the standard error of the bin's per-event sum (the ring moves
+  as a whole with the track's kinks, so a bin's PMTs fluctuate together: at SK's outer ring edge the sum's
+  event-to-event spread is 80 % of its mean), against the smeared mean mu;
 * the excess count variance V = Var(q) - E[q] (1 + v_spe) of the MC (q: charge, g = 1; v_spe the single-p.e.
   relative variance) against the model's w mu^2;
 * ``--kink-events N``: N more MC events whose own tracks (their recorded steps, as node offsets of the fit's
@@ -16,7 +18,7 @@ light only, Highland multiple scattering in the MC) in WCTE or SK (``--detector`
   difference from the MC on the same events is what the node representation of the track leaves out.
 
 Writes benchmarks/results/ms_overdispersion_<detector>.json.
-Usage: python benchmarks/ms_overdispersion.py [--detector wcte|sk] [--events 400] [--ms-samples 16]
+Usage: python benchmarks/ms_overdispersion.py [--detector wcte|sk] [--events 2000] [--ms-samples 16]
     [--ms-seed 0] [--kink-events 192] [--track-nodes 32] [--threads 2]
 """
 
@@ -44,7 +46,7 @@ EDGES = list(range(0, 57, 3)) + [90, 180]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detector", default="sk", choices=sorted(VERTICES))
-    ap.add_argument("--events", type=int, default=400)
+    ap.add_argument("--events", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=5000)
     ap.add_argument("--ms-samples", type=int, default=16)
     ap.add_argument("--ms-seed", type=int, default=0)
@@ -56,7 +58,14 @@ def main() -> None:
     n, det = a.events, a.detector
     sim = closure_simulator(False, detector=det)
     n_pmt = sim.detector.n_pmts
+    d = torch.tensor([DIRECTION], dtype=F64)
+    d = d / d.norm()
+    v = torch.tensor([VERTICES[det]], dtype=F64)
+    pos = sim.detector.pmt_pos.double() - v
+    ang = torch.rad2deg(torch.acos(((pos @ d[0]) / pos.norm(dim=1)).clamp(-1.0, 1.0)))
+    in_bin = torch.stack([(ang >= lo) & (ang < hi) for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True)], 1)
     q1, q2, hits = (torch.zeros(n_pmt, dtype=F64) for _ in range(3))
+    bin_sums = []  # (events, bins) charge per event in each bin: the error of the bin's mean light
     for start in range(0, n, 100):
         b = min(100, n - start)
         h = sim.run(b, seed=a.seed + start, batch_size=b)["hits"]
@@ -65,12 +74,11 @@ def main() -> None:
         q1 += dense.sum(0)
         q2 += (dense * dense).sum(0)
         hits += (dense != 0).sum(0)
+        bin_sums.append(dense @ in_bin.double())
+    mu_mc_err = torch.cat(bin_sums).std(0) / math.sqrt(n)
     resp, like = fit_model(sim, a.track_nodes, ms_samples=a.ms_samples)
     resp.ms_seed = a.ms_seed
     resp, like = resp.double(), like.double()
-    d = torch.tensor([DIRECTION], dtype=F64)
-    d = d / d.norm()
-    v = torch.tensor([VERTICES[det]], dtype=F64)
     e0 = torch.tensor([500.0], dtype=F64)
     p = {"vertex": v, "direction": d, "energy": e0, "t0": torch.zeros(1, dtype=F64)}
     cfg = resp.likelihood_config()
@@ -87,11 +95,9 @@ def main() -> None:
     kink = None
     if a.kink_events:
         kink = kink_model(sim, resp, p, a.kink_events, a.seed + 10**6)
-    pos = sim.detector.pmt_pos.double() - v
-    ang = torch.rad2deg(torch.acos(((pos @ d[0]) / pos.norm(dim=1)).clamp(-1.0, 1.0)))
     rows = []
-    for lo, hi in zip(EDGES[:-1], EDGES[1:], strict=True):
-        sel = (ang >= lo) & (ang < hi)
+    for i, (lo, hi) in enumerate(zip(EDGES[:-1], EDGES[1:], strict=True)):
+        sel = in_bin[:, i]
         f = hits[sel] / n
         r = {
             "angle_deg": [lo, hi],
@@ -101,6 +107,7 @@ def main() -> None:
             "hits_poisson": float(p_pois[sel].sum()),
             "hits_nb": float(p_nb[sel].sum()),
             "mu_mc": float(mean_q[sel].sum()) - dark * int(sel.sum()),
+            "mu_mc_err": float(mu_mc_err[i]),
             "mu_model": float(mu[sel].sum()),
             "excess_var_mc": float(var_mc[sel].sum()),
             "excess_var_mc_err": math.sqrt(2.0 * float((var_q[sel] ** 2).sum()) / n),
@@ -113,7 +120,7 @@ def main() -> None:
         print(
             f"[{lo:3d},{hi:3d}) hits MC {r['hits_mc']:7.2f} Poisson {r['hits_poisson']:7.2f}"
             f" NB {r['hits_nb']:7.2f}"
-            f" | mu MC {r['mu_mc']:7.2f} model {r['mu_model']:7.2f}"
+            f" | mu MC {r['mu_mc']:7.2f} +- {r['mu_mc_err']:.2f} model {r['mu_model']:7.2f}"
             f" | V MC {r['excess_var_mc']:7.2f} +- {r['excess_var_mc_err']:.2f} NB {r['excess_var_nb']:7.2f}"
             + (f" own kinks {r['excess_var_mc_kinks']:7.2f}" if kink is not None else "")
         )

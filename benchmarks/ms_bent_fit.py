@@ -1,0 +1,205 @@
+"""Study: the closure's vertex bias with the track's multiple-scattering kinks fitted as nuisance parameters.
+
+The closure muons (``bench_closure_pulls.closure_simulator``: 500 MeV mu- from VERTICES[detector] along
+(0.2, 0.1, 1), direct light, Highland multiple scattering in the MC) are fitted twice from the truth, each a
+float64 Newton iteration (``closure_bias_decomposition.newton_from_truth``, with a step limit) on the same
+events and the same likelihood (``bench_closure_pulls.fit_model``, Poisson counts):
+
+* ``straight``: the reconstruction's model, one straight track whose rings are smeared by the accumulated
+  Highland angle (7 parameters: vertex, two direction angles, log E, t0);
+* ``bent``: the same 7 parameters plus 2 M kink-mode amplitudes a (M per transverse axis) with the prior
+  a ~ N(0, 1) (the negative log-likelihood gets + |a|^2 / 2), evaluated as one bent track with sharp rings
+  (``PhysicsResponse.expected(..., sharp_rings=True)`` with ``node_offset``). The direction is then the
+  initial one, at the vertex.
+
+Kink modes (``kink_modes``): the kinks of the K track cells are kappa_k = sqrt(v_k) z_k per axis, z ~ N(0, I),
+v_k the cells' Highland variances (``PhysicsResponse.ms_kinks``); node j turns by T z = sum_{k<j} kappa_k +
+kappa_j / 2 and moves by D z = sum_{k<j} kappa_k (s_j - s_k) (as in ``ms_kink_expectations``). The modes are
+the M leading right singular vectors U of T, so that z = U a keeps the largest share of the turn variance
+(the discrete Karhunen-Loeve expansion of the Brownian tilt; Ghanem & Spanos, Stochastic Finite Elements,
+1991, ch. 2); the prior of a is then N(0, I) exactly.
+
+Reported per fit: the mean vertex shift along the true direction [cm] with its standard error and sd, log E
+[%], the direction residual [mrad] (median, rms), the pulls' mean and std (along the track, direction angles,
+log E) with the inverse Hessian at the minimum (straight: the Hessian alone, without the reconstruction's
+multiple-scattering covariance; bent: the event parameters' block of the full inverse, i.e. marginal over the
+kink modes; over the events whose Hessian is positive definite, the others counted), the paired bent -
+straight difference along the track, the rms of the fitted mode amplitudes (about 1 when the prior is
+right) and the time. Writes benchmarks/results/ms_bent_fit_<detector>.json.
+Usage: python benchmarks/ms_bent_fit.py [--detector sk|wcte] [--events 16] [--modes 6] [--iters 8]
+    [--batch-size 8] [--track-nodes 32] [--seed 101] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._util import write_json  # noqa: E402
+from benchmarks.bench_closure_pulls import VERTICES, closure_simulator, fit_model  # noqa: E402
+from benchmarks.closure_bias_decomposition import _truth_base, newton_from_truth  # noqa: E402
+from fitting.likelihood import hits_to_dense  # noqa: E402
+from fitting.reconstruct import _hessian, _local_to_params  # noqa: E402
+
+F64 = torch.float64
+# largest Newton move per iteration: vertex [m], direction angles [rad], log E, t0 [ns], mode amplitudes
+STEP_LIMITS = (0.5, 0.5, 0.5, 0.1, 0.1, 0.3, 3.0)
+MODE_STEP_LIMIT = 3.0
+
+
+def kink_modes(s: torch.Tensor, var: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading kink modes of each event's track (module doc).
+
+    s (E,K) [m] node positions along the track, var (E,K) [rad^2] the cells' kink variances per axis.
+    Returns turn (E,K,M) [rad] and displacement (E,K,M) [m] of the nodes per unit mode amplitude, and the
+    share of each node's turn variance that the M modes carry (E,K)."""
+    k = s.shape[1]
+    idx = torch.arange(k, device=s.device)
+    before = (idx[None, :] < idx[:, None]).to(s.dtype)  # [j, k] = 1 for k < j
+    sd = var.sqrt()[:, None, :]
+    turn = (before + 0.5 * torch.eye(k, dtype=s.dtype, device=s.device)) * sd  # (E,K,K)
+    disp = before * (s[:, :, None] - s[:, None, :]) * sd
+    u = torch.linalg.svd(turn)[2].transpose(1, 2)[:, :, :m]  # (E,K,M)
+    tm = turn @ u
+    share = (tm * tm).sum(-1) / (turn * turn).sum(-1).clamp_min(1e-300)
+    return tm, disp @ u, share
+
+
+def node_offsets(amp: torch.Tensor, turn: torch.Tensor, disp: torch.Tensor, e1, e2) -> torch.Tensor:
+    """(E,K,6) node offsets (displacement, direction change) of mode amplitudes amp (E,2M): the first M on
+    the transverse axis e1 (E,3), the rest on e2."""
+    m = turn.shape[2]
+    a1, a2 = amp[:, :m, None], amp[:, m:, None]
+    dd = (turn @ a1) * e1[:, None] + (turn @ a2) * e2[:, None]
+    dx = (disp @ a1) * e1[:, None] + (disp @ a2) * e2[:, None]
+    return torch.cat([dx, dd], -1)
+
+
+def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float) -> dict:
+    """Residual and pull statistics of fits y (E,n) about the truth; cov (E,7,7) their covariance."""
+    n = y.shape[0]
+    along = (y[:, :3] * d).sum(1) * 100.0
+    dirn = y[:, 3:5].norm(dim=1) * 1000.0
+    sig_along = torch.einsum("ni,nij,nj->n", d, cov[:, :3, :3], d).sqrt() * 100.0
+    pulls = {
+        "along_track": along / sig_along,
+        "dir_a": y[:, 3] / cov[:, 3, 3].sqrt(),
+        "dir_b": y[:, 4] / cov[:, 4, 4].sqrt(),
+        "log_e": y[:, 5] / cov[:, 5, 5].sqrt(),
+    }
+    pd = torch.linalg.eigvalsh(cov).amin(-1) > 0  # a positive-definite Hessian at the minimum
+    pulls = {k: v[pd] for k, v in pulls.items()}
+    out = {
+        "hessian_not_positive_definite": int((~pd).sum()),
+        "along_track_cm": {
+            "mean": float(along.mean()),
+            "err": float(along.std()) / math.sqrt(n),
+            "sd": float(along.std()),
+        },
+        "log_e_percent": {
+            "mean": float(y[:, 5].mean()) * 100.0,
+            "err": float(y[:, 5].std()) * 100.0 / math.sqrt(n),
+            "sd": float(y[:, 5].std()) * 100.0,
+        },
+        "direction_mrad": {"median": float(dirn.median()), "rms": float(dirn.pow(2).mean().sqrt())},
+        "pull_std": {k: float(v.std()) for k, v in pulls.items()},
+        "pull_mean": {k: float(v.mean()) for k, v in pulls.items()},
+        "seconds": seconds,
+    }
+    if y.shape[1] > 7:
+        out["mode_amplitude_rms"] = y[:, 7:].pow(2).mean(0).sqrt().tolist()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--detector", default="sk", choices=sorted(VERTICES))
+    ap.add_argument("--events", type=int, default=16)
+    ap.add_argument("--modes", type=int, default=6, help="kink modes per transverse axis")
+    ap.add_argument("--iters", type=int, default=8, help="Newton iterations")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--track-nodes", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=101)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    if not 1 <= a.modes <= a.track_nodes:
+        raise SystemExit(f"--modes: got {a.modes}, allowed: 1 to --track-nodes ({a.track_nodes})")
+    torch.set_num_threads(a.threads)
+    n = a.events
+    sim = closure_simulator(False, detector=a.detector)
+    res = sim.run(n, seed=a.seed, batch_size=min(n, 32))
+    resp, like = fit_model(sim, a.track_nodes)
+    resp, like = resp.double(), like.double()
+    h = res["hits"]
+    obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
+    base = _truth_base(res["truth"], n)
+    kinks = resp.ms_kinks(_local_to_params(torch.zeros(n, 7, dtype=F64), base))
+    turn, disp, share = kink_modes(kinks["s"], kinks["var"], a.modes)
+    n_par = 7 + 2 * a.modes
+    limits = torch.tensor(STEP_LIMITS + (MODE_STEP_LIMIT,) * (2 * a.modes), dtype=F64)
+    fits = {}
+    for kind in ("straight", "bent"):
+        t = time.perf_counter()
+        ys, covs = [], []
+        for start in range(0, n, a.batch_size):
+            sl = slice(start, start + a.batch_size)
+            b = {k: v[sl] for k, v in base.items()}
+            ob = {k: v[sl] for k, v in obs.items()}
+            rows = b["v"].shape[0]
+            if kind == "straight":
+
+                def nll(y: torch.Tensor, b=b, ob=ob) -> torch.Tensor:
+                    return like(resp.expected(_local_to_params(y, b)), ob)
+
+                eye = torch.eye(7, dtype=F64).expand(rows, 7, 7)
+                ys.append(newton_from_truth(nll, eye, a.iters, limits[:7]))
+                covs.append(torch.linalg.inv(_hessian(nll, ys[-1])[2]))
+            else:
+
+                def nll(y: torch.Tensor, b=b, ob=ob, sl=sl) -> torch.Tensor:
+                    off = node_offsets(y[:, 7:], turn[sl], disp[sl], b["e1"], b["e2"])
+                    p = {**_local_to_params(y[:, :7], b), "node_offset": off}
+                    return like(resp.expected(p, sharp_rings=True), ob) + 0.5 * (y[:, 7:] ** 2).sum(1)
+
+                eye = torch.eye(n_par, dtype=F64).expand(rows, n_par, n_par)
+                ys.append(newton_from_truth(nll, eye, a.iters, limits))
+                # the event parameters' block of H^-1: marginal over the kink modes (their prior included)
+                covs.append(torch.linalg.inv(_hessian(nll, ys[-1])[2])[:, :7, :7])
+        y = torch.cat(ys)
+        fits[kind] = (y, summary(y, torch.cat(covs), base["d"], time.perf_counter() - t))
+        r = fits[kind][1]
+        at = r["along_track_cm"]
+        print(
+            f"{kind:8s} along-track {at['mean']:+.2f} +- {at['err']:.2f} cm (sd {at['sd']:.2f}), "
+            f"log E {r['log_e_percent']['mean']:+.2f} +- "
+            f"{r['log_e_percent']['err']:.2f} %, direction median {r['direction_mrad']['median']:.1f} mrad, "
+            f"{r['seconds']:.0f} s",
+            flush=True,
+        )
+    d = base["d"]
+    diff = ((fits["bent"][0][:, :3] - fits["straight"][0][:, :3]) * d).sum(1) * 100.0
+    out = {
+        "detector": a.detector,
+        "events": n,
+        "seed": a.seed,
+        "modes": a.modes,
+        "iters": a.iters,
+        "track_nodes": a.track_nodes,
+        "turn_variance_share": share[0].tolist(),
+        "straight": fits["straight"][1],
+        "bent": fits["bent"][1],
+        "paired_along_track_cm": {"mean": float(diff.mean()), "err": float(diff.std()) / math.sqrt(n)},
+    }
+    print(f"bent - straight along the track: {out['paired_along_track_cm']}")
+    write_json(f"ms_bent_fit_{a.detector}", out)
+
+
+if __name__ == "__main__":
+    main()
