@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from benchmarks.bench_closure_pulls import VERTICES, closure_simulator, fit_model  # noqa: E402
 from fitting.likelihood import hits_to_dense  # noqa: E402
-from fitting.reconstruct import _base_from_x, _hessian, _local_to_params  # noqa: E402
+from fitting.reconstruct import _base_from_x, _hessian, _local_nll, _local_to_params  # noqa: E402
 
 SUBSETS = ("longitudinal", "vertex", "all")
 
@@ -293,10 +293,7 @@ def main() -> None:
             sl = slice(a, a + args.batch_size)
             bb = {k: v[sl] for k, v in base.items()}
             ob = {k: v[sl] for k, v in obs.items()}
-
-            def nll(y: torch.Tensor, bb=bb, ob=ob) -> torch.Tensor:
-                return like(resp.expected(_local_to_params(y, bb)), ob)
-
+            nll = _local_nll(resp, like, ob, bb, torch.float64)
             ys.append(newton_from_truth(nll, _basis(subset, bb["d"])))
         y = torch.cat(ys)
         d = base["d"]

@@ -46,7 +46,7 @@ from benchmarks._util import write_json  # noqa: E402
 from benchmarks.bench_closure_pulls import VERTICES, closure_simulator, fit_model  # noqa: E402
 from benchmarks.closure_bias_decomposition import _truth_base, newton_from_truth  # noqa: E402
 from fitting.likelihood import hits_to_dense  # noqa: E402
-from fitting.reconstruct import _hessian, _local_to_params  # noqa: E402
+from fitting.reconstruct import _hessian, _local_nll, _local_to_params  # noqa: E402
 
 F64 = torch.float64
 # largest Newton move per iteration: vertex [m], direction angles [rad], log E, t0 [ns], mode amplitudes
@@ -72,7 +72,7 @@ def kink_modes(s: torch.Tensor, var: torch.Tensor, m: int) -> tuple[torch.Tensor
     return tm, disp @ u, share
 
 
-def node_offsets(amp: torch.Tensor, turn: torch.Tensor, disp: torch.Tensor, e1, e2) -> torch.Tensor:
+def mode_offsets(amp: torch.Tensor, turn: torch.Tensor, disp: torch.Tensor, e1, e2) -> torch.Tensor:
     """(E,K,6) node offsets (displacement, direction change) of mode amplitudes amp (E,2M): the first M on
     the transverse axis e1 (E,3), the rest on e2."""
     m = turn.shape[2]
@@ -154,17 +154,14 @@ def main() -> None:
             ob = {k: v[sl] for k, v in obs.items()}
             rows = b["v"].shape[0]
             if kind == "straight":
-
-                def nll(y: torch.Tensor, b=b, ob=ob) -> torch.Tensor:
-                    return like(resp.expected(_local_to_params(y, b)), ob)
-
+                nll = _local_nll(resp, like, ob, b, F64)
                 eye = torch.eye(7, dtype=F64).expand(rows, 7, 7)
                 ys.append(newton_from_truth(nll, eye, a.iters, limits[:7]))
                 covs.append(torch.linalg.inv(_hessian(nll, ys[-1])[2]))
             else:
 
                 def nll(y: torch.Tensor, b=b, ob=ob, sl=sl) -> torch.Tensor:
-                    off = node_offsets(y[:, 7:], turn[sl], disp[sl], b["e1"], b["e2"])
+                    off = mode_offsets(y[:, 7:], turn[sl], disp[sl], b["e1"], b["e2"])
                     p = {**_local_to_params(y[:, :7], b), "node_offset": off}
                     return like(resp.expected(p, sharp_rings=True), ob) + 0.5 * (y[:, 7:] ** 2).sum(1)
 
