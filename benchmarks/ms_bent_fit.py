@@ -8,16 +8,13 @@ events and the same likelihood (``bench_closure_pulls.fit_model``, Poisson count
 * ``straight``: the reconstruction's model, one straight track whose rings are smeared by the accumulated
   Highland angle (7 parameters: vertex, two direction angles, log E, t0);
 * ``bent``: the same 7 parameters plus 2 M kink-mode amplitudes a (M per transverse axis) with the prior
-  a ~ N(0, 1) (the negative log-likelihood gets + |a|^2 / 2), evaluated as one bent track with sharp rings
-  (``PhysicsResponse.expected(..., sharp_rings=True)`` with ``node_offset``). The direction is then the
-  initial one, at the vertex.
+  a ~ N(0, 1) (the negative log-likelihood gets + |a|^2 / 2), evaluated as one bent track
+  (``PhysicsResponse.expected(..., sharp_rings=True)`` with ``node_offset``) whose rings are smeared by the
+  kinks outside the modes (``node_ms``: their per-node moments; ``--sharp``: not smeared, as before
+  2026-11-24). The direction is then the initial one, at the vertex.
 
-Kink modes (``kink_modes``): the kinks of the K track cells are kappa_k = sqrt(v_k) z_k per axis, z ~ N(0, I),
-v_k the cells' Highland variances (``PhysicsResponse.ms_kinks``); node j turns by T z = sum_{k<j} kappa_k +
-kappa_j / 2 and moves by D z = sum_{k<j} kappa_k (s_j - s_k) (as in ``ms_kink_expectations``). The modes are
-the M leading right singular vectors U of T, so that z = U a keeps the largest share of the turn variance
-(the discrete Karhunen-Loeve expansion of the Brownian tilt; Ghanem & Spanos, Stochastic Finite Elements,
-1991, ch. 2); the prior of a is then N(0, I) exactly.
+Kink modes: ``fitting.uncertainty.kink_modes``, the M leading singular vectors of the Highland kinks' turn
+map (the discrete Karhunen-Loeve expansion of the Brownian tilt); the prior of a is N(0, I) exactly.
 
 Reported per fit: the mean vertex shift along the true direction [cm] with its standard error and sd, log E
 [%], the direction residual [mrad] (median, rms), the pulls' mean and std (along the track, direction angles,
@@ -25,9 +22,9 @@ log E) with the inverse Hessian at the minimum (straight: the Hessian alone, wit
 multiple-scattering covariance; bent: the event parameters' block of the full inverse, i.e. marginal over the
 kink modes; over the events whose Hessian is positive definite, the others counted), the paired bent -
 straight difference along the track, the rms of the fitted mode amplitudes (about 1 when the prior is
-right) and the time. Writes benchmarks/results/ms_bent_fit_<detector>.json.
+right) and the time. Writes benchmarks/results/ms_bent_fit_<detector>[_sharp].json.
 Usage: python benchmarks/ms_bent_fit.py [--detector sk|wcte] [--events 16] [--modes 6] [--iters 8]
-    [--batch-size 8] [--track-nodes 32] [--seed 101] [--threads 2]
+    [--batch-size 8] [--track-nodes 32] [--seed 101] [--threads 2] [--sharp] [--fits straight,bent]
 """
 
 from __future__ import annotations
@@ -47,39 +44,12 @@ from benchmarks.bench_closure_pulls import VERTICES, closure_simulator, fit_mode
 from benchmarks.closure_bias_decomposition import _truth_base, newton_from_truth  # noqa: E402
 from fitting.likelihood import hits_to_dense  # noqa: E402
 from fitting.reconstruct import _hessian, _local_nll, _local_to_params  # noqa: E402
+from fitting.uncertainty import kink_mode_offsets, kink_modes  # noqa: E402
 
 F64 = torch.float64
 # largest Newton move per iteration: vertex [m], direction angles [rad], log E, t0 [ns], mode amplitudes
 STEP_LIMITS = (0.5, 0.5, 0.5, 0.1, 0.1, 0.3, 3.0)
 MODE_STEP_LIMIT = 3.0
-
-
-def kink_modes(s: torch.Tensor, var: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading kink modes of each event's track (module doc).
-
-    s (E,K) [m] node positions along the track, var (E,K) [rad^2] the cells' kink variances per axis.
-    Returns turn (E,K,M) [rad] and displacement (E,K,M) [m] of the nodes per unit mode amplitude, and the
-    share of each node's turn variance that the M modes carry (E,K)."""
-    k = s.shape[1]
-    idx = torch.arange(k, device=s.device)
-    before = (idx[None, :] < idx[:, None]).to(s.dtype)  # [j, k] = 1 for k < j
-    sd = var.sqrt()[:, None, :]
-    turn = (before + 0.5 * torch.eye(k, dtype=s.dtype, device=s.device)) * sd  # (E,K,K)
-    disp = before * (s[:, :, None] - s[:, None, :]) * sd
-    u = torch.linalg.svd(turn)[2].transpose(1, 2)[:, :, :m]  # (E,K,M)
-    tm = turn @ u
-    share = (tm * tm).sum(-1) / (turn * turn).sum(-1).clamp_min(1e-300)
-    return tm, disp @ u, share
-
-
-def mode_offsets(amp: torch.Tensor, turn: torch.Tensor, disp: torch.Tensor, e1, e2) -> torch.Tensor:
-    """(E,K,6) node offsets (displacement, direction change) of mode amplitudes amp (E,2M): the first M on
-    the transverse axis e1 (E,3), the rest on e2."""
-    m = turn.shape[2]
-    a1, a2 = amp[:, :m, None], amp[:, m:, None]
-    dd = (turn @ a1) * e1[:, None] + (turn @ a2) * e2[:, None]
-    dx = (disp @ a1) * e1[:, None] + (disp @ a2) * e2[:, None]
-    return torch.cat([dx, dd], -1)
 
 
 def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float) -> dict:
@@ -112,6 +82,11 @@ def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float)
         "pull_std": {k: float(v.std()) for k, v in pulls.items()},
         "pull_mean": {k: float(v.mean()) for k, v in pulls.items()},
         "seconds": seconds,
+        "per_event": {
+            "along_track_cm": along.tolist(),
+            "log_e_percent": (y[:, 5] * 100.0).tolist(),
+            "hessian_positive_definite": pd.tolist(),
+        },
     }
     if y.shape[1] > 7:
         out["mode_amplitude_rms"] = y[:, 7:].pow(2).mean(0).sqrt().tolist()
@@ -128,9 +103,14 @@ def main() -> None:
     ap.add_argument("--track-nodes", type=int, default=32)
     ap.add_argument("--seed", type=int, default=101)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sharp", action="store_true", help="bent fit without the other kinks' smearing")
+    ap.add_argument("--fits", default="straight,bent", help="comma list of straight, bent")
     a = ap.parse_args()
-    if not 1 <= a.modes <= a.track_nodes:
-        raise SystemExit(f"--modes: got {a.modes}, allowed: 1 to --track-nodes ({a.track_nodes})")
+    kinds = [k for k in a.fits.split(",") if k]
+    if not kinds or any(k not in ("straight", "bent") for k in kinds):
+        raise SystemExit(f"--fits: got {a.fits!r}, allowed: a comma list of straight, bent")
+    if not 0 <= a.modes <= a.track_nodes:
+        raise SystemExit(f"--modes: got {a.modes}, allowed: 0 to --track-nodes ({a.track_nodes})")
     torch.set_num_threads(a.threads)
     n = a.events
     sim = closure_simulator(False, detector=a.detector)
@@ -141,11 +121,13 @@ def main() -> None:
     obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
     base = _truth_base(res["truth"], n)
     kinks = resp.ms_kinks(_local_to_params(torch.zeros(n, 7, dtype=F64), base))
-    turn, disp, share = kink_modes(kinks["s"], kinks["var"], a.modes)
+    km = kink_modes(kinks["s"], kinks["var"], a.modes)
+    turn, disp, share = km["turn"], km["disp"], km["share"]
+    rest = None if a.sharp else km["rest"]
     n_par = 7 + 2 * a.modes
     limits = torch.tensor(STEP_LIMITS + (MODE_STEP_LIMIT,) * (2 * a.modes), dtype=F64)
     fits = {}
-    for kind in ("straight", "bent"):
+    for kind in kinds:
         t = time.perf_counter()
         ys, covs = [], []
         for start in range(0, n, a.batch_size):
@@ -161,8 +143,10 @@ def main() -> None:
             else:
 
                 def nll(y: torch.Tensor, b=b, ob=ob, sl=sl) -> torch.Tensor:
-                    off = mode_offsets(y[:, 7:], turn[sl], disp[sl], b["e1"], b["e2"])
+                    off = kink_mode_offsets(y[:, 7:], turn[sl], disp[sl], b["e1"], b["e2"])
                     p = {**_local_to_params(y[:, :7], b), "node_offset": off}
+                    if rest is not None:
+                        p["node_ms"] = rest[sl]
                     return like(resp.expected(p, sharp_rings=True), ob) + 0.5 * (y[:, 7:] ** 2).sum(1)
 
                 eye = torch.eye(n_par, dtype=F64).expand(rows, n_par, n_par)
@@ -180,8 +164,6 @@ def main() -> None:
             f"{r['seconds']:.0f} s",
             flush=True,
         )
-    d = base["d"]
-    diff = ((fits["bent"][0][:, :3] - fits["straight"][0][:, :3]) * d).sum(1) * 100.0
     out = {
         "detector": a.detector,
         "events": n,
@@ -189,13 +171,15 @@ def main() -> None:
         "modes": a.modes,
         "iters": a.iters,
         "track_nodes": a.track_nodes,
+        "sharp": a.sharp,
         "turn_variance_share": share[0].tolist(),
-        "straight": fits["straight"][1],
-        "bent": fits["bent"][1],
-        "paired_along_track_cm": {"mean": float(diff.mean()), "err": float(diff.std()) / math.sqrt(n)},
+        **{kind: fit[1] for kind, fit in fits.items()},
     }
-    print(f"bent - straight along the track: {out['paired_along_track_cm']}")
-    write_json(f"ms_bent_fit_{a.detector}", out)
+    if len(fits) == 2:
+        diff = ((fits["bent"][0][:, :3] - fits["straight"][0][:, :3]) * base["d"]).sum(1) * 100.0
+        out["paired_along_track_cm"] = {"mean": float(diff.mean()), "err": float(diff.std()) / math.sqrt(n)}
+        print(f"bent - straight along the track: {out['paired_along_track_cm']}")
+    write_json(f"ms_bent_fit_{a.detector}" + ("_sharp" if a.sharp else ""), out)
 
 
 if __name__ == "__main__":

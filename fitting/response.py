@@ -166,7 +166,9 @@ class PhysicsResponse(ResponseModel):
     [MeV kinetic] for tracks and showers, or n_photons (E,) for the source; optional node_offset (E,K,6)
     [m, rad] for tracks with fold_wavelength: per track node a displacement and a direction change of a bent
     track (physics.expected.direct_light_folded), e.g. zeros with requires_grad to differentiate with respect
-    to multiple-scattering kinks (benchmarks/ms_fit_response.py). Returns mu, t_mean, t_var (E,P).
+    to multiple-scattering kinks (benchmarks/ms_fit_response.py); with ``expected(..., sharp_rings=True)``
+    also node_ms (E,K,3): the multiple-scattering moments of the kinks node_offset leaves out, which smear
+    the sharp rings (:func:`fitting.uncertainty.kink_modes`). Returns mu, t_mean, t_var (E,P).
     """
 
     def __init__(
@@ -278,7 +280,8 @@ class PhysicsResponse(ResponseModel):
     def expected(self, event_params: dict[str, Tensor], *, sharp_rings: bool = False) -> dict[str, Tensor]:
         """See the class doc; sharp_rings: a track's rings without the accumulated multiple-scattering
         smearing, for a track whose kinks are explicit in event_params['node_offset'] (the spread of
-        directions inside each node's own cell stays; physics.expected.direct_light_folded)."""
+        directions inside each node's own cell stays, and event_params['node_ms'] (E,K,3), when given,
+        smears them by the kinks that node_offset leaves out; physics.expected.direct_light_folded)."""
         return self._expected(event_params, sharp_rings)
 
     def _expected(
@@ -305,17 +308,23 @@ class PhysicsResponse(ResponseModel):
         )
         k = 1 if self.particle == "isotropic" else self.n_track_nodes
         shower = self.particle in SHOWER_PARTICLES
-        node_offset = event_params.get("node_offset")
-        if node_offset is not None:
+        node_offset, node_ms = event_params.get("node_offset"), event_params.get("node_ms")
+        if node_ms is not None and not sharp_rings:
+            raise ConfigError(
+                "event_params['node_ms']: given with sharp_rings=False; allowed only with sharp_rings=True"
+            )
+        for key, x, width in (("node_offset", node_offset, 6), ("node_ms", node_ms, 3)):
+            if x is None:
+                continue
             if self.particle not in TRACK_PARTICLES or not self.fold_wavelength:
                 raise ConfigError(
-                    f"event_params['node_offset']: given for particle {self.particle!r} with fold_wavelength="
+                    f"event_params[{key!r}]: given for particle {self.particle!r} with fold_wavelength="
                     f"{self.fold_wavelength}; allowed only for tracks {list(TRACK_PARTICLES)} with folding"
                 )
-            if not torch.is_tensor(node_offset) or tuple(node_offset.shape) != (n_ev, self.n_track_nodes, 6):
+            if not torch.is_tensor(x) or tuple(x.shape) != (n_ev, self.n_track_nodes, width):
                 raise ConfigError(
-                    f"event_params['node_offset']: got shape {tuple(getattr(node_offset, 'shape', ()))}, "
-                    f"expected {(n_ev, self.n_track_nodes, 6)} (per-node displacement and direction change)"
+                    f"event_params[{key!r}]: got shape {tuple(getattr(x, 'shape', ()))}, expected "
+                    f"{(n_ev, self.n_track_nodes, width)} (per track node)"
                 )
         if shower:
             k = 3 * self.n_depth_nodes  # cell centre and both edges
@@ -360,6 +369,7 @@ class PhysicsResponse(ResponseModel):
                     None if node_offset is None else node_offset[sl],
                     sharp_rings,
                     group,
+                    None if node_ms is None else node_ms[sl],
                 )
             outs.append(o)
         out = {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
@@ -458,6 +468,7 @@ class PhysicsResponse(ResponseModel):
         node_offset: Tensor | None = None,
         sharp_rings: bool = False,
         group: int = 1,
+        node_ms: Tensor | None = None,
     ) -> dict[str, Tensor]:
         mass = PARTICLE_MASS[self.particle]
         spin_half = self.particle.startswith("mu")
@@ -481,6 +492,7 @@ class PhysicsResponse(ResponseModel):
             fold_wavelength=self.fold_wavelength,
             node_offset=node_offset,
             sharp_rings=sharp_rings,
+            node_ms=node_ms,
             prune_group=group,
             **common,
         )

@@ -60,6 +60,8 @@ __all__ = [
     "track_ms_covariance",
     "cartesian_to_local",
     "kink_response_covariance",
+    "kink_modes",
+    "kink_mode_offsets",
     "tangent_basis",
 ]
 
@@ -417,3 +419,55 @@ def kink_response_covariance(
     keep = torch.zeros(7, dtype=dt, device=cov.device)
     keep[:5] = 1.0
     return cov * keep[:, None] * keep[None, :]
+
+
+def kink_modes(s: Tensor, kink_var: Tensor, m: int) -> dict[str, Tensor]:
+    """The M leading multiple-scattering kink modes of each track and the moments of the rest.
+
+    The kinks of the K track cells are kappa_k = sqrt(v_k) z_k per transverse axis, z ~ N(0, I), v_k =
+    kink_var (E,K) [rad^2] (Highland, :func:`highland_kink_variance`); node j at s_j (E,K) [m] turns by
+    (T z)_j = sum_{k<j} kappa_k + kappa_j / 2 and moves by (D z)_j = sum_{k<j} kappa_k (s_j - s_k) (as in
+    :func:`kink_response_covariance`). The modes are the M leading right singular vectors U (K,M) of T, so
+    that z = U a + U_perp b keeps the largest share of the turn variance in a ~ N(0, I) (the discrete
+    Karhunen-Loeve expansion of the Brownian tilt; Ghanem & Spanos, Stochastic Finite Elements, 1991, ch. 2).
+    The rest, U_perp b, is independent of a; its per-node moments per axis are those of T, D with U U^T
+    removed: Var(phi) = diag(T T^T - T U U^T T^T), Cov(u, phi) = diag(T D^T - T U U^T D^T),
+    Var(u) = diag(D D^T - D U U^T D^T), the ``node_ms`` that smears a bent track's sharp rings
+    (physics.expected.direct_light_folded). With m = 0 they are the discrete form of the straight track's
+    Brownian moments (physics.expected.ms_node_moments).
+
+    Returns float64 dict: turn (E,K,M) [rad] and disp (E,K,M) [m], the nodes' turn and displacement per unit
+    mode amplitude; rest (E,K,3) the moments of the remaining kinks; share (E,K) the fraction of each
+    node's turn variance that the M modes carry. Raises ConfigError for m outside 0..K."""
+    dt = torch.float64
+    s, v = s.to(dt), kink_var.to(dt)
+    k = s.shape[1]
+    if not 0 <= int(m) <= k:
+        raise ConfigError(f"kink modes m: got {m}, allowed: 0 to the number of track nodes ({k})")
+    idx = torch.arange(k, device=s.device)
+    before = (idx[None, :] < idx[:, None]).to(dt)  # [j, k] = 1 for k < j
+    sd = v.clamp_min(0.0).sqrt()[:, None, :]
+    turn = (before + 0.5 * torch.eye(k, dtype=dt, device=s.device)) * sd  # (E,K,K)
+    disp = before * (s[:, :, None] - s[:, None, :]) * sd
+    u = torch.linalg.svd(turn)[2].transpose(1, 2)[:, :, : int(m)]  # (E,K,M)
+    tm, dm = turn @ u, disp @ u
+
+    def diag_rest(x: Tensor, y: Tensor, xm: Tensor, ym: Tensor) -> Tensor:
+        return (x * y).sum(-1) - (xm * ym).sum(-1)
+
+    rest = torch.stack(
+        [diag_rest(turn, turn, tm, tm), diag_rest(turn, disp, tm, dm), diag_rest(disp, disp, dm, dm)], -1
+    )
+    share = (tm * tm).sum(-1) / (turn * turn).sum(-1).clamp_min(1e-300)
+    return {"turn": tm, "disp": dm, "rest": rest, "share": share}
+
+
+def kink_mode_offsets(amp: Tensor, turn: Tensor, disp: Tensor, e1: Tensor, e2: Tensor) -> Tensor:
+    """Node offsets (E,K,6) (displacement [m], direction change [rad]; ``node_offset`` of
+    fitting.response.PhysicsResponse) of kink-mode amplitudes amp (E,2M): the first M along the transverse
+    axis e1 (E,3), the rest along e2; turn, disp (E,K,M) from :func:`kink_modes`."""
+    m = turn.shape[2]
+    a1, a2 = amp[:, :m, None], amp[:, m:, None]
+    dd = (turn @ a1) * e1[:, None] + (turn @ a2) * e2[:, None]
+    dx = (disp @ a1) * e1[:, None] + (disp @ a2) * e2[:, None]
+    return torch.cat([dx, dd], -1)

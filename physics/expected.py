@@ -313,12 +313,8 @@ def direct_light(
         cos_a = ((proj[..., None] - s) / dist).clamp(-1.0, 1.0)
         sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
         alpha = torch.atan2(sin_a, cos_a)  # (E,P,K)
-        r = s * cos_a / dist
-        sig2 = (
-            nodes["theta2"][:, None, :] * (1.0 + r + r * r / 3.0)
-            + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2.clamp_min(1e-12))
-            + min_sigma**2
-        )
+        ms_var, cov_u = _ms_ring_terms(ms_node_moments(nodes["s"], nodes["theta2"]), cos_a / dist)
+        sig2 = ms_var + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2.clamp_min(1e-12)) + min_sigma**2
         beta = nodes["beta"][:, None, :, None]  # (E,1,K,1)
         cos_c = 1.0 / (beta * refr_index.to(dt))  # (E,1,K,L)
         sin2_c = torch.relu(1.0 - cos_c * cos_c)
@@ -337,9 +333,7 @@ def direct_light(
         mom_k = re @ moments * pref[..., None]  # (E,P,K,3)
         # the MS time shift is linear in theta_c: its light-weighted mean uses the weighted mean angle
         th_bar = (re * theta_c).sum(-1) / (re.sum(-1) + 1e-30)
-        t_track = nodes["t"][:, None, :] + ms_time_shift(
-            nodes["s"], nodes["theta2"], r, sin_a, alpha - th_bar, sig2, ng_ref
-        )
+        t_track = nodes["t"][:, None, :] + ms_time_shift(cov_u, sin_a, alpha - th_bar, sig2, ng_ref)
     else:
         att = torch.exp(-dist[..., None] * inv_att) * (wl_weight.to(dt) * det_wl.to(dt))  # (E,P,1,L)
         pref = isotropic[:, None, None] * geo * det_pmt.to(dt)[None, :, None] / (4.0 * math.pi)
@@ -450,6 +444,7 @@ def direct_light_folded(
     prune_mu: float | None = PRUNE_MU,
     node_offset: Tensor | None = None,
     sharp_rings: bool = False,
+    node_ms: Tensor | None = None,
     prune_group: int = 1,
 ) -> dict[str, Tensor]:
     """Same as :func:`direct_light` for a track, with the wavelength sum folded analytically (fast path).
@@ -490,6 +485,11 @@ def direct_light_folded(
     400 MC events, 32 sets): summed P(hit) of the 0.02-0.98 PMTs 539.5 against the MC's 532.8 (515.6
     without this spread and the axis renormalisation of ``_ring_geometry``). The pruning bound keeps the
     smeared rings, so that the bent track still finds its light among the evaluated pairs.
+    node_ms (E,K,3), only with sharp_rings: the multiple-scattering moments (Var phi [rad^2], Cov(u, phi)
+    [m rad], Var u [m^2] per projected plane, as :func:`ms_node_moments`) of the kinks that node_offset
+    leaves out, e.g. those outside a fit's leading kink modes (fitting.uncertainty.kink_modes): they smear
+    the sharp rings (and shift the arrival times, :func:`ms_time_shift`) as the full moments smear the
+    straight track's. Default with sharp_rings: zero.
     prune_group = g: the events come in consecutive groups of g copies of one straight track (vertex,
     direction, energy; e.g. g sampled kink sets, which the bound ignores), so the bound is evaluated once
     per group (E must be a multiple of g).
@@ -525,12 +525,16 @@ def direct_light_folded(
         emit = emit * frac
     a = pmt_radius.to(dt)[None, :, None]  # (1,P,1)
     det = det_pmt.to(dt)[None, :, None]
-    ev = {"s": nodes["s"], "theta2": nodes["theta2"], "t": nodes["t"], "th": theta_c, "var_th": var_th}
-    ev["emit"] = emit
+    ms = ms_node_moments(nodes["s"], nodes["theta2"])
+    ev = {"s": nodes["s"], "ms": ms, "t": nodes["t"], "th": theta_c, "var_th": var_th, "emit": emit}
     off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
     ev_eval = ev
-    if sharp_rings:  # no accumulated smearing; the spread of directions within the node's own cell stays
-        ev_eval = {**ev, "theta2": torch.zeros_like(ev["theta2"])}
+    if node_ms is not None and not sharp_rings:
+        raise ValueError("node_ms: given with sharp_rings=False; allowed only with sharp_rings=True")
+    if node_ms is not None and tuple(node_ms.shape) != tuple(ms.shape):
+        raise ValueError(f"node_ms: got shape {tuple(node_ms.shape)}, expected {tuple(ms.shape)} (E,K,3)")
+    if sharp_rings:  # no accumulated smearing (or node_ms's); the spread of directions inside the cell stays
+        ev_eval = {**ev, "ms": torch.zeros_like(ms) if node_ms is None else node_ms.to(dt)}
         ev_eval["var_th"] = var_th + 0.25 * nodes["theta2_cell"]
     if prune_mu is None:
         return _folded_pairs(
@@ -599,15 +603,16 @@ def _ring_geometry(
     q2: Tensor,
     direction: Tensor,
     s: Tensor,
-    theta2: Tensor,
+    ms: Tensor,
     a: Tensor,
     nrm: Tensor,
     min_sigma: float,
     offset: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Node -> PMT geometry (R,C,K): dist, dist^2, 1/dist, cos_inc, sin alpha, alpha, ring variance (no
-    chromatic term) and the MS lever ratio r = s cos(alpha) / dist. q (R,C,3) vertex -> PMT, q2 (R,C),
-    direction (R,3), s/theta2 (R,K), a (R|1,C,1), nrm (R|1,C,3).
+    chromatic term) and the MS covariance cov_u of :func:`ms_time_shift`. q (R,C,3) vertex -> PMT, q2 (R,C),
+    direction (R,3), s (R,K), ms (R,K,3) the nodes' multiple-scattering moments (:func:`ms_node_moments`),
+    a (R|1,C,1), nrm (R|1,C,3).
     offset: optional per-node displacement dx and direction change dd (R,K,3) each of a bent track (node k
     at v + s_k d + dx_k, emitting about the unit axis (d + dd_k) / |d + dd_k|), for the fit's linear response
     to multiple-scattering kinks and the sampled kink sets (``node_offset`` of :func:`direct_light_folded`).
@@ -637,22 +642,18 @@ def _ring_geometry(
         cos_a = (((q @ et) - (c * e).sum(-1)[:, None, :]) * inv_d).clamp(-1.0, 1.0)
     sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
     alpha = torch.atan2(sin_a, cos_a)
-    r = s * cos_a * inv_d
-    sig2 = (
-        theta2[:, None, :] * (1.0 + r + r * r / 3.0)
-        + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2)
-        + min_sigma**2
-    )
-    return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, r
+    ms_var, cov_u = _ms_ring_terms(ms, cos_a * inv_d)
+    sig2 = ms_var + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2) + min_sigma**2
+    return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, cov_u
 
 
 def _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None) -> tuple[Tensor, ...]:
     """Per-node folded direct light before attenuation w (R,C,K) [p.e.] (the ring kernel times solid angle,
     acceptance, emission and detection; shapes and ev as in ``_folded_pairs``) and the geometry the time
     moments use: dist, cos_inc, sin alpha, ring offset alpha - theta_c, ring variance (chromatic term
-    included) and the MS lever ratio r, all (R,C,K)."""
-    dist, _, _, cos_inc, sin_a, alpha, sig2, r = _ring_geometry(
-        q, q2, direction, ev["s"], ev["theta2"], a, nrm, min_sigma, offset
+    included) and the MS covariance cov_u of :func:`ms_time_shift`, all (R,C,K)."""
+    dist, _, _, cos_inc, sin_a, alpha, sig2, cov_u = _ring_geometry(
+        q, q2, direction, ev["s"], ev["ms"], a, nrm, min_sigma, offset
     )
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
     sig2 = sig2 + ev["var_th"][:, None, :]
@@ -660,7 +661,7 @@ def _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset
     ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * torch.special.i0e(alpha * th / sig2)
     w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2)
     w = w * ev["emit"][:, None, :] * det
-    return w, dist, cos_inc, sin_a, alpha - th, sig2, r
+    return w, dist, cos_inc, sin_a, alpha - th, sig2, cov_u
 
 
 def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float) -> Tensor:
@@ -673,39 +674,55 @@ def _folded_pairs(
     q, q2, nrm, direction, ev, a, det, table, h, ng_ref, t0, time_offset, acceptance, min_sigma, offset=None
 ) -> dict[str, Tensor]:
     """Folded direct light for R x C (event, PMT) pairs (shapes as in ``_ring_geometry``; ev holds the
-    per-event node tensors (R,K) s, theta2, t, th, var_th, emit; det (R|1,C,1) PMT detection factor;
+    per-event node tensors (R,K) s, t, th, var_th, emit and ms (R,K,3); det (R|1,C,1) PMT detection factor;
     offset: optional per-node (dx, dd) (R,K,3) each, see ``_ring_geometry``)."""
-    w, dist, cos_inc, sin_a, ring_off, sig2, r = _node_light(
+    w, dist, cos_inc, sin_a, ring_off, sig2, cov_u = _node_light(
         q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset
     )
     mom = _hermite_lookup(table, h, dist) * w[..., None]  # (R,C,K,3)
-    t_emit = ev["t"][:, None, :] + ms_time_shift(ev["s"], ev["theta2"], r, sin_a, ring_off, sig2, ng_ref)
+    t_emit = ev["t"][:, None, :] + ms_time_shift(cov_u, sin_a, ring_off, sig2, ng_ref)
     return _arrival_moments(mom, t_emit, dist, cos_inc, a, q2, ng_ref, t0, time_offset)
 
 
+def ms_node_moments(s: Tensor, theta2: Tensor) -> Tensor:
+    """Multiple-scattering moments (E,K,3) of a straight mean track's nodes, per projected plane: the
+    direction change phi and lateral displacement u accumulated over the path s [m] (E,K) with the Highland
+    variance theta2 [rad^2] (E,K), constant-rate approximation (PDG eqs. 34.18-34.20):
+    Var(phi) = theta2 [rad^2], Cov(u, phi) = theta2 s / 2 [m rad], Var(u) = theta2 s^2 / 3 [m^2]."""
+    return torch.stack([theta2, 0.5 * theta2 * s, theta2 * s * s / 3.0], -1)
+
+
 def ms_time_shift(
-    s: Tensor, theta2: Tensor, r: Tensor, sin_a: Tensor, ring_offset: Tensor, sig2: Tensor, ng: Tensor | float
+    cov_u: Tensor, sin_a: Tensor, ring_offset: Tensor, sig2: Tensor, ng: Tensor | float
 ) -> Tensor:
     """Mean arrival-time shift [ns] (R,C,K) of the light that a scattered track's node sends to a PMT.
 
-    In the plane of track and PMT, a node at path s has a lateral displacement u and a direction change phi
-    from the kinks before it, jointly Gaussian (constant-rate approximation, PDG eqs. 34.18-34.20):
-    Var(phi) = theta0^2, Var(u) = theta0^2 s^2 / 3, Cov(u, phi) = theta0^2 s / 2. The PMT at angle alpha and
-    distance d receives the node's Cherenkov light when phi + u cos(alpha) / d = alpha - theta_c (the ring
-    kernel's variance theta0^2 (1 + r + r^2/3), r = s cos(alpha) / d, is this sum's), and the displaced
-    node is nearer to it by u sin(alpha). Conditioning the Gaussian on that (the other contributions to
-    the ring width sig2 -- photocathode size, chromatic spread -- independent of u):
-    E[u | ring] = theta0^2 s (1/2 + r/3) (alpha - theta_c) / sig2, so the light arrives earlier by
+    In the plane of track and PMT, a node has a lateral displacement u and a direction change phi from the
+    kinks before it, jointly Gaussian with the moments of :func:`ms_node_moments` (or those of the kinks a
+    bent track leaves out, ``node_ms`` of :func:`direct_light_folded`). The PMT at angle alpha and distance
+    d receives the node's Cherenkov light when phi + u cos(alpha) / d = alpha - theta_c (the ring kernel's
+    variance holds this sum's, Var(phi) + 2 Cov(u, phi) lam + Var(u) lam^2, lam = cos(alpha) / d), and the
+    displaced node is nearer to it by u sin(alpha). Conditioning the Gaussian on that (the other
+    contributions to the ring width sig2 -- photocathode size, chromatic spread -- independent of u):
+    E[u | ring] = cov_u (alpha - theta_c) / sig2 with cov_u = Cov(u, phi) + Var(u) lam [m rad^2] (for the
+    Brownian moments theta0^2 s (1/2 + r/3), r = s lam), so the light arrives earlier by
     n_g sin(alpha) E[u | ring] / c. The offset alpha - theta_c is capped smoothly at 3 sigma (3 sigma
     tanh(x / 3 sigma)): beyond it the Gaussian tail, not a displaced node, is what the ring kernel describes,
     and an uncapped shift (ns for PMTs far off the ring) trapped a fit started 60 deg off in a false minimum.
-    s, theta2 (R,K); r = s cos(alpha) / d, sin_a = sin(alpha), ring_offset = alpha - theta_c, sig2 (R,C,K).
+    cov_u, sin_a = sin(alpha), ring_offset = alpha - theta_c, sig2: (R,C,K).
     (Measured effect, 96 closure muons of benchmarks/bench_closure_pulls.py: log E bias -0.82 -> -0.40 %,
     z bias unchanged.)"""
-    cov_u = theta2[:, None, :] * s[:, None, :] * (0.5 + r / 3.0)
     sig = torch.sqrt(sig2)
     off = 3.0 * sig * torch.tanh(ring_offset / (3.0 * sig))  # smoothly capped at 3 sigma
     return -(ng / C_M_PER_NS) * sin_a * cov_u * off / sig2
+
+
+def _ms_ring_terms(ms: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+    """Ring variance Var(phi + u lam) [rad^2] and Cov(u, phi + u lam) [m rad^2] (R,C,K) of nodes with the
+    multiple-scattering moments ms (R,K,3) (:func:`ms_node_moments`), lam = cos(alpha) / d [1/m] (R,C,K)."""
+    v_phi, c_pu, v_u = (ms[:, None, :, i] for i in range(3))
+    cov_u = c_pu + v_u * lam
+    return v_phi + c_pu * lam + cov_u * lam, cov_u
 
 
 def track_direct_light(
@@ -735,6 +752,7 @@ def track_direct_light(
     fold_wavelength: bool = False,
     node_offset: Tensor | None = None,
     sharp_rings: bool = False,
+    node_ms: Tensor | None = None,
     prune_group: int = 1,
 ) -> dict[str, Tensor]:
     """Direct Cherenkov light of a straight charged track (muon, pion) -- see the module docstring.
@@ -745,14 +763,17 @@ def track_direct_light(
     index of the band (sets the radiating range; default: max over the wavelength nodes);
     fold_wavelength: use :func:`direct_light_folded` (O(E P K), for fitting) instead of the exact sum;
     node_offset (E,K,6): bent-track offsets per node, sharp_rings: rings without the MS smearing,
+    node_ms (E,K,3): with sharp_rings, the moments of the kinks node_offset leaves out,
     prune_group: groups of copies of one track sharing the pruning bound (folded kernel only, see
     :func:`direct_light_folded`).
     Returns dict mu, t_mean, t_var (E,P) and the track nodes (E,K).
     """
-    if (node_offset is not None or sharp_rings or prune_group != 1) and not fold_wavelength:
+    if (node_offset is not None or sharp_rings or node_ms is not None or prune_group != 1) and not (
+        fold_wavelength
+    ):
         raise ValueError(
-            "node_offset / sharp_rings / prune_group: given with fold_wavelength=False; allowed only with "
-            "the folded kernel"
+            "node_offset / sharp_rings / node_ms / prune_group: given with fold_wavelength=False; allowed "
+            "only with the folded kernel"
         )
     direction = direction / direction.norm(dim=-1, keepdim=True)
     n_max = float(refr_index.detach().max()) if n_max is None else float(n_max)
@@ -765,6 +786,8 @@ def track_direct_light(
     extra = {"node_offset": node_offset} if node_offset is not None else {}
     if sharp_rings:
         extra["sharp_rings"] = True
+    if node_ms is not None:
+        extra["node_ms"] = node_ms
     if prune_group != 1:
         extra["prune_group"] = prune_group
     kernel = direct_light_folded if fold_wavelength else direct_light

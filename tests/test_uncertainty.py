@@ -17,6 +17,7 @@ from fitting.response import PhysicsResponse, ResponseModel
 from fitting.uncertainty import (
     cartesian_to_local,
     highland_kink_variance,
+    kink_modes,
     sampled_track_fit,
     track_fit_weights,
     track_ms_covariance,
@@ -220,3 +221,46 @@ def test_ms_kinks_of_the_response(wcte):
     assert off.ms_kinks(p) is None
     assert PhysicsResponse(det, med, sen, "mu-", fold_wavelength=False).ms_kinks(p) is None
     assert PhysicsResponse(det, med, sen, "e-", n_depth_nodes=4).ms_kinks(p) is None
+
+
+def test_kink_modes_rest_is_the_covariance_the_modes_leave() -> None:
+    """kink_modes against a Monte-Carlo of the kinks it expands (K = 24 cells, uneven variances): with
+    z ~ N(0, I) and the modes' amplitudes a = U^T z (U = T^-1 turn, orthonormal), the remainders
+    T z - turn a and D z - disp a (T, D built here by cumulative sums, as PhysicsResponse.ms_kink_expectations
+    bends its tracks) have the per-node moments ``rest`` (within 4 standard errors) and are uncorrelated
+    with a. m = 0 tends to the Brownian closed forms Var(phi) = theta2, Cov(u, phi) = theta2 s / 2,
+    Var(u) = theta2 s^2 / 3 (uniform cells: within 2 % beyond the first quarter of 400); m = K leaves 0;
+    a bad m raises ConfigError."""
+    gen = torch.Generator().manual_seed(3)
+    k, m, n = 24, 4, 100_000
+    var = (1e-4 * (0.5 + torch.rand(1, k, generator=gen, dtype=torch.float64))).cumsum(1).flip(1)
+    s = torch.cumsum(0.05 + 0.05 * torch.rand(1, k, generator=gen, dtype=torch.float64), 1)
+    km = kink_modes(s, var, m)
+    z = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    kap = z * var.sqrt()
+    before = torch.cumsum(kap, 1) - kap
+    turn = before + 0.5 * kap  # (n,K)
+    disp = s * before - (torch.cumsum(kap * s, 1) - kap * s)
+    t_mat = (torch.tril(torch.ones(k, k, dtype=torch.float64), -1) + 0.5 * torch.eye(k)) * var[0].sqrt()
+    u = torch.linalg.solve(t_mat, km["turn"][0])  # (K,M)
+    assert torch.allclose(u.T @ u, torch.eye(m, dtype=torch.float64), atol=1e-10)
+    a = z @ u
+    rt = turn - a @ km["turn"][0].T
+    rd = disp - a @ km["disp"][0].T
+    for i, (x, y) in enumerate(((rt, rt), (rt, rd), (rd, rd))):
+        mc = (x * y).mean(0)
+        err = (x * y).std(0) / math.sqrt(n)
+        assert bool(((mc - km["rest"][0, :, i]).abs() < 4 * err + 1e-15).all()), i
+    corr = (a.T @ rt) / n / (rt.std(0)[None] + 1e-30)
+    assert float(corr.abs().max()) < 5 / math.sqrt(n)
+    # m = 0: the Brownian limit of uniform cells
+    kk = 400
+    v0 = torch.full((1, kk), 2e-6, dtype=torch.float64)
+    s0 = (torch.arange(kk, dtype=torch.float64)[None] + 0.5) * 0.01
+    rest = kink_modes(s0, v0, 0)["rest"][0]
+    th2 = v0[0].cumsum(0) - 0.5 * v0[0]  # midpoint accumulated variance
+    brown = torch.stack([th2, th2 * s0[0] / 2, th2 * s0[0] ** 2 / 3], -1)
+    assert torch.allclose(rest[kk // 4 :], brown[kk // 4 :], rtol=0.02)
+    assert float(kink_modes(s0[:, :24], v0[:, :24], 24)["rest"].abs().max()) < 1e-15
+    with pytest.raises(ConfigError, match="kink modes m"):
+        kink_modes(s, var, k + 1)
