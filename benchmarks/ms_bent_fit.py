@@ -25,9 +25,18 @@ straight difference along the track, the rms of the fitted mode amplitudes (abou
 right), per event the residuals and whether the Hessian is positive definite, and the time. 16 Newton
 iterations by default: with 8, 4 of the 16 WCTE bent fits ended where the Hessian is not positive definite
 (0 with 16) and their along-track mean was +1.1 cm instead of +0.2 cm. Writes
-benchmarks/results/ms_bent_fit_<detector>[_sharp].json.
+benchmarks/results/ms_bent_fit_<detector>[_sharp][_toy_bent|_toy_smeared].json.
+
+``--toy``: the data are not the MC's but the model's own bent tracks, a test of the fit against its own
+model: per event one kink set on the fit's track nodes (all K modes, amplitudes ~ N(0, 1), i.e. the full
+Highland kinks) at the closure truth, its sharp-ring expectation plus the dark rate, and Poisson p.e. counts
+drawn from it (seeded); both fits then take the Poisson likelihood of the counts (no charge or time term).
+What differs from the data is only what the fitted model leaves out: the straight fit all kinks (smeared),
+the bent fit the kinks outside the 2 M modes (smeared by ``node_ms``). ``--toy smeared``, the control: the
+counts are drawn from the straight track's smeared expectation itself (no kinks in the data).
 Usage: python benchmarks/ms_bent_fit.py [--detector sk|wcte] [--events 16] [--modes 6] [--iters 16]
     [--batch-size 8] [--track-nodes 32] [--seed 101] [--threads 2] [--sharp] [--fits straight,bent]
+    [--toy bent|smeared]
 """
 
 from __future__ import annotations
@@ -55,8 +64,22 @@ STEP_LIMITS = (0.5, 0.5, 0.5, 0.1, 0.1, 0.3, 3.0)
 MODE_STEP_LIMIT = 3.0
 
 
-def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float) -> dict:
-    """Residual and pull statistics of fits y (E,n) about the truth; cov (E,7,7) their covariance."""
+def newton_cov(
+    nll, rows: int, n_par: int, free: list[int], limits: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Newton fit from the truth of nll(y (E,n_par)) over the coordinates ``free`` (the others held at 0);
+    returns y (E,n_par), the covariance (E,n_par,n_par) (the inverse Hessian over the free coordinates,
+    zero elsewhere) and whether that Hessian is positive definite (E,)."""
+    bmat = torch.eye(n_par, dtype=F64)[:, free]  # (n_par, m)
+    y = newton_from_truth(nll, bmat.expand(rows, -1, -1), iters, limits[free])
+    hz = _hessian(lambda z: nll(z @ bmat.T), y @ bmat)[2]
+    pd = torch.linalg.eigvalsh(hz).amin(-1) > 0
+    return y, bmat @ torch.linalg.inv(hz) @ bmat.T, pd
+
+
+def summary(y: torch.Tensor, cov: torch.Tensor, pd: torch.Tensor, d: torch.Tensor, seconds: float) -> dict:
+    """Residual and pull statistics of fits y (E,n) about the truth; cov (E,7,7) their covariance, pd (E,)
+    whether the Hessian at the minimum is positive definite (pulls over those only)."""
     n = y.shape[0]
     along = (y[:, :3] * d).sum(1) * 100.0
     dirn = y[:, 3:5].norm(dim=1) * 1000.0
@@ -67,7 +90,6 @@ def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float)
         "dir_b": y[:, 4] / cov[:, 4, 4].sqrt(),
         "log_e": y[:, 5] / cov[:, 5, 5].sqrt(),
     }
-    pd = torch.linalg.eigvalsh(cov).amin(-1) > 0  # a positive-definite Hessian at the minimum
     pulls = {k: v[pd] for k, v in pulls.items()}
     out = {
         "hessian_not_positive_definite": int((~pd).sum()),
@@ -96,6 +118,24 @@ def summary(y: torch.Tensor, cov: torch.Tensor, d: torch.Tensor, seconds: float)
     return out
 
 
+def toy_counts(
+    resp, p: dict, kinks: dict | None, base: dict, mu_dark: torch.Tensor, seed: int
+) -> torch.Tensor:
+    """Poisson p.e. counts (E,P) of one full Highland kink set per event (all K modes, amplitudes ~ N(0, 1))
+    on the track nodes at the parameters p (kinks None: of the smeared straight track), plus the dark rate
+    mu_dark; seeded by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if kinks is None:
+            return torch.poisson(resp.expected(p)["mu"] + mu_dark, generator=gen)
+        n, k = kinks["s"].shape
+        full = kink_modes(kinks["s"], kinks["var"], k)
+        amp = torch.randn(n, 2 * k, generator=gen, dtype=F64)
+        off = kink_mode_offsets(amp, full["turn"], full["disp"], base["e1"], base["e2"])
+        mu = resp.expected({**p, "node_offset": off}, sharp_rings=True)["mu"] + mu_dark
+    return torch.poisson(mu, generator=gen)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detector", default="sk", choices=sorted(VERTICES))
@@ -108,6 +148,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sharp", action="store_true", help="bent fit without the other kinks' smearing")
     ap.add_argument("--fits", default="straight,bent", help="comma list of straight, bent")
+    ap.add_argument(
+        "--toy",
+        default=None,
+        nargs="?",
+        const="bent",
+        choices=["bent", "smeared"],
+        help="data: Poisson counts of the model's own bent tracks (or of its smeared straight track)",
+    )
     a = ap.parse_args()
     kinds = [k for k in a.fits.split(",") if k]
     if not kinds or any(k not in ("straight", "bent") for k in kinds):
@@ -120,29 +168,43 @@ def main() -> None:
     res = sim.run(n, seed=a.seed, batch_size=min(n, 32))
     resp, like = fit_model(sim, a.track_nodes)
     resp, like = resp.double(), like.double()
-    h = res["hits"]
-    obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
     base = _truth_base(res["truth"], n)
-    kinks = resp.ms_kinks(_local_to_params(torch.zeros(n, 7, dtype=F64), base))
+    p_truth = _local_to_params(torch.zeros(n, 7, dtype=F64), base)
+    kinks = resp.ms_kinks(p_truth)
+    if a.toy:
+        mu_dark = like.mu_dark.double()
+        obs = {"counts": toy_counts(resp, p_truth, kinks if a.toy == "bent" else None, base, mu_dark, a.seed)}
+
+        def data_nll(pred: dict, ob: dict) -> torch.Tensor:
+            mu = pred["mu"] + mu_dark
+            return (mu - ob["counts"] * mu.log()).sum(1)
+    else:
+        h = res["hits"]
+        obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
+        data_nll = like
     km = kink_modes(kinks["s"], kinks["var"], a.modes)
     turn, disp, share = km["turn"], km["disp"], km["share"]
     rest = None if a.sharp else km["rest"]
     n_par = 7 + 2 * a.modes
     limits = torch.tensor(STEP_LIMITS + (MODE_STEP_LIMIT,) * (2 * a.modes), dtype=F64)
+    free = [0, 1, 2, 3, 4, 5] if a.toy else list(range(7))  # the toy's counts carry no time: t0 held
     fits = {}
     for kind in kinds:
         t = time.perf_counter()
-        ys, covs = [], []
+        ys, covs, pds = [], [], []
         for start in range(0, n, a.batch_size):
             sl = slice(start, start + a.batch_size)
             b = {k: v[sl] for k, v in base.items()}
             ob = {k: v[sl] for k, v in obs.items()}
             rows = b["v"].shape[0]
             if kind == "straight":
-                nll = _local_nll(resp, like, ob, b, F64)
-                eye = torch.eye(7, dtype=F64).expand(rows, 7, 7)
-                ys.append(newton_from_truth(nll, eye, a.iters, limits[:7]))
-                covs.append(torch.linalg.inv(_hessian(nll, ys[-1])[2]))
+                if a.toy:
+
+                    def nll(y: torch.Tensor, b=b, ob=ob) -> torch.Tensor:
+                        return data_nll(resp.expected(_local_to_params(y, b)), ob)
+                else:
+                    nll = _local_nll(resp, like, ob, b, F64)
+                ys_, cov, pd = newton_cov(nll, rows, 7, free, limits[:7], a.iters)
             else:
 
                 def nll(y: torch.Tensor, b=b, ob=ob, sl=sl) -> torch.Tensor:
@@ -150,14 +212,16 @@ def main() -> None:
                     p = {**_local_to_params(y[:, :7], b), "node_offset": off}
                     if rest is not None:
                         p["node_ms"] = rest[sl]
-                    return like(resp.expected(p, sharp_rings=True), ob) + 0.5 * (y[:, 7:] ** 2).sum(1)
+                    return data_nll(resp.expected(p, sharp_rings=True), ob) + 0.5 * (y[:, 7:] ** 2).sum(1)
 
-                eye = torch.eye(n_par, dtype=F64).expand(rows, n_par, n_par)
-                ys.append(newton_from_truth(nll, eye, a.iters, limits))
                 # the event parameters' block of H^-1: marginal over the kink modes (their prior included)
-                covs.append(torch.linalg.inv(_hessian(nll, ys[-1])[2])[:, :7, :7])
+                free_b = free + list(range(7, n_par))
+                ys_, cov, pd = newton_cov(nll, rows, n_par, free_b, limits, a.iters)
+            ys.append(ys_)
+            covs.append(cov[:, :7, :7])
+            pds.append(pd)
         y = torch.cat(ys)
-        fits[kind] = (y, summary(y, torch.cat(covs), base["d"], time.perf_counter() - t))
+        fits[kind] = (y, summary(y, torch.cat(covs), torch.cat(pds), base["d"], time.perf_counter() - t))
         r = fits[kind][1]
         at = r["along_track_cm"]
         print(
@@ -175,6 +239,7 @@ def main() -> None:
         "iters": a.iters,
         "track_nodes": a.track_nodes,
         "sharp": a.sharp,
+        "toy": a.toy or "none",
         "turn_variance_share": share[0].tolist(),
         **{kind: fit[1] for kind, fit in fits.items()},
     }
@@ -182,7 +247,8 @@ def main() -> None:
         diff = ((fits["bent"][0][:, :3] - fits["straight"][0][:, :3]) * base["d"]).sum(1) * 100.0
         out["paired_along_track_cm"] = {"mean": float(diff.mean()), "err": float(diff.std()) / math.sqrt(n)}
         print(f"bent - straight along the track: {out['paired_along_track_cm']}")
-    write_json(f"ms_bent_fit_{a.detector}" + ("_sharp" if a.sharp else ""), out)
+    suffix = ("_sharp" if a.sharp else "") + (f"_toy_{a.toy}" if a.toy else "")
+    write_json(f"ms_bent_fit_{a.detector}{suffix}", out)
 
 
 if __name__ == "__main__":
