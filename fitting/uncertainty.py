@@ -203,8 +203,9 @@ def track_fit_weights(
 
     weighting:
     * 'likelihood' (default): what the straight-track likelihood does. Its expected ring (physics.expected)
-      blurs each cell's light by an angular variance sigma^2(s, D) = theta2(s) (1 + r + r^2/3) + a^2 (1 +
-      cos^2 inc) / (8 D^2) + Var(theta_c) + min_sigma^2 (r = s cos theta_c / D; MS, photocathode of radius
+      blurs each cell's light by an angular variance sigma^2(s, D) = Var(phi) + 2 Cov(u, phi) lam + Var(u)
+      lam^2 + a^2 (1 + cos^2 inc) / (8 D^2) + Var(theta_c) + min_sigma^2 (lam = cos theta_c / D; the MS
+      Fermi-Eyges moments of physics.expected.fermi_eyges_moments, photocathode of radius
       ``pmt_radius`` a, chromatic spread with the ``detection(wl)``-weighted Frank-Tamm spectrum), so the fit
       is the generalised least-squares fit of the photons' angular displacements Phi q / D with weights
       1 / sigma^2: metric = < Phi^T Phi / (D^2 sigma^2) >_azimuth (needs ``wall``);
@@ -265,9 +266,12 @@ def track_fit_weights(
             dist = dist.reshape(e, k, n_azimuth)
             dist = torch.where(torch.isfinite(dist), dist, torch.zeros_like(dist)).clamp_min(1e-3)
             cos_inc = _wall_normal_cos(pos + dist[..., None] * kdir, kdir, wall)
-            r = s[..., None] * cos_c[..., None] / dist
+            lam = cos_c[..., None] / dist
+            ms = nodes["ms"][..., None, :]
             sig2 = (
-                nodes["theta2"][..., None] * (1.0 + r + r * r / 3.0)
+                ms[..., 0]
+                + 2.0 * ms[..., 1] * lam
+                + ms[..., 2] * lam * lam
                 + pmt_radius**2 * (1.0 + cos_inc**2) / (8.0 * dist**2)
                 + var_th[..., None]
                 + min_sigma**2
@@ -434,7 +438,7 @@ def kink_modes(s: Tensor, kink_var: Tensor, m: int) -> dict[str, Tensor]:
     removed: Var(phi) = diag(T T^T - T U U^T T^T), Cov(u, phi) = diag(T D^T - T U U^T D^T),
     Var(u) = diag(D D^T - D U U^T D^T), the ``node_ms`` that smears a bent track's sharp rings
     (physics.expected.direct_light_folded). With m = 0 they are the discrete form of the straight track's
-    Brownian moments (physics.expected.ms_node_moments).
+    Fermi-Eyges moments (physics.expected.fermi_eyges_moments).
 
     Returns float64 dict: turn (E,K,M) [rad] and disp (E,K,M) [m], the nodes' turn and displacement per unit
     mode amplitude; rest (E,K,3) the moments of the remaining kinks; share (E,K) the fraction of each

@@ -19,8 +19,10 @@ Direct light at PMT i (photons that reach the photocathode without scattering or
   sphere, it is a proper 2D Gaussian at the pole when theta_c -> 0 (near threshold) and the ring
   exp(-(alpha - theta_c)^2 / 2 sigma^2) / ((2 pi)^{3/2} sigma sin alpha) for theta_c >> sigma. sigma^2 is the
   sum of (a) the multiple scattering of the track (Highland, PDG eq. 34.16, accumulated along the track,
-  see :func:`muon_track_nodes`, with the correlated lateral displacement: Var = theta0^2 (1 + r + r^2/3),
-  r = s cos(alpha)/d, from the joint Gaussian of angle and displacement, PDG eqs. 34.18-34.20), (b) the
+  see :func:`muon_track_nodes`, with the correlated lateral displacement: Var = Var(phi) + 2 Cov(u, phi)
+  lam + Var(u) lam^2, lam = cos(alpha)/d, from the joint Gaussian of angle and displacement with the
+  Fermi-Eyges moments of the track's varying scattering rate, :func:`fermi_eyges_moments`; for a constant
+  rate theta0^2 (1 + r + r^2/3), r = s lam, PDG eqs. 34.18-34.20), (b) the
   finite photocathode seen from the emission point (a uniform disk of angular radius a/d has variance
   (a/d)^2/4 per axis; averaged over the two projected axes: a^2 (1 + cos^2 theta_inc) / (8 d^2)) and
   (c) a floor ``min_sigma`` (1 mrad).
@@ -55,6 +57,7 @@ __all__ = [
     "wavelength_quadrature",
     "highland_rate",
     "muon_track_nodes",
+    "fermi_eyges_moments",
     "wall_exit_distance",
     "disk_solid_angle",
     "direct_light",
@@ -176,11 +179,19 @@ def muon_track_nodes(
     dt = ds / (beta * C_M_PER_NS)
     t = torch.cumsum(dt, 1) - 0.5 * dt
     dth = ds * highland_rate(kin, mass) / radiation_length
-    th_acc = torch.cumsum(dth, 1) - 0.5 * dth
-    log_term = 1.0 + 0.038 * torch.log((path / radiation_length).clamp_min(1e-3))
-    theta2 = th_acc * log_term * log_term
+    cum_hi = torch.cumsum(dth, 1)
+    th_acc = cum_hi - 0.5 * dth
+
+    def log_term(x: Tensor) -> Tensor:
+        return 1.0 + 0.038 * torch.log((x / radiation_length).clamp_min(1e-3))
+
+    theta2 = th_acc * log_term(path) ** 2
     short = theta2 * ds
     s = path - (torch.cumsum(short, 1) - 0.5 * short)
+    # theta0^2 at the cells' lower edges; the increments over whole cells and over each node's own half cell
+    lo = path - 0.5 * ds
+    th_lo = (cum_hi - dth) * log_term(lo) ** 2
+    th_cell = (cum_hi * log_term(path + 0.5 * ds) ** 2 - th_lo).clamp_min(0.0)
     return {
         "s": s,
         "path": path,
@@ -189,8 +200,34 @@ def muon_track_nodes(
         "beta": beta,
         "t": t,
         "theta2": theta2,
-        "theta2_cell": dth * log_term * log_term,
+        "theta2_cell": dth * log_term(path) ** 2,
+        "ms": fermi_eyges_moments(path, ds, th_cell, (theta2 - th_lo).clamp_min(0.0)),
     }
+
+
+def fermi_eyges_moments(path: Tensor, ds: Tensor, cell_var: Tensor, half_var: Tensor) -> Tensor:
+    """Multiple-scattering moments (E,K,3) at the track nodes for a scattering rate that varies along the
+    track (Fermi-Eyges; Eyges, Phys. Rev. 74 (1948) 1534; PDG eqs. 34.18-34.20 are the constant-rate case).
+
+    With T(l) = d theta0^2 / dl the projected scattering power, a node at path length l_j has accumulated
+    Var(phi) = int_0^l T, Cov(u, phi) = int_0^l (l - l') T(l') dl', Var(u) = int_0^l (l - l')^2 T(l') dl'
+    (per projected plane; phi the direction change, u the lateral displacement). T is taken constant inside
+    each cell: cell k (centre path_k, length ds_k, increment cell_var_k) adds cell_var_k (1, l_j - path_k,
+    (l_j - path_k)^2 + ds_k^2 / 12) to the nodes after it, and node j's own half cell (half_var_j over
+    ds_j / 2) adds half_var_j (1, ds_j / 4, ds_j^2 / 12). A stopping muon scatters most near its end, where
+    the constant-rate forms theta0^2 (1, l/2, l^2/3) overstate the lateral spread: at the last nodes of a
+    1 GeV muon (4.7 m) Var(u)^(1/2) is 17 cm, not 34 cm.
+    path, ds, cell_var, half_var: (E,K) [m, m, rad^2, rad^2]; returns (Var(phi) [rad^2], Cov(u, phi) [m rad],
+    Var(u) [m^2]) stacked on the last axis."""
+    k = path.shape[1]
+    idx = torch.arange(k, device=path.device)
+    before = (idx[None, :] < idx[:, None]).to(path.dtype)  # [j, k] = 1 for cells k before node j
+    lever = (path[:, :, None] - path[:, None, :]) * before  # (E,K,K) l_j - path_k, 0 unless k < j
+    v = cell_var[:, None, :] * before
+    a0 = v.sum(-1) + half_var
+    a1 = (v * lever).sum(-1) + half_var * ds / 4.0
+    a2 = (v * (lever * lever + (ds * ds / 12.0)[:, None, :])).sum(-1) + half_var * ds * ds / 12.0
+    return torch.stack([a0, a1, a2], -1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +350,7 @@ def direct_light(
         cos_a = ((proj[..., None] - s) / dist).clamp(-1.0, 1.0)
         sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
         alpha = torch.atan2(sin_a, cos_a)  # (E,P,K)
-        ms_var, cov_u = _ms_ring_terms(ms_node_moments(nodes["s"], nodes["theta2"]), cos_a / dist)
+        ms_var, cov_u = _ms_ring_terms(nodes["ms"], cos_a / dist)
         sig2 = ms_var + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2.clamp_min(1e-12)) + min_sigma**2
         beta = nodes["beta"][:, None, :, None]  # (E,1,K,1)
         cos_c = 1.0 / (beta * refr_index.to(dt))  # (E,1,K,L)
@@ -486,7 +523,7 @@ def direct_light_folded(
     without this spread and the axis renormalisation of ``_ring_geometry``). The pruning bound keeps the
     smeared rings, so that the bent track still finds its light among the evaluated pairs.
     node_ms (E,K,3), only with sharp_rings: the multiple-scattering moments (Var phi [rad^2], Cov(u, phi)
-    [m rad], Var u [m^2] per projected plane, as :func:`ms_node_moments`) of the kinks that node_offset
+    [m rad], Var u [m^2] per projected plane, as :func:`fermi_eyges_moments`) of the kinks that node_offset
     leaves out, e.g. those outside a fit's leading kink modes (fitting.uncertainty.kink_modes): they smear
     the sharp rings (and shift the arrival times, :func:`ms_time_shift`) as the full moments smear the
     straight track's. Default with sharp_rings: zero.
@@ -525,7 +562,7 @@ def direct_light_folded(
         emit = emit * frac
     a = pmt_radius.to(dt)[None, :, None]  # (1,P,1)
     det = det_pmt.to(dt)[None, :, None]
-    ms = ms_node_moments(nodes["s"], nodes["theta2"])
+    ms = nodes["ms"]
     ev = {"s": nodes["s"], "ms": ms, "t": nodes["t"], "th": theta_c, "var_th": var_th, "emit": emit}
     off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
     ev_eval = ev
@@ -611,7 +648,7 @@ def _ring_geometry(
 ) -> tuple[Tensor, ...]:
     """Node -> PMT geometry (R,C,K): dist, dist^2, 1/dist, cos_inc, sin alpha, alpha, ring variance (no
     chromatic term) and the MS covariance cov_u of :func:`ms_time_shift`. q (R,C,3) vertex -> PMT, q2 (R,C),
-    direction (R,3), s (R,K), ms (R,K,3) the nodes' multiple-scattering moments (:func:`ms_node_moments`),
+    direction (R,3), s (R,K), ms (R,K,3) the nodes' multiple-scattering moments (:func:`fermi_eyges_moments`),
     a (R|1,C,1), nrm (R|1,C,3).
     offset: optional per-node displacement dx and direction change dd (R,K,3) each of a bent track (node k
     at v + s_k d + dx_k, emitting about the unit axis (d + dd_k) / |d + dd_k|), for the fit's linear response
@@ -684,28 +721,20 @@ def _folded_pairs(
     return _arrival_moments(mom, t_emit, dist, cos_inc, a, q2, ng_ref, t0, time_offset)
 
 
-def ms_node_moments(s: Tensor, theta2: Tensor) -> Tensor:
-    """Multiple-scattering moments (E,K,3) of a straight mean track's nodes, per projected plane: the
-    direction change phi and lateral displacement u accumulated over the path s [m] (E,K) with the Highland
-    variance theta2 [rad^2] (E,K), constant-rate approximation (PDG eqs. 34.18-34.20):
-    Var(phi) = theta2 [rad^2], Cov(u, phi) = theta2 s / 2 [m rad], Var(u) = theta2 s^2 / 3 [m^2]."""
-    return torch.stack([theta2, 0.5 * theta2 * s, theta2 * s * s / 3.0], -1)
-
-
 def ms_time_shift(
     cov_u: Tensor, sin_a: Tensor, ring_offset: Tensor, sig2: Tensor, ng: Tensor | float
 ) -> Tensor:
     """Mean arrival-time shift [ns] (R,C,K) of the light that a scattered track's node sends to a PMT.
 
     In the plane of track and PMT, a node has a lateral displacement u and a direction change phi from the
-    kinks before it, jointly Gaussian with the moments of :func:`ms_node_moments` (or those of the kinks a
+    kinks before it, jointly Gaussian with the moments of :func:`fermi_eyges_moments` (or those of the kinks a
     bent track leaves out, ``node_ms`` of :func:`direct_light_folded`). The PMT at angle alpha and distance
     d receives the node's Cherenkov light when phi + u cos(alpha) / d = alpha - theta_c (the ring kernel's
     variance holds this sum's, Var(phi) + 2 Cov(u, phi) lam + Var(u) lam^2, lam = cos(alpha) / d), and the
     displaced node is nearer to it by u sin(alpha). Conditioning the Gaussian on that (the other
     contributions to the ring width sig2 -- photocathode size, chromatic spread -- independent of u):
-    E[u | ring] = cov_u (alpha - theta_c) / sig2 with cov_u = Cov(u, phi) + Var(u) lam [m rad^2] (for the
-    Brownian moments theta0^2 s (1/2 + r/3), r = s lam), so the light arrives earlier by
+    E[u | ring] = cov_u (alpha - theta_c) / sig2 with cov_u = Cov(u, phi) + Var(u) lam [m rad^2] (for a
+    constant scattering rate theta0^2 s (1/2 + r/3), r = s lam), so the light arrives earlier by
     n_g sin(alpha) E[u | ring] / c. The offset alpha - theta_c is capped smoothly at 3 sigma (3 sigma
     tanh(x / 3 sigma)): beyond it the Gaussian tail, not a displaced node, is what the ring kernel describes,
     and an uncapped shift (ns for PMTs far off the ring) trapped a fit started 60 deg off in a false minimum.
@@ -719,7 +748,8 @@ def ms_time_shift(
 
 def _ms_ring_terms(ms: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
     """Ring variance Var(phi + u lam) [rad^2] and Cov(u, phi + u lam) [m rad^2] (R,C,K) of nodes with the
-    multiple-scattering moments ms (R,K,3) (:func:`ms_node_moments`), lam = cos(alpha) / d [1/m] (R,C,K)."""
+    multiple-scattering moments ms (R,K,3) (:func:`fermi_eyges_moments`), lam = cos(alpha) / d [1/m]
+    (R,C,K)."""
     v_phi, c_pu, v_u = (ms[:, None, :, i] for i in range(3))
     cov_u = c_pu + v_u * lam
     return v_phi + c_pu * lam + cov_u * lam, cov_u
