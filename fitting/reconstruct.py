@@ -404,6 +404,9 @@ def _optimise_lm(
 # per-event BFGS started from the Fisher matrix (default optimiser)
 # ----------------------------------------------------------------------------------------------------------
 BFGS_TOL = 0.01  # [NLL units] stop an event when the predicted decrease g^T H g / 2 is below this
+# a stopping track whose fitted energy exceeds this factor times the energy whose range ends at the wall
+# (response.contained_energy) is refitted from the wall-limited energy / this factor (_fit_batch)
+WALL_RESTART = 1.02
 BFGS_REBASE = 0.5  # re-centre the local coordinates once the direction has turned by atan(0.5) = 27 deg
 _ARMIJO_C1 = 1e-4
 
@@ -651,8 +654,9 @@ def reconstruct(
     :func:`fitting.uncertainty.kink_response_covariance`),
     cov_hessian (E,7,7) H^-1 alone (F^-1 where status has fisher_cov), sigma_vertex (E,3) [m],
     sigma_dir (E,2) [rad] (along e1, e2), sigma_energy (E,) [MeV], sigma_t0 (E,) [ns], status (E,) int32,
-    n_hits (E,), n_iter (E,), start (E,) best start index, seed_* (the pre-fit seeds), e1/e2 (E,3) the
-    tangent basis at the fit.
+    n_hits (E,), n_iter (E,), start (E,) best start index (n_starts: the restart of a stopping track fitted
+    past the wall, from the energy whose range ends there, ``response.contained_energy``), seed_* (the
+    pre-fit seeds), e1/e2 (E,3) the tangent basis at the fit.
     Raises ConfigError for n_events < 1, an unsupported particle or optimiser, or PMT indices out of range.
     """
     n_events = check_number(n_events, "n_events", minimum=1, integer=True)
@@ -806,18 +810,49 @@ def _fit_batch(
             freeze(_unpack(x0))
     obs_rep = {k: torch.cat([v] * len(starts)) for k, v in obs.items()}
     f = _nll_fn(response, likelihood, obs_rep)
-    if optimiser == "bfgs":
-        x, n_iter, hz = _optimise_bfgs(response, likelihood, obs_rep, x0, max_iter, BFGS_TOL, trace)
-    elif optimiser == "lm":
-        x, n_iter = _optimise_lm(response, likelihood, obs_rep, x0, max_iter, LM_TOL, trace)
-    else:
-        x, n_iter = _optimise(lambda x: f(_unpack(x)), x0, optimiser, max_iter, adam_lr, trace)
+
+    def run(obs_in: dict[str, Tensor], x_in: Tensor, tr: list[float] | None):
+        """The optimiser from x_in: (x, iterations, BFGS inverse-Hessian estimates or None)."""
+        if optimiser == "bfgs":
+            return _optimise_bfgs(response, likelihood, obs_in, x_in, max_iter, BFGS_TOL, tr)
+        if optimiser == "lm":
+            return (*_optimise_lm(response, likelihood, obs_in, x_in, max_iter, LM_TOL, tr), None)
+        f_in = _nll_fn(response, likelihood, obs_in)
+        return (*_optimise(lambda z: f_in(_unpack(z)), x_in, optimiser, max_iter, adam_lr, tr), None)
+
+    x, n_iter, hz = run(obs_rep, x0, trace)
     with torch.no_grad():
         nll = f(_unpack(x)).view(len(starts), ne)
         nll = torch.where(torch.isfinite(nll), nll, torch.full_like(nll, math.inf))
-        best = nll.argmin(0)
+        nll_best, best = nll.min(0)
     pick = best * ne + torch.arange(ne, device=x.device)  # rows of the best starts in (starts x events)
     xb = x[pick].to(torch.float64)
+    h0 = None if hz is None else hz[pick]
+    # a stopping track fitted past the wall sits on a plateau (the light beyond the wall is cut, so the
+    # energy has almost no gradient): restart those fits from the energy whose range ends at the wall and
+    # keep the lower NLL (response.contained_energy; traced indirect photons frozen at the restart)
+    cap = response.contained_energy(_unpack(xb)) if hasattr(response, "contained_energy") else None
+    if cap is not None:
+        cap = cap.to(device=xb.device, dtype=torch.float64)
+        past = (cap > 0) & (torch.exp(xb[:, 6]) > WALL_RESTART * cap)
+        if bool(past.any()):
+            sel = past.nonzero()[:, 0]
+            xr0 = xb[sel].clone()
+            xr0[:, 6] = torch.log(cap[sel] / WALL_RESTART)
+            obs_s = _select_obs(obs, sel)
+            if freeze is not None:
+                with torch.no_grad():
+                    freeze(_unpack(xr0.to(dtype)))
+            xr, n_r, hr = run(obs_s, xr0.to(dtype), None)
+            with torch.no_grad():
+                nll_r = _nll_fn(response, likelihood, obs_s)(_unpack(xr))
+            better = torch.isfinite(nll_r) & (nll_r < nll_best[sel])
+            rows = sel[better]
+            xb[rows] = xr[better].to(torch.float64)
+            best[rows] = len(starts)
+            if h0 is not None and hr is not None:
+                h0[rows] = hr[better]
+            n_iter = n_iter + n_r
     base = _base_from_x(xb)
     y = torch.zeros(ne, 7, dtype=torch.float64, device=x.device)
     # over-dispersed counts (response.ms_relative_variance, e.g. multiple scattering): the optimiser above
@@ -836,7 +871,7 @@ def _fit_batch(
             # the Poisson run's inverse-Hessian estimates start it (same coordinates and scales; the
             # negative binomial's curvature is close): no second Fisher pass
             x2, n2, _ = _optimise_bfgs(
-                response, likelihood, obs_nb, xb.to(dtype), max_iter, BFGS_TOL, trace, h0=hz[pick]
+                response, likelihood, obs_nb, xb.to(dtype), max_iter, BFGS_TOL, trace, h0=h0
             )
             n_iter = n_iter + n2
             ok2 = torch.isfinite(x2).all(-1)
