@@ -473,8 +473,11 @@ def _fisher_polish(
         for frac in (1.0, 0.5, 0.25):  # backtracking: the NLL is rough on small scales
             with torch.no_grad():
                 x_try = _x_from_local(torch.where(todo[:, None], frac * step, torch.zeros_like(step)), base)
+                # a near-singular F can give a step whose energy overflows: such rows stay where they are
+                fin = torch.isfinite(x_try).all(-1)
+                x_try = torch.where(fin[:, None], x_try, x)
                 nll_try = f64(_unpack(x_try))
-            ok = todo & ~acc & torch.isfinite(nll_try) & (nll_try < nll)
+            ok = todo & fin & ~acc & torch.isfinite(nll_try) & (nll_try < nll)
             x = torch.where(ok[:, None], x_try, x)
             acc = acc | ok
             if bool((acc | ~todo).all()):
