@@ -51,13 +51,15 @@ def _small():
     return det, med, sen, Optics(wall_reflectivity=0.0, pmt_reflectivity=0.1)
 
 
-def _direct_only_sim(n: int, seed: int, energy: float = 500.0, particle: str = "mu-"):
+def _direct_only_sim(
+    n: int, seed: int, energy: float = 500.0, particle: str = "mu-", vertex=VTX, direction=DIR
+):
     cfg = SimConfig(
         detector="wcte",
         particle=particle,
         energy=energy,
-        vertex=VTX,
-        direction=DIR,
+        vertex=vertex,
+        direction=direction,
         optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
     )
     sim = Simulator(cfg)
@@ -752,21 +754,7 @@ CORNER_VTX, CORNER_DIR = (-1.251, -0.69, -1.717), (0.55, 0.30, 0.78)
 
 
 def _corner_muons(n: int, seed: int):
-    cfg = SimConfig(
-        detector="wcte",
-        particle="mu-",
-        energy=1000.0,
-        vertex=CORNER_VTX,
-        direction=CORNER_DIR,
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
-    )
-    sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)
-    res = sim.run(n, seed=seed, batch_size=n)
-    resp = PhysicsResponse(
-        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
-    )
-    return sim, res, resp, HitLikelihood(**resp.likelihood_config(), window=cfg.dark_window_ns)
+    return _direct_only_sim(n, seed, energy=1000.0, vertex=CORNER_VTX, direction=CORNER_DIR)
 
 
 def test_contained_energy_range_reaches_the_wall():
