@@ -198,7 +198,6 @@ class PhysicsResponse(ResponseModel):
         indirect: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self._range_table: tuple[Tensor, Tensor] | None = None  # (range [m], log T) of contained_energy
         allowed = TRACK_PARTICLES + SHOWER_PARTICLES + ("isotropic",)
         if particle not in allowed:
             raise ConfigError(f"particle: got {particle!r}, allowed: {list(allowed)}")
@@ -617,10 +616,10 @@ class PhysicsResponse(ResponseModel):
         return torch.where(lit, w, torch.zeros_like(w)).to(event_params["vertex"].dtype)
 
     def contained_energy(self, event_params: dict[str, Tensor]) -> Tensor | None:
-        """Tracks (muons, pions): the kinetic energy (E,) [MeV] whose CSDA range (physics.emission.csda_range)
-        equals the distance from the vertex to the wall along the direction; None for showers and the
-        isotropic source. The range is inverted by linear interpolation of log T on 5001 points uniform in
-        log T from 1 MeV to 100 GeV; no gradient; a vertex outside the detector gives 0."""
+        """Tracks (muons, pions): the kinetic energy (E,) [MeV] whose CSDA range (physics.emission.csda_range,
+        inverted by physics.emission.range_energy) equals the distance from the vertex to the wall along the
+        direction; None for showers and the isotropic source; no gradient; a vertex outside the detector
+        gives 0."""
         if self.particle not in TRACK_PARTICLES:
             return None
         check_event_params(event_params, self.event_keys)
@@ -630,14 +629,8 @@ class PhysicsResponse(ResponseModel):
             d = d / d.norm(dim=-1, keepdim=True)
             det = self.detector
             dist = px.wall_exit_distance(v, d, det.shape, float(det.radius), det.height).clamp_min(0.0)
-            if self._range_table is None or self._range_table[0].device != v.device:
-                t = torch.logspace(0.0, 5.0, 5001, dtype=torch.float64, device=v.device)
-                self._range_table = (emission.csda_range(self.particle, t, self.medium).to(v.device), t.log())
-            rng, logt = self._range_table
-            i = torch.searchsorted(rng, dist.clamp(float(rng[0]), float(rng[-1]))).clamp(1, rng.numel() - 1)
-            w = (dist - rng[i - 1]) / (rng[i] - rng[i - 1]).clamp_min(1e-30)
-            e = torch.exp(logt[i - 1] + w.clamp(0.0, 1.0) * (logt[i] - logt[i - 1]))
-            return torch.where(dist > float(rng[0]), e, torch.zeros_like(e)).to(event_params["energy"].dtype)
+            e = emission.range_energy(self.particle, dist, self.medium)
+            return torch.where(dist > 0, e, torch.zeros_like(e)).to(event_params["energy"].dtype)
 
     def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
         """Multiple-scattering covariance (E,8,8) of the straight-track fit (see ResponseModel and

@@ -258,6 +258,15 @@ def test_muon_range_vs_geant4_where_pdg_rows_are_missing(water):
         assert abs(float(ours[i] / ref[i]) - 1) < 0.03, (t, float(ours[i]), float(ref[i]))
 
 
+def test_range_energy_inverts_csda_range(water):
+    """range_energy (cumulative range table) against csda_range (a separate log-grid integral per energy):
+    range_energy(csda_range(T)) = T within 0.1 % from 5 MeV to 50 GeV, for muons and pions."""
+    t = torch.logspace(math.log10(5.0), math.log10(5e4), 40, dtype=torch.float64)
+    for particle in ("mu-", "pi+"):
+        back = em.range_energy(particle, em.csda_range(particle, t, water), water)
+        assert torch.allclose(back, t, rtol=1e-3), (particle, float((back / t - 1).abs().max()))
+
+
 def test_ring_direction_event_by_event_vs_geant4(water):
     """Per-event mean photon direction at creation vs 300 Geant4 events of the tracked-reference source.
 
