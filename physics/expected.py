@@ -185,7 +185,8 @@ def muon_track_nodes(
     def log_term(x: Tensor) -> Tensor:
         return 1.0 + 0.038 * torch.log((x / radiation_length).clamp_min(1e-3))
 
-    theta2 = th_acc * log_term(path) ** 2
+    lt2 = log_term(path) ** 2
+    theta2 = th_acc * lt2
     short = theta2 * ds
     s = path - (torch.cumsum(short, 1) - 0.5 * short)
     # theta0^2 at the cells' lower edges; the increments over whole cells and over each node's own half cell
@@ -200,7 +201,7 @@ def muon_track_nodes(
         "beta": beta,
         "t": t,
         "theta2": theta2,
-        "theta2_cell": dth * log_term(path) ** 2,
+        "theta2_cell": dth * lt2,
         "ms": fermi_eyges_moments(path, ds, th_cell, (theta2 - th_lo).clamp_min(0.0)),
     }
 
