@@ -132,8 +132,18 @@ class ResponseModel(nn.Module, ABC):
         """Multiple-scattering kinks of the track for the reported covariance: dict s (E,K) [m] (the track
         nodes that ``expected`` accepts offsets for as event_params['node_offset'] (E,K,6)) and var (E,K)
         [rad^2] per transverse axis; see :func:`fitting.uncertainty.kink_response_covariance`. Default: None
-        (not modelled)."""
+        (not modelled). A model that returns kinks implements :meth:`expected_kinked`."""
         return None
+
+    def expected_kinked(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-PMT expectations (as :meth:`expected`) of one realisation of the fluctuations that
+        :meth:`expected` averages over, given explicitly: the track bent by event_params['node_offset']
+        (E,K,6) on the nodes of :meth:`ms_kinks` (displacement [m], direction change [rad]), its rings
+        smeared only by the kinks it leaves out, whose per-node moments are the optional
+        event_params['node_ms'] (E,K,3) (:func:`fitting.uncertainty.kink_modes`); differentiable in every
+        parameter (the hybrid Cramér-Rao bound, :func:`fitting.fisher.hybrid_fisher`). Default:
+        NotImplementedError (no kinks modelled)."""
+        raise NotImplementedError(f"{type(self).__name__}.expected_kinked: this model has no explicit kinks")
 
 
 class PhysicsResponse(ResponseModel):
@@ -290,6 +300,10 @@ class PhysicsResponse(ResponseModel):
         directions inside each node's own cell stays, and event_params['node_ms'] (E,K,3), when given,
         smears them by the kinks that node_offset leaves out; physics.expected.direct_light_folded)."""
         return self._expected(event_params, sharp_rings)
+
+    def expected_kinked(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`expected` with ``sharp_rings=True``: the track bent by event_params['node_offset']."""
+        return self._expected(event_params, True)
 
     def _expected(
         self, event_params: dict[str, Tensor], sharp_rings: bool = False, group: int = 1
