@@ -31,7 +31,7 @@ from physics.constants import PARTICLE_MASS, SHOWER_PARTICLES, TRACK_PARTICLES
 from physics.optics import orthonormal_basis
 from physics.sensors import spe_moments
 
-from .uncertainty import highland_kink_variance, track_ms_covariance
+from .uncertainty import highland_kink_variance
 
 __all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
 
@@ -89,15 +89,6 @@ class ResponseModel(nn.Module, ABC):
         """Sensor constants for :class:`fitting.likelihood.HitLikelihood` (spe_rel_var, threshold,
         dark_rate_hz, tts); empty when the model does not know them."""
         return {}
-
-    def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
-        """Covariance (E,8,8) of event fluctuations that the expectation averages over and the likelihood's
-        Hessian therefore cannot see, in Cartesian coordinates (vertex x, y, z [m], change of the unit
-        direction dx, dy, dz [rad], log E, t0 [ns]), as a model of its own (used beside the Cramer-Rao bound
-        in benchmarks/bench_resolution.py; the reconstruction's reported covariance uses ``ms_kinks`` and the
-        fit's linear response instead). Default: zeros (none modelled)."""
-        v = event_params["vertex"]
-        return torch.zeros(v.shape[0], 8, 8, dtype=v.dtype, device=v.device)
 
     def contained_energy(self, event_params: dict[str, Tensor]) -> Tensor | None:
         """Kinetic energy (E,) [MeV] at which the particle's light ends where its straight path from the
@@ -162,9 +153,9 @@ class PhysicsResponse(ResponseModel):
       max_elements: chunk events so that E_chunk * P * K * L stays below it (memory bound);
       fold_wavelength: tracks only -- fold the wavelength sum analytically (expected.direct_light_folded,
       O(E P K) instead of O(E P K L); agrees with the exact sum to ~1%, the fast path for reconstruction);
-      ms_covariance: tracks only -- report the multiple-scattering covariance in
-      :meth:`irreducible_covariance` (False: zeros, i.e. pure-Hessian uncertainties) and the kinks of
-      :meth:`ms_kinks` and :meth:`ms_relative_variance`;
+      ms_covariance: tracks only -- model the multiple-scattering kinks of :meth:`ms_kinks` (the
+      reconstruction's kink-response covariance; False: pure-Hessian uncertainties) and
+      :meth:`ms_relative_variance`;
       ms_samples: sampled kink sets per event of :meth:`ms_relative_variance` (0, the default: not modelled,
       the likelihood stays Poisson; 16 closes the closure's log E pulls, as 32 does, at 0.9-1.45x the fit
       time in WCTE and SK, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random
@@ -645,30 +636,6 @@ class PhysicsResponse(ResponseModel):
             dist = px.wall_exit_distance(v, d, det.shape, float(det.radius), det.height).clamp_min(0.0)
             e = emission.range_energy(self.particle, dist, self.medium)
             return torch.where(dist > 0, e, torch.zeros_like(e)).to(event_params["energy"].dtype)
-
-    def irreducible_covariance(self, event_params: dict[str, Tensor]) -> Tensor:
-        """Multiple-scattering covariance (E,8,8) of the straight-track fit (see ResponseModel and
-        :func:`fitting.uncertainty.track_ms_covariance`: Highland kinks, PDG eq. 34.16, propagated through the
-        photon-weighted line fit of the Cherenkov image) for muons and pions.
-
-        Zeros for e-/e+/gamma (not modelled: the shower-to-shower fluctuations of the cascade's longitudinal
-        profile and of its lateral/angular spread, which the mean Raedel-Wiebusch profile averages over) and
-        for the isotropic source (a point source has no such fluctuation)."""
-        n_ev = check_event_params(event_params, self.event_keys)
-        v = event_params["vertex"]
-        if self.particle not in TRACK_PARTICLES or not self.ms_covariance:
-            return torch.zeros(n_ev, 8, 8, dtype=v.dtype, device=v.device)
-        det = self.detector
-        return track_ms_covariance(
-            v,
-            event_params["direction"],
-            event_params["energy"],
-            particle=self.particle,
-            medium=self.medium,
-            wall=(det.shape, det.radius, det.height),
-            pmt_radius=float(det.pmt_radius.double().mean()),
-            detection=self.sensors.quantum_efficiency,
-        )
 
     def likelihood_config(self) -> dict[str, Any]:
         s = self.sensors

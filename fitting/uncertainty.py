@@ -34,8 +34,8 @@ picture says: it translates the vertex towards the bend and keeps the direction 
 straight-line model over-estimates the direction uncertainty ~2.5x (direction pulls ~0.4). The
 reconstruction therefore reports :func:`kink_response_covariance` instead: the same Highland kinks pushed
 through the likelihood fit's own linear response (pulls x 0.89, y 1.20, z 0.89, direction 0.95 / 0.83 on
-48 events). The straight-line model (:func:`track_ms_covariance`, ``PhysicsResponse.irreducible_covariance``)
-remains for the CRB + MS column of benchmarks/bench_resolution.py.
+48 events). The straight-line model (:func:`track_ms_covariance`) remains for those studies only; the
+resolution table's multiple-scattering bound is :func:`fitting.fisher.hybrid_fisher`.
 Units: m, rad, MeV.
 """
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from fitting.response import PhysicsResponse, ResponseModel
+from fitting.response import PhysicsResponse
 from fitting.uncertainty import (
     cartesian_to_local,
     highland_kink_variance,
@@ -135,9 +135,9 @@ def test_cartesian_to_local_projects_direction():
     assert float(loc[0, 0]) == pytest.approx(1e-3) and float(loc[0, 3]) == pytest.approx(5e-4)
 
 
-def test_response_hook_tracks_and_showers(wcte):
-    """PhysicsResponse returns the MS covariance for muons, zeros for e-/gamma/isotropic; bad particle /
-    weighting raise ConfigError."""
+def test_track_ms_covariance_bad_input(wcte):
+    """track_ms_covariance: a muon gets a positive vertex and direction variance; bad particle / weighting
+    raise ConfigError."""
     det, med, sen = wcte
     params = {
         "vertex": torch.tensor([VTX, VTX], dtype=F64),
@@ -145,16 +145,21 @@ def test_response_hook_tracks_and_showers(wcte):
         "energy": torch.tensor([500.0, 500.0], dtype=F64),
         "t0": torch.zeros(2, dtype=F64),
     }
-    mu = PhysicsResponse(det, med, sen, "mu-", n_track_nodes=8, fold_wavelength=True)
     e1 = torch.tensor([[1.0, 0.0, 0.0]] * 2, dtype=F64)
     e2 = torch.tensor([[0.0, 1.0, 0.0]] * 2, dtype=F64)
     good = {k: x[:1] for k, x in params.items()}
-    loc = cartesian_to_local(mu.irreducible_covariance(good), e1[:1], e2[:1])
+    cov = track_ms_covariance(
+        good["vertex"],
+        good["direction"],
+        good["energy"],
+        particle="mu-",
+        medium=med,
+        wall=(det.shape, det.radius, det.height),
+        pmt_radius=float(det.pmt_radius.double().mean()),
+        detection=sen.quantum_efficiency,
+    )
+    loc = cartesian_to_local(cov, e1[:1], e2[:1])
     assert float(loc[0, 0, 0]) > 1e-5 and float(loc[0, 3, 3]) > 1e-6
-    for part in ("e-", "gamma"):
-        r = PhysicsResponse(det, med, sen, part, n_depth_nodes=4)
-        assert float(r.irreducible_covariance(good).abs().max()) == 0.0
-    assert ResponseModel.irreducible_covariance(mu, good).shape == (1, 8, 8)
     with pytest.raises(ConfigError, match="particle"):
         track_ms_covariance(
             good["vertex"], good["direction"], good["energy"], particle="e-", medium=med, wall=None
