@@ -24,6 +24,9 @@ the sharp-ring expectations of S antithetic kink sets at the closure truth
 negative binomial with the sets' own relative variance): no MC, no Poisson noise, no time term. Reported:
 the mean shift per coordinate over the antithetic pairs (a pair's mean has no term linear in the kinks)
 with its standard error, and the rms moves. Writes benchmarks/results/closure_bias_asimov.json.
+``--data-nodes N`` puts the bent tracks (the data) on N track nodes (the fit keeps 32): a sharp-ring track
+on 32 nodes shows its point emitters as features a continuous track does not have
+(fitting.fisher.hybrid_fisher); results get "_nodesN".
 
 ``--first-order`` gives instead the first-order bias of the full fit at the truth, -Hbar^-1 mean(g), with
 the mean gradient split into the likelihood's terms (the charge term of the unhit and of the hit PMTs, the
@@ -32,7 +35,7 @@ time term); writes benchmarks/results/closure_bias_first_order[_nb].json.
 ``--detector sk`` takes the SK closure events instead (bench_closure_pulls VERTICES; results get "_sk").
 
     python benchmarks/closure_bias_decomposition.py [--events 96] [--seed 101] [--ms-samples S] [--threads 2]
-    python benchmarks/closure_bias_decomposition.py --asimov-sets 64
+    python benchmarks/closure_bias_decomposition.py --asimov-sets 64 [--data-nodes 128]
     python benchmarks/closure_bias_decomposition.py --first-order [--ms-samples 32]
 """
 
@@ -126,25 +129,26 @@ def _rms_moves(y: torch.Tensor, d: torch.Tensor) -> dict:
     }
 
 
-def asimov(sets: int, threads: int, detector: str) -> None:
-    """The --asimov-sets mode (module doc)."""
+def asimov(sets: int, threads: int, detector: str, data_nodes: int = 32) -> None:
+    """The --asimov-sets mode (module doc); the bent tracks on ``data_nodes`` track nodes."""
     torch.set_num_threads(threads)
     if sets < 2 or sets % 2:
         raise SystemExit(f"--asimov-sets: got {sets}, allowed: an even number >= 2 (antithetic pairs)")
     sim = closure_simulator(False, detector=detector)
     tr = sim.run(1, seed=0, batch_size=1)["truth"]  # the closure's fixed truth (vertex, direction, energy)
-    resp, _ = fit_model(sim, ms_samples=sets)
-    resp = resp.double()
+    resp = fit_model(sim)[0].double()
+    data_resp = fit_model(sim, track_nodes=data_nodes, ms_samples=sets)[0].double()
     base = _truth_base(tr, sets)
     p0 = _local_to_params(torch.zeros(sets, 7, dtype=torch.float64), base)
     one = {k: v[:1] for k, v in p0.items()}
-    m = resp.ms_kink_expectations(one, antithetic=True)[0].double()  # (S,P)
-    w = resp.ms_relative_variance(one, m[None])[0]
+    m = data_resp.ms_kink_expectations(one, antithetic=True)[0].double()  # (S,P)
+    w = data_resp.ms_relative_variance(one, m[None])[0]
     r = 1.0 / w.clamp_min(1e-8)
     names = ("x_cm", "y_cm", "z_cm", "dir_a_mrad", "dir_b_mrad", "log_e_percent")
     scale = (100.0, 100.0, 100.0, 1000.0, 1000.0, 100.0)
     out = {
         "sets": sets,
+        "data_track_nodes": data_nodes,
         "truth": {k: tr[k][0].tolist() for k in ("vertex", "direction", "energy")},
         "likelihoods": {},
     }
@@ -180,7 +184,8 @@ def asimov(sets: int, threads: int, detector: str) -> None:
             f"{r_['rms_direction_mrad']:.1f} mrad",
             flush=True,
         )
-    write_json("closure_bias_asimov" + ("_sk" if detector == "sk" else ""), out)
+    suffix = ("_sk" if detector == "sk" else "") + (f"_nodes{data_nodes}" if data_nodes != 32 else "")
+    write_json("closure_bias_asimov" + suffix, out)
 
 
 def first_order(resp, like, obs: dict, base: dict, batch: int) -> dict:
@@ -254,13 +259,16 @@ def main() -> None:
         help="fit S noiseless kink sets at the truth with a count-only likelihood instead (doc)",
     )
     ap.add_argument(
+        "--data-nodes", type=int, default=32, help="--asimov-sets: track nodes of the bent tracks (data)"
+    )
+    ap.add_argument(
         "--first-order",
         action="store_true",
         help="the first-order bias at the truth split by likelihood term instead (doc)",
     )
     args = ap.parse_args()
     if args.asimov_sets:
-        asimov(args.asimov_sets, args.threads, args.detector)
+        asimov(args.asimov_sets, args.threads, args.detector, args.data_nodes)
         return
     torch.set_num_threads(args.threads)
     n = args.events

@@ -25,7 +25,9 @@ straight difference along the track, the rms of the fitted mode amplitudes (abou
 right), per event the residuals and whether the Hessian is positive definite, and the time. 16 Newton
 iterations by default: with 8, 4 of the 16 WCTE bent fits ended where the Hessian is not positive definite
 (0 with 16) and their along-track mean was +1.1 cm instead of +0.2 cm. Writes
-benchmarks/results/ms_bent_fit_<detector>[_sharp][_toy_bent|_toy_smeared].json.
+benchmarks/results/ms_bent_fit_<detector>[_sharp][_toy_bent|_toy_smeared][_nodesN].json (N = --track-nodes
+when not 32: both fits' tracks on N nodes; the bent track's sharper rings show 32 nodes as point emitters,
+see fitting.fisher.hybrid_fisher).
 
 ``--toy``: the data are not the MC's but the model's own bent tracks, a test of the fit against its own
 model: per event one kink set on the fit's track nodes (all K modes, amplitudes ~ N(0, 1), i.e. the full
@@ -247,7 +249,11 @@ def main() -> None:
         diff = ((fits["bent"][0][:, :3] - fits["straight"][0][:, :3]) * base["d"]).sum(1) * 100.0
         out["paired_along_track_cm"] = {"mean": float(diff.mean()), "err": float(diff.std()) / math.sqrt(n)}
         print(f"bent - straight along the track: {out['paired_along_track_cm']}")
-    suffix = ("_sharp" if a.sharp else "") + (f"_toy_{a.toy}" if a.toy else "")
+    suffix = (
+        ("_sharp" if a.sharp else "")
+        + (f"_toy_{a.toy}" if a.toy else "")
+        + (f"_nodes{a.track_nodes}" if a.track_nodes != 32 else "")
+    )
     write_json(f"ms_bent_fit_{a.detector}{suffix}", out)
 
 
