@@ -131,16 +131,20 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     res = sim.run(a.events, seed=seed + 1, batch_size=a.sim_batch, vertices=vtx, directions=dirs)
     _sync(dev)
     t_sim = time.perf_counter() - t
-    if particle in TRACK_PARTICLES:
-        resp = PhysicsResponse(
+
+    def track_response(nodes: int) -> PhysicsResponse:
+        return PhysicsResponse(
             sim.detector,
             sim.medium,
             sim.sensors,
             particle,
             sim.optics,
-            n_track_nodes=a.track_nodes,
+            n_track_nodes=nodes,
             fold_wavelength=True,
         )
+
+    if particle in TRACK_PARTICLES:
+        resp = track_response(a.track_nodes)
     else:
         resp = PhysicsResponse(
             sim.detector, sim.medium, sim.sensors, particle, sim.optics, n_depth_nodes=a.depth_nodes
@@ -175,15 +179,7 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     # tracks need more than the fit's 32: fitting.fisher.hybrid_fisher)
     bound_resp = resp
     if particle in TRACK_PARTICLES and a.bound_nodes != a.track_nodes:
-        bound_resp = PhysicsResponse(
-            sim.detector,
-            sim.medium,
-            sim.sensors,
-            particle,
-            sim.optics,
-            n_track_nodes=a.bound_nodes,
-            fold_wavelength=True,
-        )
+        bound_resp = track_response(a.bound_nodes)
     t = time.perf_counter()
     fi = event_fisher(bound_resp, like, truth, batch_size=a.fisher_batch)
     cov, cov_ok = crb_covariance(fi["F"])
