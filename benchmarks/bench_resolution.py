@@ -189,7 +189,7 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     # the hybrid bound: the track's multiple-scattering kinks as random nuisance parameters (each event is
     # one bent track; fitting.fisher.hybrid_fisher); None for responses without kinks (showers)
     crb_hyb, t_hybrid, n_h = None, 0.0, 0
-    if a.kink_sets > 0 and bound_resp.ms_kinks(truth) is not None:
+    if a.kink_sets > 0 and particle in TRACK_PARTICLES:
         t = time.perf_counter()
         n_h = a.events if a.hybrid_events is None else min(a.hybrid_events, a.events)
         sub = {k: v[:n_h] for k, v in truth.items()}

@@ -528,10 +528,11 @@ def hybrid_fisher(
     n_par = 7 + n_z
     sets = max(kink_sets, 1)
     dev = params["vertex"].device
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    z_all = torch.randn(e_all, sets, n_z, generator=gen, device=dev, dtype=torch.float64)
     if kink_sets == 0:
-        z_all.zero_()
+        z_all = torch.zeros(e_all, 1, n_z, device=dev, dtype=torch.float64)
+    else:
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        z_all = torch.randn(e_all, sets, n_z, generator=gen, device=dev, dtype=torch.float64)
     km = kink_modes(kinks["s"], kinks["var"], m)
     rest = km["rest"] if m < k_nodes else None
     kinked = _Kinked(response)
