@@ -25,9 +25,12 @@ Model (fiTQun-like, Jiang et al. (Super-K), PRD 99 (2019) 092005, sec. III; here
   light (``time_log_density``, rel_var): a PMT that the ring has moved onto sees more p.e. and so an
   earlier first one.
 * Time: the p.e. of a PMT form a Poisson process in time with rate
-  lambda(t) = mu_direct N(t; t_mean, t_var + TTS^2) + mu_indirect f_ind(t) + mu_dark / T_window,
+  lambda(t) = mu_direct N(t; t_mean, t_var + TTS^2) + mu_indirect f_ind(t) + mu_dark f_flat(t),
   (direct peak convolved with the Gaussian transit-time spread; indirect light flat over the window, or an
-  exponential tail exp(-(t - t_mean)/tau)/tau convolved with the same Gaussian). The hit time is the first
+  exponential tail exp(-(t - t_mean)/tau)/tau convolved with the same Gaussian). The flat density f_flat is
+  the window's box convolved with the TTS Gaussian, as the p.e. are digitised (``physics.sensors``: dark p.e.
+  uniform in the window, then the TTS jitter), so a dark hit just outside the window has a finite density
+  (with a sharp box one such hit cost an SK event thousands of NLL units). The hit time is the first
   p.e. (leading-edge discriminator), whose density given at least one p.e. is
   lambda(t) exp(-Lambda(t)) / (1 - exp(-Lambda_tot)), Lambda(t) = int_{-inf}^t lambda (first event of an
   inhomogeneous Poisson process; e.g. Daley & Vere-Jones, An Introduction to the Theory of Point Processes,
@@ -219,6 +222,33 @@ def unhit_log_prob(
     return torch.logsumexp(torch.stack([log_p0, terms], -1), -1)
 
 
+def _flat_log_density(t: Tensor, t_lo: float, t_hi: float, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+    """log density [1/ns] and CDF of U(t_lo, t_hi) convolved with N(0, sigma^2) at t (broadcast).
+
+    With a = (t - t_lo)/sigma, b = (t - t_hi)/sigma, W = t_hi - t_lo: density (Phi(a) - Phi(b)) / W, CDF
+    (sigma / W) (G(a) - G(b)) with G(z) = z Phi(z) + phi(z) (the integral of Phi). The log of the difference
+    is taken on the side where it does not cancel: log Phi(x1) + log1p(-Phi(x2)/Phi(x1)) with (x1, x2) =
+    (a, b) left of the window's centre and (-b, -a) right of it (Phi(a) - Phi(b) = Phi(-b) - Phi(-a)), so it
+    stays finite and smooth far outside the window."""
+    width = t_hi - t_lo
+    sig = torch.as_tensor(sigma, dtype=t.dtype, device=t.device)
+    if bool((sig <= 0).any()):
+        raise ConfigError("edge_sigma: got a value <= 0 [ns]; allowed: > 0 (None for the sharp window)")
+    a = (t - t_lo) / sig
+    b = (t - t_hi) / sig
+    left = (a + b) < 0
+    x1 = torch.where(left, a, -b)
+    x2 = torch.where(left, b, -a)
+    l1 = torch.special.log_ndtr(x1)
+    log_dens = l1 + torch.log1p(-torch.exp(torch.special.log_ndtr(x2) - l1)) - math.log(width)
+
+    def g(x: Tensor) -> Tensor:
+        return x * torch.special.ndtr(x) + torch.exp(-0.5 * x * x - 0.5 * LOG_2PI)
+
+    cdf = (sig / width * (g(a) - g(b))).clamp(0.0, 1.0)
+    return log_dens, cdf
+
+
 def time_log_density(
     t: Tensor,
     mu_direct: Tensor,
@@ -231,11 +261,14 @@ def time_log_density(
     tail_tau: float = 20.0,
     first_hit: bool = True,
     rel_var: Tensor | None = None,
+    edge_sigma: Tensor | float | None = None,
 ) -> Tensor:
     """log density [1/ns] of the hit time t (all tensors broadcast, e.g. (E,P)).
 
     Rate lambda(t) = mu_direct N(t; t_mean, sigma2) + mu_flat U(window) + mu_tail EMG(t; t_mean, sigma2, tau)
     (exponentially modified Gaussian: exponential delay of mean tau convolved with the Gaussian).
+    edge_sigma [ns] (> 0; e.g. the TTS): U(window) convolved with N(0, edge_sigma^2) (``_flat_log_density``);
+    None: the sharp box (a time outside the window has no flat density).
     first_hit: density of the earliest p.e. given >= 1, lambda exp(-Lambda(t)) / (1 - exp(-Lambda_tot));
     else lambda / Lambda_tot. sigma2 [ns^2] must include the TTS. Window (t_lo, t_hi) [ns].
     rel_var (first_hit only): the direct light's relative variance w over fluctuations the expectation
@@ -250,11 +283,15 @@ def time_log_density(
     sig = torch.sqrt(sigma2)
     z = (t - t_mean) / sig
     log_gauss = -0.5 * z * z - torch.log(sig) - 0.5 * LOG_2PI
-    inside = (t >= t_lo) & (t <= t_hi)
-    log_flat = torch.where(inside, torch.zeros_like(t), torch.full_like(t, -math.inf)) - math.log(width)
+    if edge_sigma is None:
+        inside = (t >= t_lo) & (t <= t_hi)
+        log_flat = torch.where(inside, torch.zeros_like(t), torch.full_like(t, -math.inf)) - math.log(width)
+        cdf_flat = ((t - t_lo) / width).clamp(0.0, 1.0)
+    else:
+        log_flat, cdf_flat = _flat_log_density(t, t_lo, t_hi, edge_sigma)
     comps = [torch.log(mu_direct) + log_gauss, torch.log(mu_flat) + log_flat]
     cum_d = mu_direct * torch.special.ndtr(z)  # direct p.e. expected before t
-    cum = cum_d + mu_flat * ((t - t_lo) / width).clamp(0.0, 1.0)
+    cum = cum_d + mu_flat * cdf_flat
     total = mu_direct + mu_flat
     if mu_tail is not None:
         lam = 1.0 / tail_tau
@@ -403,6 +440,9 @@ class TimeTerm(nn.Module):
         floor = self.mu_floor
         w = obs.get("mu_rel_var")
         rel_var = None if w is None else w.to(mu.dtype)[idx]
+        # the flat light's window edges blurred by the TTS (module doc); a PMT without TTS: sharp edges
+        tts_i = tts[idx[1]]
+        edge = None if bool((tts_i == 0).all()) else tts_i.abs().clamp_min(1e-3)
         if self.indirect == "flat":
             lp = time_log_density(
                 t,
@@ -413,6 +453,7 @@ class TimeTerm(nn.Module):
                 self.window,
                 first_hit=self.first_hit,
                 rel_var=rel_var,
+                edge_sigma=edge,
             )
         else:
             lp = time_log_density(
@@ -426,6 +467,7 @@ class TimeTerm(nn.Module):
                 tail_tau=self.tail_tau,
                 first_hit=self.first_hit,
                 rel_var=rel_var,
+                edge_sigma=edge,
             )
         return out.index_put(idx, -lp)
 
