@@ -440,7 +440,8 @@ class TimeTerm(nn.Module):
         floor = self.mu_floor
         w = obs.get("mu_rel_var")
         rel_var = None if w is None else w.to(mu.dtype)[idx]
-        # the flat light's window edges blurred by the TTS (module doc); a PMT without TTS: sharp edges
+        # the flat light's window edges blurred by the TTS (module doc); no TTS at all: sharp edges (a PMT
+        # with zero TTS among others: 1 ps)
         tts_i = tts[idx[1]]
         edge = None if bool((tts_i == 0).all()) else tts_i.abs().clamp_min(1e-3)
         if self.indirect == "flat":

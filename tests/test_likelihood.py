@@ -93,6 +93,20 @@ def test_flat_light_edges_blurred_by_tts_match_digitised_dark_hits():
     nll_blur, nll_sharp = float(-dens(past, tts).log()), float(-dens(past, None).log())
     assert nll_blur == pytest.approx(math.log(hi - lo) - math.log(0.5 * math.erfc(0.5 / tts / math.sqrt(2))))
     assert nll_blur < 10.0 and nll_sharp > 1e4
+    # HitLikelihood's time term blurs the edges by its own TTS
+    like = HitLikelihood(0.1, window=(lo, hi), dark_rate_hz=4e3, tts=tts)
+    mu_dark = like.mu_dark.double()
+    pred = {k: torch.tensor([[v]], dtype=F64) for k, v in (("mu", 0.3), ("t_mean", 100.0), ("t_var", 2.0))}
+    obs = {"hit": torch.tensor([[True]]), "charge": torch.tensor([[1.0]], dtype=F64), "time": past[None]}
+    expect = time_log_density(
+        past,
+        *(torch.tensor(x, dtype=F64) for x in (0.3 + 1e-8, 100.0, 2.0 + tts**2, float(mu_dark) + 1e-8)),
+        (lo, hi),
+        edge_sigma=tts,
+    )
+    nll_time = float(like.time(pred, mu_dark, obs).detach())
+    assert nll_time == pytest.approx(-float(expect), rel=1e-9)
+    assert nll_time < 20.0  # 12.4: a dark hit, given 0.3 direct p.e.
     tt = torch.tensor([lo - 50.0, lo, 0.0, hi - 1.0, hi + 3.0, hi + 200.0], dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x: time_log_density(
