@@ -1,18 +1,20 @@
 """MC vs expected-model mean first-hit time per PMT: the timing check behind the closure's z bias.
 
-Events: N contained 500 MeV mu- in WCTE from (0, 0, -1.2) m along (0.2, 0.1, 1), direct light only
-(bench_closure_pulls.closure_simulator). Per PMT the MC's mean hit time over the events that hit it is
-compared with the model's mean first-hit time given a hit,
-E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)), from the likelihood's own time density
-(fitting.likelihood.time_log_density: direct Gaussian with the TTS,
+Events: N contained 500 MeV mu- from the closure vertex along (0.2, 0.1, 1), direct light only
+(bench_closure_pulls.closure_simulator; WCTE from (0, 0, -1.2) m, ``--detector sk``: SK from (0, 0, -5) m).
+Per PMT the MC's mean hit time over the events that hit it is compared with the model's mean first-hit
+time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)), from the
+likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS,
 flat dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak.
 Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
 of the mean. Default: the MC with multiple scattering (MS) against the default fit model (folded
-wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own physics (exact wavelength sum,
-K = 64, X0 -> inf), where the offsets vanish.
+wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own physics (X0 -> inf, K = 64, the
+exact wavelength sum, where the offsets vanish in WCTE; ``--folded``: the folded wavelength kernel instead,
+the no-MS closure's model). ``--track-nodes`` overrides K.
 
-    python benchmarks/first_hit_timing.py [--events 400] [--no-ms] [--threads 2]
-Writes benchmarks/results/first_hit_timing[_noms].json.
+    python benchmarks/first_hit_timing.py [--events 400] [--detector wcte|sk] [--no-ms [--folded]]
+        [--track-nodes K] [--threads 2]
+Writes benchmarks/results/first_hit_timing[_noms][_folded][_sk].json.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._util import write_json  # noqa: E402
-from benchmarks.bench_closure_pulls import DIRECTION, VERTEX, closure_simulator, fit_model  # noqa: E402
+from benchmarks.bench_closure_pulls import DIRECTION, VERTICES, closure_simulator, fit_model  # noqa: E402
 from fitting.likelihood import time_log_density  # noqa: E402
 
 BANDS = ((0.5, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 1e9))
@@ -36,26 +38,32 @@ BANDS = ((0.5, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 1e9))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=400)
+    ap.add_argument("--detector", default="wcte", choices=sorted(VERTICES))
     ap.add_argument("--no-ms", action="store_true", help="MC without MS, fitted model = the MC's physics")
+    ap.add_argument("--folded", action="store_true", help="with --no-ms: the folded wavelength kernel")
+    ap.add_argument("--track-nodes", type=int, default=None, help="model track nodes (default 64 / 32)")
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--min-hits", type=int, default=20, help="PMTs hit in fewer events are skipped")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    sim = closure_simulator(a.no_ms)
+    if a.folded and not a.no_ms:
+        raise SystemExit("--folded: only with --no-ms (the default model is already folded)")
+    sim = closure_simulator(a.no_ms, detector=a.detector)
     cfg = sim.cfg
     n_pmt = sim.detector.n_pmts
     hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
     count = torch.bincount(hits.pmt, minlength=n_pmt).double()
     t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double())
     t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double() ** 2)
-    resp, like = fit_model(sim, 64 if a.no_ms else 32, exact_wavelength=a.no_ms, no_ms=a.no_ms)
+    nodes = a.track_nodes or (64 if a.no_ms else 32)
+    resp, like = fit_model(sim, nodes, exact_wavelength=a.no_ms and not a.folded, no_ms=a.no_ms)
     like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
         o = resp.expected(
             {
-                "vertex": torch.tensor([VERTEX], dtype=torch.float64),
+                "vertex": torch.tensor([VERTICES[a.detector]], dtype=torch.float64),
                 "direction": d / d.norm(),
                 "energy": torch.tensor([500.0], dtype=torch.float64),
                 "t0": torch.zeros(1, dtype=torch.float64),
@@ -92,10 +100,11 @@ def main() -> None:
             f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
             f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f})"
         )
-    write_json(
-        "first_hit_timing_noms" if a.no_ms else "first_hit_timing",
-        {"events": a.events, "multiple_scattering": not a.no_ms, "seed": a.seed, "bands": rows},
-    )
+    name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
+    name += "" if a.detector == "wcte" else f"_{a.detector}"
+    out = {"events": a.events, "detector": a.detector, "multiple_scattering": not a.no_ms, "seed": a.seed}
+    out |= {"track_nodes": nodes, "fold_wavelength": not (a.no_ms and not a.folded), "bands": rows}
+    write_json(name, out)
 
 
 if __name__ == "__main__":
