@@ -57,7 +57,8 @@ def main() -> None:
     t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double())
     t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double() ** 2)
     nodes = a.track_nodes or (64 if a.no_ms else 32)
-    resp, like = fit_model(sim, nodes, exact_wavelength=a.no_ms and not a.folded, no_ms=a.no_ms)
+    exact = a.no_ms and not a.folded  # the exact wavelength sum: only the no-MS model without --folded
+    resp, like = fit_model(sim, nodes, exact_wavelength=exact, no_ms=a.no_ms)
     like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
@@ -103,7 +104,7 @@ def main() -> None:
     name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
     name += "" if a.detector == "wcte" else f"_{a.detector}"
     out = {"events": a.events, "detector": a.detector, "multiple_scattering": not a.no_ms, "seed": a.seed}
-    out |= {"track_nodes": nodes, "fold_wavelength": not (a.no_ms and not a.folded), "bands": rows}
+    out |= {"track_nodes": nodes, "fold_wavelength": not exact, "bands": rows}
     write_json(name, out)
 
 
