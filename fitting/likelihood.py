@@ -233,7 +233,9 @@ def _flat_log_density(t: Tensor, t_lo: float, t_hi: float, sigma: Tensor | float
     width = t_hi - t_lo
     sig = torch.as_tensor(sigma, dtype=t.dtype, device=t.device)
     if bool((sig <= 0).any()):
-        raise ConfigError("edge_sigma: got a value <= 0 [ns]; allowed: > 0 (None for the sharp window)")
+        raise ConfigError(
+            f"edge_sigma: got {float(sig.min()):g} ns (smallest value); allowed: > 0 (None: the sharp window)"
+        )
     a = (t - t_lo) / sig
     b = (t - t_hi) / sig
     left = (a + b) < 0

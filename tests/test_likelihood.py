@@ -107,6 +107,8 @@ def test_flat_light_edges_blurred_by_tts_match_digitised_dark_hits():
     nll_time = float(like.time(pred, mu_dark, obs).detach())
     assert nll_time == pytest.approx(-float(expect), rel=1e-9)
     assert nll_time < 20.0  # 12.4: a dark hit, given 0.3 direct p.e.
+    with pytest.raises(ConfigError, match=r"edge_sigma: got -1 ns"):
+        dens(past, torch.tensor([1.5, -1.0], dtype=F64))
     tt = torch.tensor([lo - 50.0, lo, 0.0, hi - 1.0, hi + 3.0, hi + 200.0], dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x: time_log_density(
