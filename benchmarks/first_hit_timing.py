@@ -3,13 +3,20 @@
 Events: N contained 500 MeV mu- from the closure vertex along (0.2, 0.1, 1), direct light only
 (bench_closure_pulls.closure_simulator; WCTE from (0, 0, -1.2) m, ``--detector sk``: SK from (0, 0, -5) m).
 Per PMT the MC's mean hit time over the events that hit it is compared with the model's mean first-hit
-time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / (1 - exp(-Lambda)), from the
-likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS,
-flat dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak.
+time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / int lambda(t) exp(-Lambda(t)) dt, from
+the likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS, flat
+dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak. Both means are
+over that range: MC hits outside it (dark p.e. far from the peak: 2.6 % of SK's hits) are left out. (Before
+this range was applied to the MC, SK's dark hits far before the peak made the MC look 73-108 ps early.)
+A second model column adds the threshold the likelihood's time term leaves out: a hit needs charge >=
+threshold, so with n p.e. (direct + dark) it survives with probability 1 - f_n, f_n = P(q_1 + .. + q_n <
+threshold) (sample_spe, 2^22 draws each); for Poisson counts the first-hit density becomes
+lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)], M the total mean (k <= 3).
 Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
-of the mean. Default: the MC with multiple scattering (MS) against the default fit model (folded
-wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own physics (X0 -> inf, K = 64, the
-exact wavelength sum, where the offsets vanish in WCTE; ``--folded``: the folded wavelength kernel instead,
+of the mean, the mean of MC - threshold model, and the standard deviation of the per-PMT differences beside
+the rms statistical error of one PMT's MC mean. Default: the MC with multiple scattering (MS) against
+the default fit model (folded wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own
+physics (X0 -> inf, K = 64, the exact wavelength sum; ``--folded``: the folded wavelength kernel instead,
 the no-MS closure's model). ``--track-nodes`` overrides K.
 
     python benchmarks/first_hit_timing.py [--events 400] [--detector wcte|sk] [--no-ms [--folded]]
@@ -31,8 +38,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from benchmarks.bench_closure_pulls import DIRECTION, VERTICES, closure_simulator, fit_model  # noqa: E402
 from fitting.likelihood import time_log_density  # noqa: E402
+from physics.sensors import sample_spe  # noqa: E402
 
 BANDS = ((0.5, 2.0), (2.0, 5.0), (5.0, 20.0), (20.0, 1e9))
+GRID = (-8.0, 12.0, 4001)  # the model's integration range [sigma about the direct peak] and points
+
+
+def below_threshold(sensors, n_max: int = 4, draws: int = 1 << 22, seed: int = 3) -> list[float]:
+    """f_n = P(sum of n single-p.e. charges < threshold), n = 1..n_max (unit gain), by sampling."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.zeros(draws, dtype=torch.float64)
+    out = []
+    for _ in range(n_max):
+        q += sample_spe(draws, sensors.spe_family, sensors.spe_sigma, gen, "cpu", torch.float64)
+        out.append(float((q < sensors.threshold_pe).double().mean()))
+    return out
 
 
 def main() -> None:
@@ -53,9 +73,6 @@ def main() -> None:
     cfg = sim.cfg
     n_pmt = sim.detector.n_pmts
     hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
-    count = torch.bincount(hits.pmt, minlength=n_pmt).double()
-    t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double())
-    t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, hits.pmt, hits.time.double() ** 2)
     nodes = a.track_nodes or (64 if a.no_ms else 32)
     exact = a.no_ms and not a.folded  # the exact wavelength sum: only the no-MS model without --folded
     resp, like = fit_model(sim, nodes, exact_wavelength=exact, no_ms=a.no_ms)
@@ -72,13 +89,32 @@ def main() -> None:
         )
         mu, t_mean = o["mu"][0], o["t_mean"][0]
         sig2 = o["t_var"][0] + sim.sensors.tts_ns**2
-        x = torch.linspace(-8, 12, 4001, dtype=torch.float64)
-        grid = t_mean[:, None] + x[None] * sig2.sqrt()[:, None]
-        dark = torch.full_like(grid, float(like.mu_dark))
+        x = torch.linspace(*GRID[:2], GRID[2], dtype=torch.float64)
+        sig = sig2.sqrt()
+        grid = t_mean[:, None] + x[None] * sig[:, None]
+        mu_dark = float(like.mu_dark)
+        dark = torch.full_like(grid, mu_dark)
         dens = torch.exp(
             time_log_density(grid, mu[:, None], t_mean[:, None], sig2[:, None], dark, cfg.dark_window_ns)
         )
         t_model = (dens * grid).sum(1) / dens.sum(1)
+        # the threshold: dens (1 - e^-M) = lambda e^-Lambda; subtract the first p.e. of hits below threshold
+        t_lo, t_hi = cfg.dark_window_ns
+        width = t_hi - t_lo
+        rate = mu[:, None] * torch.exp(-0.5 * x[None] ** 2) / (sig[:, None] * math.sqrt(2 * math.pi))
+        rate = rate + mu_dark / width
+        cum = mu[:, None] * torch.special.ndtr(x[None]) + mu_dark * ((grid - t_lo) / width).clamp(0, 1)
+        total = (mu + mu_dark)[:, None]
+        after = total - cum  # expected p.e. after t
+        lost = sum(f * after**k / math.factorial(k) for k, f in enumerate(below_threshold(sim.sensors)))
+        dens_thr = dens * -torch.expm1(-total) - rate * torch.exp(-total) * lost
+        t_model_thr = (dens_thr * grid).sum(1) / dens_thr.sum(1)
+    # MC hits inside the model's integration range of their PMT
+    inside = (hits.time >= grid[hits.pmt, 0]) & (hits.time <= grid[hits.pmt, -1])
+    pmt, t_hit = hits.pmt[inside], hits.time[inside].double()
+    count = torch.bincount(pmt, minlength=n_pmt).double()
+    t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit)
+    t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit**2)
     t_mc = t_sum / count.clamp_min(1)
     var_mc = (t2_sum / count.clamp_min(1) - t_mc**2).clamp_min(0) / count.clamp_min(1)
     rows = []
@@ -94,17 +130,24 @@ def main() -> None:
                 "mean_ps": 1e3 * float(diff.mean()),
                 "median_ps": 1e3 * float(diff.median()),
                 "mean_err_ps": 1e3 * math.sqrt(float(var_mc[m].sum())) / int(m.sum()),
+                "mean_vs_threshold_model_ps": 1e3 * float((t_mc - t_model_thr)[m].mean()),
+                # spread of the per-PMT differences against what the MC statistics alone give
+                "std_ps": 1e3 * float(diff.std()),
+                "stat_rms_ps": 1e3 * math.sqrt(float(var_mc[m].mean())),
             }
         )
         r = rows[-1]
         print(
             f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
-            f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f})"
+            f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f}); "
+            f"MC - threshold model {r['mean_vs_threshold_model_ps']:+.0f} ps; "
+            f"per-PMT std {r['std_ps']:.0f} ps (statistics {r['stat_rms_ps']:.0f})"
         )
     name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
     name += "" if a.detector == "wcte" else f"_{a.detector}"
     out = {"events": a.events, "detector": a.detector, "multiple_scattering": not a.no_ms, "seed": a.seed}
-    out |= {"track_nodes": nodes, "fold_wavelength": not exact, "bands": rows}
+    out |= {"track_nodes": nodes, "fold_wavelength": not exact, "grid_sigma": list(GRID[:2])}
+    out |= {"hits_outside_grid": int((~inside).sum()), "hits": len(hits), "bands": rows}
     write_json(name, out)
 
 
