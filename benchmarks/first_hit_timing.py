@@ -12,6 +12,9 @@ A second model column adds the threshold the likelihood's time term leaves out: 
 threshold, so with n p.e. (direct + dark) it survives with probability 1 - f_n, f_n = P(q_1 + .. + q_n <
 threshold) (sample_spe, 2^22 draws each); for Poisson counts the first-hit density becomes
 lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)], M the total mean (k <= 3).
+``--ms-samples S`` (with MS): the fit's negative-binomial model, the direct light's scale G ~ Gamma(mean 1,
+variance w) with w from S kink sets (PhysicsResponse.ms_relative_variance), averaged over 64 quantiles of
+G; the script checks that average without threshold against time_log_density's closed form (rel_var).
 Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
 of the mean, the mean of MC - threshold model, and the standard deviation of the per-PMT differences beside
 the rms statistical error of one PMT's MC mean. Default: the MC with multiple scattering (MS) against
@@ -20,8 +23,8 @@ physics (X0 -> inf, K = 64, the exact wavelength sum; ``--folded``: the folded w
 the no-MS closure's model). ``--track-nodes`` overrides K.
 
     python benchmarks/first_hit_timing.py [--events 400] [--detector wcte|sk] [--no-ms [--folded]]
-        [--track-nodes K] [--threads 2]
-Writes benchmarks/results/first_hit_timing[_noms][_folded][_sk].json.
+        [--track-nodes K] [--ms-samples S] [--threads 2]
+Writes benchmarks/results/first_hit_timing[_noms][_folded][_sk][_nb].json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,6 +61,60 @@ def below_threshold(sensors, n_max: int = 4, draws: int = 1 << 22, seed: int = 3
     return out
 
 
+def model_first_hit(
+    mu: Tensor,
+    t_mean: Tensor,
+    sig: Tensor,
+    mu_dark: float,
+    window,
+    rel_var: Tensor | None,
+    sensors,
+    n_g: int = 64,
+) -> tuple[Tensor, Tensor, float]:
+    """Model mean first-hit time given a hit (C,) without and with the threshold, and the largest
+    difference [ns] between the first (no threshold) and fitting.likelihood.time_log_density's.
+
+    Direct light mu N(t_mean, sig^2) with its mean scaled by G (rel_var w: G ~ Gamma(mean 1, variance w) at
+    n_g equal-probability quantiles; None: G = 1, Poisson), flat dark mu_dark over the window; per G the
+    first-hit density lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)] (f: see
+    below_threshold; f = 0 without threshold), averaged over G and normalised on the grid."""
+    x = torch.linspace(*GRID[:2], GRID[2], dtype=torch.float64)
+    grid = t_mean[:, None] + x[None] * sig[:, None]
+    t_lo, t_hi = window
+    width = t_hi - t_lo
+    f = below_threshold(sensors)
+    if rel_var is None:
+        gs = torch.ones(1, mu.numel(), dtype=torch.float64)
+    else:
+        shape = 1.0 / rel_var.clamp_min(1e-9).double().numpy()
+        u = (np.arange(n_g) + 0.5) / n_g
+        gs = torch.from_numpy(scipy.stats.gamma.ppf(u[:, None], shape[None], scale=1.0 / shape[None]))
+    dens, dens_thr = torch.zeros_like(grid), torch.zeros_like(grid)
+    cum_dark = mu_dark * ((grid - t_lo) / width).clamp(0, 1)
+    for g in gs:  # quadrature over the direct light's scale
+        m = (g * mu)[:, None]
+        rate = m * torch.exp(-0.5 * x[None] ** 2) / (sig[:, None] * math.sqrt(2 * math.pi)) + mu_dark / width
+        cum = m * torch.special.ndtr(x[None]) + cum_dark
+        total = m + mu_dark
+        lost = sum(fk * (total - cum) ** k / math.factorial(k) for k, fk in enumerate(f))
+        dens += rate * torch.exp(-cum)
+        dens_thr += rate * (torch.exp(-cum) - torch.exp(-total) * lost)
+    ref = torch.exp(
+        time_log_density(
+            grid,
+            mu[:, None],
+            t_mean[:, None],
+            (sig * sig)[:, None],
+            torch.full_like(grid, mu_dark),
+            window,
+            rel_var=None if rel_var is None else rel_var[:, None],
+        )
+    )
+    norm = dens / dens.sum(1, keepdim=True) * (ref.sum(1, keepdim=True))
+    check = float(((norm - ref).abs().sum(1) / ref.sum(1)).max())
+    return (dens * grid).sum(1) / dens.sum(1), (dens_thr * grid).sum(1) / dens_thr.sum(1), check
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=400)
@@ -62,11 +122,14 @@ def main() -> None:
     ap.add_argument("--no-ms", action="store_true", help="MC without MS, fitted model = the MC's physics")
     ap.add_argument("--folded", action="store_true", help="with --no-ms: the folded wavelength kernel")
     ap.add_argument("--track-nodes", type=int, default=None, help="model track nodes (default 64 / 32)")
+    ap.add_argument("--ms-samples", type=int, default=0, help="with MS: NB first-hit model from S kink sets")
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--min-hits", type=int, default=20, help="PMTs hit in fewer events are skipped")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.ms_samples and a.no_ms:
+        raise SystemExit("--ms-samples: only with the MS model (without --no-ms)")
     if a.folded and not a.no_ms:
         raise SystemExit("--folded: only with --no-ms (the default model is already folded)")
     sim = closure_simulator(a.no_ms, detector=a.detector)
@@ -75,48 +138,37 @@ def main() -> None:
     hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
     nodes = a.track_nodes or (64 if a.no_ms else 32)
     exact = a.no_ms and not a.folded  # the exact wavelength sum: only the no-MS model without --folded
-    resp, like = fit_model(sim, nodes, exact_wavelength=exact, no_ms=a.no_ms)
+    resp, like = fit_model(sim, nodes, exact_wavelength=exact, no_ms=a.no_ms, ms_samples=a.ms_samples)
     like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
-        o = resp.expected(
-            {
-                "vertex": torch.tensor([VERTICES[a.detector]], dtype=torch.float64),
-                "direction": d / d.norm(),
-                "energy": torch.tensor([500.0], dtype=torch.float64),
-                "t0": torch.zeros(1, dtype=torch.float64),
-            }
-        )
+        params = {
+            "vertex": torch.tensor([VERTICES[a.detector]], dtype=torch.float64),
+            "direction": d / d.norm(),
+            "energy": torch.tensor([500.0], dtype=torch.float64),
+            "t0": torch.zeros(1, dtype=torch.float64),
+        }
+        o = resp.expected(params)
         mu, t_mean = o["mu"][0], o["t_mean"][0]
-        sig2 = o["t_var"][0] + sim.sensors.tts_ns**2
-        x = torch.linspace(*GRID[:2], GRID[2], dtype=torch.float64)
-        sig = sig2.sqrt()
-        grid = t_mean[:, None] + x[None] * sig[:, None]
-        mu_dark = float(like.mu_dark)
-        dark = torch.full_like(grid, mu_dark)
-        dens = torch.exp(
-            time_log_density(grid, mu[:, None], t_mean[:, None], sig2[:, None], dark, cfg.dark_window_ns)
+        sig = (o["t_var"][0] + sim.sensors.tts_ns**2).sqrt()
+        sel = mu > BANDS[0][0]  # the PMTs reported
+        w = None if not a.ms_samples else resp.ms_relative_variance(params)[0][sel]
+        t_model, t_model_thr, check = model_first_hit(
+            mu[sel], t_mean[sel], sig[sel], float(like.mu_dark), cfg.dark_window_ns, w, sim.sensors
         )
-        t_model = (dens * grid).sum(1) / dens.sum(1)
-        # the threshold: dens (1 - e^-M) = lambda e^-Lambda; subtract the first p.e. of hits below threshold
-        t_lo, t_hi = cfg.dark_window_ns
-        width = t_hi - t_lo
-        rate = mu[:, None] * torch.exp(-0.5 * x[None] ** 2) / (sig[:, None] * math.sqrt(2 * math.pi))
-        rate = rate + mu_dark / width
-        cum = mu[:, None] * torch.special.ndtr(x[None]) + mu_dark * ((grid - t_lo) / width).clamp(0, 1)
-        total = (mu + mu_dark)[:, None]
-        after = total - cum  # expected p.e. after t
-        lost = sum(f * after**k / math.factorial(k) for k, f in enumerate(below_threshold(sim.sensors)))
-        dens_thr = dens * -torch.expm1(-total) - rate * torch.exp(-total) * lost
-        t_model_thr = (dens_thr * grid).sum(1) / dens_thr.sum(1)
     # MC hits inside the model's integration range of their PMT
-    inside = (hits.time >= grid[hits.pmt, 0]) & (hits.time <= grid[hits.pmt, -1])
+    lo_t, hi_t = t_mean + GRID[0] * sig, t_mean + GRID[1] * sig
+    inside = (hits.time >= lo_t[hits.pmt]) & (hits.time <= hi_t[hits.pmt])
+    # MC hits inside the model's integration range of their PMT
     pmt, t_hit = hits.pmt[inside], hits.time[inside].double()
     count = torch.bincount(pmt, minlength=n_pmt).double()
     t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit)
     t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit**2)
-    t_mc = t_sum / count.clamp_min(1)
-    var_mc = (t2_sum / count.clamp_min(1) - t_mc**2).clamp_min(0) / count.clamp_min(1)
+    t_mc = (t_sum / count.clamp_min(1))[sel]
+    var_mc = (
+        (t2_sum / count.clamp_min(1) - (t_sum / count.clamp_min(1)) ** 2).clamp_min(0) / count.clamp_min(1)
+    )[sel]
+    mu, count = mu[sel], count[sel]
     rows = []
     for lo, hi in BANDS:
         m = (mu > lo) & (mu <= hi) & (count >= a.min_hits)
@@ -143,11 +195,14 @@ def main() -> None:
             f"MC - threshold model {r['mean_vs_threshold_model_ps']:+.0f} ps; "
             f"per-PMT std {r['std_ps']:.0f} ps (statistics {r['stat_rms_ps']:.0f})"
         )
+    print(f"model density vs fitting.likelihood.time_log_density: largest L1 difference {check:.2e}")
     name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
     name += "" if a.detector == "wcte" else f"_{a.detector}"
+    name += "_nb" if a.ms_samples else ""
     out = {"events": a.events, "detector": a.detector, "multiple_scattering": not a.no_ms, "seed": a.seed}
     out |= {"track_nodes": nodes, "fold_wavelength": not exact, "grid_sigma": list(GRID[:2])}
-    out |= {"hits_outside_grid": int((~inside).sum()), "hits": len(hits), "bands": rows}
+    out |= {"hits_outside_grid": int((~inside).sum()), "hits": len(hits), "ms_samples": a.ms_samples}
+    out |= {"density_check": check, "bands": rows}
     write_json(name, out)
 
 
