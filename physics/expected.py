@@ -391,9 +391,8 @@ def attenuation_table(
     spec (L,) spectral weights (quadrature weight x Frank-Tamm x QE x CE), inv_att (L,) [1/m], dng (L,) the
     centred group index. Returns (table (n_grid-1, 4 M), h [m]): row j holds
     [S_j, h S'_j, S_{j+1}, h S'_{j+1}] for the M moments on the uniform grid d_j = j h in [0, d_max]; the
-    exact derivative
-    S'_m(d) = -sum_l spec_l dng_l^m a_l exp(-d a_l) makes the cubic Hermite interpolant C1 with error
-    O(h^4 max|d^4 S/dd^4|) (de Boor, A Practical Guide to Splines, 1978, ch. IV); differentiable.
+    exact derivative S'_m(d) = -sum_l spec_l dng_l^m a_l exp(-d a_l) makes the cubic Hermite interpolant C1
+    with error O(h^4 max|d^4 S/dd^4|) (de Boor, A Practical Guide to Splines, 1978, ch. IV); differentiable.
     dn (L,), optional: the centred refractive index; adds sum_l spec_l exp(-d a_l) times dn_l, dn_l^2,
     dn_l dng_l and dn_l^3 (M = 7; the colour moments of the light that survives the path, see
     :func:`chromatic_time_terms`).
