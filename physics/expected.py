@@ -63,6 +63,7 @@ __all__ = [
     "direct_light",
     "direct_light_folded",
     "attenuation_table",
+    "colour_table",
     "track_direct_light",
     "isotropic_direct_light",
     "cascade_angular_cdf",
@@ -384,25 +385,35 @@ def direct_light(
 # wavelength-folded direct light (fast path for fitting)
 # ----------------------------------------------------------------------------------------------------------
 def attenuation_table(
-    spec: Tensor, inv_att: Tensor, dng: Tensor, d_max: float, n_grid: int = 257, dn: Tensor | None = None
+    spec: Tensor, inv_att: Tensor, dng: Tensor, d_max: float, n_grid: int = 257
 ) -> tuple[Tensor, float]:
     """Tabulated S_m(d) = sum_l spec_l dng_l^m exp(-d / L_att,l), m = 0, 1, 2, for Hermite lookup.
 
     spec (L,) spectral weights (quadrature weight x Frank-Tamm x QE x CE), inv_att (L,) [1/m], dng (L,) the
-    centred group index. Returns (table (n_grid-1, 4 M), h [m]): row j holds
-    [S_j, h S'_j, S_{j+1}, h S'_{j+1}] for the M moments on the uniform grid d_j = j h in [0, d_max]; the
-    exact derivative S'_m(d) = -sum_l spec_l dng_l^m a_l exp(-d a_l) makes the cubic Hermite interpolant C1
-    with error O(h^4 max|d^4 S/dd^4|) (de Boor, A Practical Guide to Splines, 1978, ch. IV); differentiable.
-    dn (L,), optional: the centred refractive index; adds sum_l spec_l exp(-d a_l) times dn_l, dn_l^2,
-    dn_l dng_l and dn_l^3 (M = 7; the colour moments of the light that survives the path, see
-    :func:`chromatic_time_terms`).
+    centred group index. Returns (table (n_grid-1, 12), h [m]): row j holds [S_j, h S'_j, S_{j+1}, h S'_{j+1}]
+    for the three moments on the uniform grid d_j = j h in [0, d_max]; the exact derivative
+    S'_m(d) = -sum_l spec_l dng_l^m a_l exp(-d a_l) makes the cubic Hermite interpolant C1 with error
+    O(h^4 max|d^4 S/dd^4|) (de Boor, A Practical Guide to Splines, 1978, ch. IV); differentiable.
     """
+    return _spectral_table([spec, spec * dng, spec * dng * dng], inv_att, d_max, n_grid)
+
+
+def colour_table(
+    spec: Tensor, inv_att: Tensor, dng: Tensor, dn: Tensor, d_max: float, n_grid: int = 257
+) -> tuple[Tensor, float]:
+    """As :func:`attenuation_table` for the sums sum_l spec_l exp(-d a_l) x_l with x_l = 1, dng_l, dn_l,
+    dn_l^2, dn_l dng_l, dn_l^3 (table (n_grid-1, 24)): the colour moments of the light that survives the
+    path, dn (L,) the centred refractive index (see :func:`chromatic_time_terms`)."""
+    cols = [spec, spec * dng, spec * dn, spec * dn * dn, spec * dn * dng, spec * dn**3]
+    return _spectral_table(cols, inv_att, d_max, n_grid)
+
+
+def _spectral_table(cols: list[Tensor], inv_att: Tensor, d_max: float, n_grid: int) -> tuple[Tensor, float]:
+    """Hermite table (n_grid-1, 4 M) of the M spectral sums sum_l c_l exp(-d a_l), c in cols (each (L,)),
+    on d_j = j h in [0, d_max] (layout and accuracy: :func:`attenuation_table`); returns (table, h)."""
     h = float(d_max) / (n_grid - 1)
-    d = torch.arange(n_grid, dtype=spec.dtype, device=spec.device) * h
+    d = torch.arange(n_grid, dtype=inv_att.dtype, device=inv_att.device) * h
     e = torch.exp(-d[:, None] * inv_att[None, :])  # (N,L)
-    cols = [spec, spec * dng, spec * dng * dng]
-    if dn is not None:
-        cols += [spec * dn, spec * dn * dn, spec * dn * dng, spec * dn**3]
     coef = torch.stack(cols, -1)  # (L,M)
     val = e @ coef  # (N,M)
     der = (e * (-inv_att)[None, :]) @ coef * h  # (N,M), already times h
@@ -563,10 +574,9 @@ def direct_light_folded(
     var_n = (spec * (n - n_mean) ** 2).sum() / wsum
     n_eff = torch.rsqrt(inv_n2)
     d_max = float(torch.sqrt(q2.detach().max())) + float(nodes["s"].detach().max()) + 1.0
-    table, h = attenuation_table(spec / wsum, inv_att.to(dt), dng, d_max, n_grid, dn=n - n_mean)
-    # per node: the three time moments; per (event, PMT) pair: the colour sums (S_0, S_1 and those of dn)
-    rows = table.reshape(-1, 4, 7)
-    table = (rows[..., :3].reshape(-1, 12), rows[..., [0, 1, 3, 4, 5, 6]].reshape(-1, 24))
+    # per node: the three time moments; per (event, PMT) pair: the colour sums
+    table, h = attenuation_table(spec / wsum, inv_att.to(dt), dng, d_max, n_grid)
+    table = (table, colour_table(spec / wsum, inv_att.to(dt), dng, n - n_mean, d_max, n_grid)[0])
 
     beta = nodes["beta"]  # (E,K)
     cos_c = 1.0 / (beta * n_eff)
@@ -757,7 +767,7 @@ def chromatic_time_terms(
 
     Over the spectrum the Cherenkov angle theta_c = theta(n) and the group index n_g vary together (normal
     dispersion: both grow towards the blue), so where a PMT sits on a node's ring tells the colour of the
-    light it receives. sums (R,C,1|K,6): spectral sums of :func:`attenuation_table` at the path length (S_0,
+    light it receives. sums (R,C,1|K,6): spectral sums of :func:`colour_table` at the path length (S_0,
     S_1 in dn_g; then those of dn, dn^2, dn dn_g, dn^3), giving the surviving light's E[dn], Var(n),
     Cov(n, n_g) and third cumulant kappa_3 (attenuation reddens it with distance). With dth_dn =
     d theta_c / dn (delta method) the light's angle has mean theta_c + dth_dn E[dn] and variance
