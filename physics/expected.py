@@ -543,10 +543,11 @@ def direct_light_folded(
     kinks before it plus half its own cell's kink kappa_k, and a point at fraction u of the cell moves by
     the cell's Brownian path B(u) (B(1) = kappa_k), so its direction about the node's axis, B(u) - kappa_k/2,
     has variance theta2_cell / 4 for every u (theta2_cell: the cell's own Highland increment); axis and
-    spread together restore the smeared ring's theta2. It is added to the chromatic variance (no lever:
-    the displacement inside a cell is negligible). Measured at the closure truth (500 MeV mu- in WCTE,
-    400 MC events, 32 sets): summed P(hit) of the 0.02-0.98 PMTs 539.5 against the MC's 532.8 (515.6
-    without this spread and the axis renormalisation of ``_ring_geometry``). The pruning bound keeps the
+    spread together restore the smeared ring's theta2. It is added to the node's Var(phi) moment (no lever:
+    the displacement inside a cell is negligible; a direction spread, independent of the colour, see
+    :func:`chromatic_time_terms`). Measured at the closure truth (500 MeV mu- in WCTE, 400 MC events, 32
+    sets): summed P(hit) of the 0.02-0.98 PMTs 539.5 against the MC's 532.8 (515.6 without this spread and
+    the axis renormalisation of ``_ring_geometry``). The pruning bound keeps the
     smeared rings, so that the bent track still finds its light among the evaluated pairs.
     node_ms (E,K,3), only with sharp_rings: the multiple-scattering moments (Var phi [rad^2], Cov(u, phi)
     [m rad], Var u [m^2] per projected plane, as :func:`fermi_eyges_moments`) of the kinks that node_offset
@@ -593,7 +594,7 @@ def direct_light_folded(
     det = det_pmt.to(dt)[None, :, None]
     ms = nodes["ms"]
     ev = {"s": nodes["s"], "ms": ms, "t": nodes["t"], "th": theta_c, "var_th": var_th, "emit": emit}
-    ev["dth_dn"] = dth_dn
+    ev["dth_dn"] = dth_dn  # var_th stays the chromatic variance alone (chromatic_time_terms)
     off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
     ev_eval = ev
     if node_ms is not None and not sharp_rings:
@@ -601,8 +602,10 @@ def direct_light_folded(
     if node_ms is not None and tuple(node_ms.shape) != tuple(ms.shape):
         raise ValueError(f"node_ms: got shape {tuple(node_ms.shape)}, expected {tuple(ms.shape)} (E,K,3)")
     if sharp_rings:  # no accumulated smearing (or node_ms's); the spread of directions inside the cell stays
-        ev_eval = {**ev, "ms": torch.zeros_like(ms) if node_ms is None else node_ms.to(dt)}
-        ev_eval["var_th"] = var_th + 0.25 * nodes["theta2_cell"]
+        left = torch.zeros_like(ms) if node_ms is None else node_ms.to(dt)
+        zero = torch.zeros_like(var_th)
+        cell = torch.stack([0.25 * nodes["theta2_cell"], zero, zero], -1)
+        ev_eval = {**ev, "ms": left + cell}  # in the Var(phi) moment: a direction spread of the node
     if prune_mu is None:
         return _folded_pairs(
             q,
