@@ -71,8 +71,9 @@ def model_first_hit(
     sensors,
     n_g: int = 64,
 ) -> tuple[Tensor, Tensor, float]:
-    """Model mean first-hit time given a hit (C,) without and with the threshold, and the largest
-    difference [ns] between the first (no threshold) and fitting.likelihood.time_log_density's.
+    """Model mean first-hit time given a hit (C,) [ns], from fitting.likelihood.time_log_density and with the
+    threshold, and the largest relative L1 difference between the quadrature below without threshold and
+    time_log_density's density (a check of both).
 
     Direct light mu N(t_mean, sig^2) with its mean scaled by G (rel_var w: G ~ Gamma(mean 1, variance w) at
     n_g equal-probability quantiles; None: G = 1, Poisson), flat dark mu_dark over the window; per G the
@@ -112,7 +113,7 @@ def model_first_hit(
     )
     norm = dens / dens.sum(1, keepdim=True) * (ref.sum(1, keepdim=True))
     check = float(((norm - ref).abs().sum(1) / ref.sum(1)).max())
-    return (dens * grid).sum(1) / dens.sum(1), (dens_thr * grid).sum(1) / dens_thr.sum(1), check
+    return (ref * grid).sum(1) / ref.sum(1), (dens_thr * grid).sum(1) / dens_thr.sum(1), check
 
 
 def main() -> None:
@@ -159,16 +160,13 @@ def main() -> None:
     # MC hits inside the model's integration range of their PMT
     lo_t, hi_t = t_mean + GRID[0] * sig, t_mean + GRID[1] * sig
     inside = (hits.time >= lo_t[hits.pmt]) & (hits.time <= hi_t[hits.pmt])
-    # MC hits inside the model's integration range of their PMT
     pmt, t_hit = hits.pmt[inside], hits.time[inside].double()
-    count = torch.bincount(pmt, minlength=n_pmt).double()
-    t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit)
-    t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit**2)
-    t_mc = (t_sum / count.clamp_min(1))[sel]
-    var_mc = (
-        (t2_sum / count.clamp_min(1) - (t_sum / count.clamp_min(1)) ** 2).clamp_min(0) / count.clamp_min(1)
-    )[sel]
-    mu, count = mu[sel], count[sel]
+    count = torch.bincount(pmt, minlength=n_pmt).double()[sel]
+    t_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit)[sel]
+    t2_sum = torch.zeros(n_pmt, dtype=torch.float64).index_add_(0, pmt, t_hit**2)[sel]
+    t_mc = t_sum / count.clamp_min(1)
+    var_mc = (t2_sum / count.clamp_min(1) - t_mc**2).clamp_min(0) / count.clamp_min(1)
+    mu = mu[sel]
     rows = []
     for lo, hi in BANDS:
         m = (mu > lo) & (mu <= hi) & (count >= a.min_hits)
