@@ -2,25 +2,28 @@
 
 Events: N contained 500 MeV mu- from the closure vertex along (0.2, 0.1, 1), direct light only
 (bench_closure_pulls.closure_simulator; WCTE from (0, 0, -1.2) m, ``--detector sk``: SK from (0, 0, -5) m).
-Per PMT the MC's mean hit time over the events that hit it is compared with the model's mean first-hit
-time given a hit, E[t | hit] = int t lambda(t) exp(-Lambda(t)) dt / int lambda(t) exp(-Lambda(t)) dt, from
-the likelihood's own time density (fitting.likelihood.time_log_density: direct Gaussian with the TTS, flat
-dark noise), integrated on a grid of 4001 points over [-8, +12] sigma about the direct peak. Both means are
-over that range: MC hits outside it (dark p.e. far from the peak: 2.6 % of SK's hits) are left out. (Before
-this range was applied to the MC, SK's dark hits far before the peak made the MC look 73-108 ps early.)
-A second model column adds the threshold the likelihood's time term leaves out: a hit needs charge >=
-threshold, so with n p.e. (direct + dark) it survives with probability 1 - f_n, f_n = P(q_1 + .. + q_n <
-threshold) (sample_spe, 2^22 draws each); for Poisson counts the first-hit density becomes
-lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)], M the total mean (k <= 3).
-``--ms-samples S`` (with MS): the fit's negative-binomial model, the direct light's scale G ~ Gamma(mean 1,
-variance w) with w from S kink sets (PhysicsResponse.ms_relative_variance), averaged over 64 quantiles of
-G; the script checks that average without threshold against time_log_density's closed form (rel_var).
+Per PMT the MC's mean hit time over the events that hit it is compared with the model's mean first-hit time
+given a hit, E[t | hit] = int t f(t | hit) dt from the likelihood's own time density
+(fitting.likelihood.time_log_density: direct Gaussian with the TTS, flat dark noise), integrated on a grid of
+4001 points over [-8, +12] sigma about the direct peak. Both means are over that range: MC hits outside it
+(dark p.e. far from the peak: 2.6 % of SK's hits) are left out. (Before this range was applied to the MC, SK's
+dark hits far before the peak made the MC look 73-108 ps early.)
+The likelihood's density includes the threshold: a hit needs charge >= threshold, so with n p.e. (direct
++ dark) it survives with probability 1 - f_n, f_n = P(q_1 + .. + q_n < threshold) from the likelihood's
+Gaussian n-p.e. charge model (fitting.likelihood.sub_threshold_probs); for Poisson counts the first-hit
+density is lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)], M the total mean.
+Two more columns: the density without the threshold, and a quadrature with f_n of the sensors' real SPE
+shape (sample_spe, 2^22 draws each; SK f_1 0.047 against the Gaussian model's 0.051, f_2 8e-4 against
+3.5e-3). ``--ms-samples S`` (with MS): the fit's negative-binomial model, the direct light's scale
+G ~ Gamma(mean 1, variance w) with w from S kink sets (PhysicsResponse.ms_relative_variance); the quadrature
+averages over 64 quantiles of G, and the script checks it (with the model's f_n) against
+time_log_density's closed form (rel_var, below).
 Reported per expected-p.e. band: number of PMTs, mean and median of MC - model [ps] and the standard error
-of the mean, the mean of MC - threshold model, and the standard deviation of the per-PMT differences beside
-the rms statistical error of one PMT's MC mean. Default: the MC with multiple scattering (MS) against
-the default fit model (folded wavelengths, K = 32). ``--no-ms``: the MC without MS against the MC's own
-physics (X0 -> inf, K = 64, the exact wavelength sum; ``--folded``: the folded wavelength kernel instead,
-the no-MS closure's model). ``--track-nodes`` overrides K.
+of the mean, the means of MC - the other two columns, and the standard deviation of the per-PMT
+differences beside the rms statistical error of one PMT's MC mean. Default: the MC with multiple
+scattering (MS) against the default fit model (folded wavelengths, K = 32). ``--no-ms``: the MC without
+MS against the MC's own physics (X0 -> inf, K = 64, the exact wavelength sum; ``--folded``: the folded
+wavelength kernel instead, the no-MS closure's model). ``--track-nodes`` overrides K.
 
     python benchmarks/first_hit_timing.py [--events 400] [--detector wcte|sk] [--no-ms [--folded]]
         [--track-nodes K] [--ms-samples S] [--threads 2]
@@ -68,52 +71,63 @@ def model_first_hit(
     mu_dark: float,
     window,
     rel_var: Tensor | None,
-    sensors,
+    below_model: Tensor,
+    below_sampled: list[float],
     n_g: int = 64,
-) -> tuple[Tensor, Tensor, float]:
-    """Model mean first-hit time given a hit (C,) [ns], from fitting.likelihood.time_log_density and with the
-    threshold, and the largest relative L1 difference between the quadrature below without threshold and
-    time_log_density's density (a check of both).
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Model mean first-hit times given a hit (C,) [ns] -- the likelihood's density (time_log_density with its
+    threshold ``below_model`` (K,)), the same without threshold, and the quadrature below with the sampled
+    sub-threshold probabilities -- and the largest relative L1 difference between the quadrature with
+    ``below_model`` and time_log_density (a check of both).
 
     Direct light mu N(t_mean, sig^2) with its mean scaled by G (rel_var w: G ~ Gamma(mean 1, variance w) at
     n_g equal-probability quantiles; None: G = 1, Poisson), flat dark mu_dark over the window; per G the
-    first-hit density lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)] (f: see
-    below_threshold; f = 0 without threshold), averaged over G and normalised on the grid."""
+    first-hit density lambda(t) [exp(-Lambda(t)) - exp(-M) sum_k (M - Lambda(t))^k / k! f_(k+1)], averaged
+    over G and normalised on the grid."""
     x = torch.linspace(*GRID[:2], GRID[2], dtype=torch.float64)
     grid = t_mean[:, None] + x[None] * sig[:, None]
     t_lo, t_hi = window
     width = t_hi - t_lo
-    f = below_threshold(sensors)
     if rel_var is None:
         gs = torch.ones(1, mu.numel(), dtype=torch.float64)
     else:
         shape = 1.0 / rel_var.clamp_min(1e-9).double().numpy()
         u = (np.arange(n_g) + 0.5) / n_g
         gs = torch.from_numpy(scipy.stats.gamma.ppf(u[:, None], shape[None], scale=1.0 / shape[None]))
-    dens, dens_thr = torch.zeros_like(grid), torch.zeros_like(grid)
+    quad = {"model": torch.zeros_like(grid), "sampled": torch.zeros_like(grid)}
+    fs = {"model": below_model.tolist(), "sampled": below_sampled}
     cum_dark = mu_dark * ((grid - t_lo) / width).clamp(0, 1)
     for g in gs:  # quadrature over the direct light's scale
         m = (g * mu)[:, None]
         rate = m * torch.exp(-0.5 * x[None] ** 2) / (sig[:, None] * math.sqrt(2 * math.pi)) + mu_dark / width
         cum = m * torch.special.ndtr(x[None]) + cum_dark
         total = m + mu_dark
-        lost = sum(fk * (total - cum) ** k / math.factorial(k) for k, fk in enumerate(f))
-        dens += rate * torch.exp(-cum)
-        dens_thr += rate * (torch.exp(-cum) - torch.exp(-total) * lost)
-    ref = torch.exp(
-        time_log_density(
-            grid,
-            mu[:, None],
-            t_mean[:, None],
-            (sig * sig)[:, None],
-            torch.full_like(grid, mu_dark),
-            window,
-            rel_var=None if rel_var is None else rel_var[:, None],
+        for key, f in fs.items():
+            lost = sum(fk * (total - cum) ** k / math.factorial(k) for k, fk in enumerate(f))
+            quad[key] += rate * (torch.exp(-cum) - torch.exp(-total) * lost)
+
+    def like(below: Tensor | None) -> Tensor:
+        return torch.exp(
+            time_log_density(
+                grid,
+                mu[:, None],
+                t_mean[:, None],
+                (sig * sig)[:, None],
+                torch.full_like(grid, mu_dark),
+                window,
+                rel_var=None if rel_var is None else rel_var[:, None],
+                below=below,
+            )
         )
-    )
-    norm = dens / dens.sum(1, keepdim=True) * (ref.sum(1, keepdim=True))
+
+    ref, ref_none = like(below_model), like(None)
+    norm = quad["model"] / quad["model"].sum(1, keepdim=True) * (ref.sum(1, keepdim=True))
     check = float(((norm - ref).abs().sum(1) / ref.sum(1)).max())
-    return (ref * grid).sum(1) / ref.sum(1), (dens_thr * grid).sum(1) / dens_thr.sum(1), check
+
+    def mean(d: Tensor) -> Tensor:
+        return (d * grid).sum(1) / d.sum(1)
+
+    return mean(ref), mean(ref_none), mean(quad["sampled"]), check
 
 
 def main() -> None:
@@ -154,8 +168,17 @@ def main() -> None:
         sig = (o["t_var"][0] + sim.sensors.tts_ns**2).sqrt()
         sel = mu > BANDS[0][0]  # the PMTs reported
         w = None if not a.ms_samples else resp.ms_relative_variance(params)[0][sel]
-        t_model, t_model_thr, check = model_first_hit(
-            mu[sel], t_mean[sel], sig[sel], float(like.mu_dark), cfg.dark_window_ns, w, sim.sensors
+        below = like.time.below
+        assert below.dim() == 1  # one gain for all PMTs in these detectors
+        t_model, t_none, t_sampled, check = model_first_hit(
+            mu[sel],
+            t_mean[sel],
+            sig[sel],
+            float(like.mu_dark),
+            cfg.dark_window_ns,
+            w,
+            below,
+            below_threshold(sim.sensors),
         )
     # MC hits inside the model's integration range of their PMT
     lo_t, hi_t = t_mean + GRID[0] * sig, t_mean + GRID[1] * sig
@@ -180,7 +203,8 @@ def main() -> None:
                 "mean_ps": 1e3 * float(diff.mean()),
                 "median_ps": 1e3 * float(diff.median()),
                 "mean_err_ps": 1e3 * math.sqrt(float(var_mc[m].sum())) / int(m.sum()),
-                "mean_vs_threshold_model_ps": 1e3 * float((t_mc - t_model_thr)[m].mean()),
+                "mean_vs_no_threshold_ps": 1e3 * float((t_mc - t_none)[m].mean()),
+                "mean_vs_sampled_spe_ps": 1e3 * float((t_mc - t_sampled)[m].mean()),
                 # spread of the per-PMT differences against what the MC statistics alone give
                 "std_ps": 1e3 * float(diff.std()),
                 "stat_rms_ps": 1e3 * math.sqrt(float(var_mc[m].mean())),
@@ -190,10 +214,11 @@ def main() -> None:
         print(
             f"mu in ({lo:g}, {hi:g}] p.e.: {r['pmts']} PMTs, MC - model first-hit time "
             f"{r['mean_ps']:+.0f} +- {r['mean_err_ps']:.0f} ps (median {r['median_ps']:+.0f}); "
-            f"MC - threshold model {r['mean_vs_threshold_model_ps']:+.0f} ps; "
+            f"without threshold {r['mean_vs_no_threshold_ps']:+.0f}, sampled SPE "
+            f"{r['mean_vs_sampled_spe_ps']:+.0f} ps; "
             f"per-PMT std {r['std_ps']:.0f} ps (statistics {r['stat_rms_ps']:.0f})"
         )
-    print(f"model density vs fitting.likelihood.time_log_density: largest L1 difference {check:.2e}")
+    print(f"quadrature vs fitting.likelihood.time_log_density (threshold): largest L1 difference {check:.2e}")
     name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
     name += "" if a.detector == "wcte" else f"_{a.detector}"
     name += "_nb" if a.ms_samples else ""

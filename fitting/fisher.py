@@ -305,12 +305,14 @@ def time_information(
     mu_tail: Tensor | None = None,
     tail_tau: float = 20.0,
     first_hit: bool = True,
+    below: Tensor | None = None,
     row_chunk: int = 40_000,
 ) -> tuple[Tensor, Tensor]:
     """Information of one hit time given a hit, G = E_f[s s^T] (R,k,k), and the quadrature norm int f (R,).
 
     Rows R (flattened PMTs); mu (direct p.e.), t_mean [ns], sigma2 [ns^2] (incl. TTS), mu_flat (R,) and
-    optionally mu_tail (R,) as in :func:`fitting.likelihood.time_log_density`; the score is taken w.r.t.
+    optionally mu_tail (R,) and below (R,K) (the threshold's sub-threshold probabilities, or None) as in
+    :func:`fitting.likelihood.time_log_density`; the score is taken w.r.t.
     (mu, t_mean, sigma2[, indirect]) with indirect = mu_flat (no tail) or mu_tail -- k = 3 or 4.
     s is from autograd of the likelihood's own time_log_density at each node (per-node leaves);
     the expectation is Gauss-Legendre quadrature over the window (see ``_time_nodes``). The flat light's
@@ -330,9 +332,10 @@ def time_information(
             x[sl].detach()[:, None].expand(-1, n_nodes).clone().requires_grad_()
             for x in (mu, t_mean, sigma2, ind_key)
         )
+        bl = None if below is None else below[sl][:, None, :]
         with torch.enable_grad():
             if mu_tail is None:
-                lp = time_log_density(t, lm, lt, ls, li, window, first_hit=first_hit)
+                lp = time_log_density(t, lm, lt, ls, li, window, first_hit=first_hit, below=bl)
             else:
                 lp = time_log_density(
                     t,
@@ -344,6 +347,7 @@ def time_information(
                     mu_tail=li,
                     tail_tau=tail_tau,
                     first_hit=first_hit,
+                    below=bl,
                 )
             finite = torch.isfinite(lp)
             lp_safe = torch.where(finite, lp, torch.zeros_like(lp))
@@ -427,6 +431,7 @@ def event_fisher(
                 sigma2 = vals["t_var"][rows] + tts[rows[1]] ** 2
                 mu_ind = vals["mu_indirect"][rows] if "mu_indirect" in vals else torch.zeros_like(sigma2)
                 mdk = mu_dark[rows]
+                below = tterm.below_rows(rows[1])
                 if tterm.indirect == "flat":
                     g, _ = time_information(
                         mu[rows] + floor,
@@ -435,6 +440,7 @@ def event_fisher(
                         mu_ind + mdk + floor,
                         tterm.window,
                         first_hit=tterm.first_hit,
+                        below=below,
                     )
                 else:
                     g, _ = time_information(
@@ -446,6 +452,7 @@ def event_fisher(
                         mu_tail=mu_ind + floor,
                         tail_tau=tterm.tail_tau,
                         first_hit=tterm.first_hit,
+                        below=below,
                     )
                 zero = torch.zeros_like(jac["mu"][rows])
                 jt = torch.stack(

@@ -35,6 +35,11 @@ Model (fiTQun-like, Jiang et al. (Super-K), PRD 99 (2019) 092005, sec. III; here
   lambda(t) exp(-Lambda(t)) / (1 - exp(-Lambda_tot)), Lambda(t) = int_{-inf}^t lambda (first event of an
   inhomogeneous Poisson process; e.g. Daley & Vere-Jones, An Introduction to the Theory of Point Processes,
   2003, sec. 7.2). With ``first_hit=False`` the single-p.e. density lambda(t)/Lambda_tot is used instead.
+  The threshold acts on the time as well: a first p.e. at t makes a hit only if the charge of it and the
+  p.e. after it (Poisson, mean Lambda_tot - Lambda(t)) reaches the threshold, with the sub-threshold
+  probabilities f_n of the same Gaussian n-p.e. charge model (``sub_threshold_probs``); a PMT with few p.e.
+  is then hit only when more arrive, so its hit comes earlier (in SK 4.7 % of single p.e. fall below 0.25
+  p.e.; the first hit of a 0.5-2 p.e. PMT moves by about 20 ps).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from physics.config import ConfigError
 __all__ = [
     "charge_log_density",
     "unhit_log_prob",
+    "sub_threshold_probs",
     "time_log_density",
     "hits_to_dense",
     "ChargeTerm",
@@ -222,6 +228,32 @@ def unhit_log_prob(
     return torch.logsumexp(torch.stack([log_p0, terms], -1), -1)
 
 
+def sub_threshold_probs(
+    threshold: float, rel_var: float, gain: Tensor | float = 1.0, tol: float = 1e-9, n_max: int = 64
+) -> Tensor:
+    """f_n = P(charge of n p.e. < threshold) = Phi((thr - n g) / (g sqrt(n v))), n = 1..K, shape gain's + (K,)
+    (float64): the Gaussian n-p.e. charge model of :func:`unhit_log_prob`, for the time term's threshold
+    (:func:`time_log_density`, below). K is the smallest count after which f_n < tol for every gain (K = 0
+    at threshold <= 0). threshold [p.e.], rel_var v of the single-p.e. charge, gain g (scalar or (P,)).
+    Raises ConfigError when more than n_max p.e. can stay below the threshold."""
+    g = torch.as_tensor(gain, dtype=torch.float64)
+    if threshold <= 0.0:
+        return g.new_zeros(g.shape + (0,))
+    if bool((g <= 0).any()):
+        raise ConfigError(f"gain: got {float(g.min()):g} (smallest value); allowed: > 0")
+    n = torch.arange(1, n_max + 2, dtype=torch.float64, device=g.device)
+    z = (threshold - n * g[..., None]) / (g[..., None] * torch.sqrt(n * rel_var))
+    f = torch.nan_to_num(torch.special.ndtr(z), nan=0.0)  # v = 0 and thr = n g: the charge is not below
+    keep = (f >= tol).reshape(-1, n_max + 1).any(0).nonzero()
+    n_k = int(keep.max()) + 1 if keep.numel() else 0
+    if n_k > n_max:
+        raise ConfigError(
+            f"threshold: got {threshold:g} p.e. at gain {float(g.min()):g}; allowed: below about "
+            f"{n_max // 2} x the gain (more than n_max = {n_max} p.e. can stay below it)"
+        )
+    return f[..., :n_k].contiguous()
+
+
 def _flat_log_density(t: Tensor, t_lo: float, t_hi: float, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
     """log density [1/ns] and CDF of U(t_lo, t_hi) convolved with N(0, sigma^2) at t (broadcast).
 
@@ -264,6 +296,7 @@ def time_log_density(
     first_hit: bool = True,
     rel_var: Tensor | None = None,
     edge_sigma: Tensor | float | None = None,
+    below: Tensor | None = None,
 ) -> Tensor:
     """log density [1/ns] of the hit time t (all tensors broadcast, e.g. (E,P)).
 
@@ -279,6 +312,13 @@ def time_log_density(
     exp(-Lambda_o(t)) (1 + w Lambda_d(t))^(-1/w) (the Gamma Laplace transform) and the first-p.e. density
     is that times lambda_o(t) + lambda_d(t) / (1 + w Lambda_d(t)), over
     1 - exp(-Lambda_o,tot) (1 + w mu_direct)^(-1/w); w = 0 is the Poisson form.
+    below (first_hit only; (..., K), broadcast with t[..., None]): f_n = P(charge of n p.e. < threshold),
+    n = 1..K (``sub_threshold_probs``; f_n = 0 beyond K). A PMT is hit only when its summed charge reaches the
+    threshold, so the first p.e. at t makes a hit unless it and the k p.e. after it, Poisson with mean
+    R(t) = Lambda_tot - Lambda(t), all stay below: the density is
+    lambda(t) [exp(-Lambda(t)) - exp(-Lambda_tot) sum_k R(t)^k / k! f_(k+1)] / P(hit),
+    P(hit) = 1 - exp(-Lambda_tot) (1 + sum_n Lambda_tot^n / n! f_n). With rel_var the same is averaged over G
+    in closed form, E[G^j exp(-a G)] = (1 + w a)^(-1/w) prod_(i<j) (1 + i w) / (1 + w a)^j (Gamma moments).
     """
     t_lo, t_hi = float(window[0]), float(window[1])
     width = t_hi - t_lo
@@ -308,24 +348,74 @@ def time_log_density(
         log_emg = (math.log(0.5 * lam) + 0.5 * lam * (2.0 * t_mean + lam * sigma2 - 2.0 * t)) + log_erfc
         comps.append(torch.log(mu_tail) + log_emg)
         # EMG CDF = Phi(z) - exp(log_emg + log(tau)) ... = Phi(z) - tau * pdf_emg(t)
-        cum = cum + mu_tail * (torch.special.ndtr(z) - tail_tau * torch.exp(log_emg)).clamp_min(0.0)
+        cdf_tail = (torch.special.ndtr(z) - tail_tau * torch.exp(log_emg)).clamp(0.0, 1.0)
+        cum = cum + mu_tail * cdf_tail
         total = total + mu_tail
-    if first_hit and rel_var is not None:
+    if not first_hit:
+        log_rate = torch.logsumexp(torch.stack(torch.broadcast_tensors(*comps), 0), 0)
+        return log_rate - torch.log(total)
+    thr = below is not None and below.shape[-1] > 0
+    if thr:  # the other light's rate and what is left of it after t, before the mixture changes cum
+        log_other = torch.logsumexp(torch.stack(torch.broadcast_tensors(*comps[1:]), 0), 0)
+        rem_o = mu_flat * (1.0 - cdf_flat)
+        if mu_tail is not None:
+            rem_o = rem_o + mu_tail * (1.0 - cdf_tail)
+        log_direct, total_o = comps[0], total - mu_direct
+    w = torch.zeros_like(mu_direct) if rel_var is None else rel_var.to(t.dtype)
+    mixed = w > 1e-12
+    w_s = torch.where(mixed, w, torch.ones_like(w))
+
+    def eff(lam: Tensor) -> Tensor:  # -log of the mixture's no-p.e. probability for mean lam
+        return torch.where(mixed, torch.log1p(w_s * lam) / w_s, lam)
+
+    if rel_var is not None:
         # Gamma-mixed direct light: hazard lambda_d / (1 + w Lambda_d(t)); w Lambda -> log1p(w Lambda) / w
-        w = rel_var.to(t.dtype)
-        mixed = w > 1e-12
-        w_s = torch.where(mixed, w, torch.ones_like(w))
-
-        def eff(lam: Tensor) -> Tensor:  # -log of the mixture's no-p.e. probability for mean lam
-            return torch.where(mixed, torch.log1p(w_s * lam) / w_s, lam)
-
         comps[0] = comps[0] - torch.where(mixed, torch.log1p(w_s * cum_d), torch.zeros_like(cum_d))
         cum = cum - cum_d + eff(cum_d)
         total = total - mu_direct + eff(mu_direct)
     log_rate = torch.logsumexp(torch.stack(torch.broadcast_tensors(*comps), 0), 0)
-    if first_hit:
-        return log_rate - cum - torch.log(-torch.expm1(-total))
-    return log_rate - torch.log(total)
+    log_hit = torch.log(-torch.expm1(-total))
+    out = log_rate - cum - log_hit
+    if not thr:
+        return out
+    f = below.to(t.dtype)
+    n_k = f.shape[-1]
+    # Gamma moments m_j = E[G^j exp(-mu_d G)] / E[exp(-mu_d G)], j = 0..K (all 1 for w = 0)
+    u = 1.0 + w * mu_direct
+    mom = [torch.ones_like(u)]
+    for j in range(1, n_k + 1):
+        mom.append(mom[-1] * (1.0 + (j - 1) * w) / u)
+    rem_d = mu_direct * torch.special.ndtr(-z)
+
+    def powers(x: Tensor) -> list[Tensor]:  # x^0 .. x^(K-1) / their factorials (no pow: finite at x = 0)
+        acc = [torch.ones_like(x)]
+        for i in range(1, n_k):
+            acc.append(acc[-1] * x / i)
+        return acc
+
+    # sum_k f_(k+1) E_G[(G R_d + R_o)^k / k! G^j e^(-mu_d G)] / E_G[e^(-mu_d G)] for j = 0 (other light's
+    # p.e. first) and j = 1 (a direct p.e. first); binomial expansion of (G R_d + R_o)^k
+    pd, po = powers(rem_d), powers(rem_o)
+    s0 = s1 = 0.0
+    for k in range(n_k):
+        for i in range(k + 1):
+            c = f[..., k] * pd[i] * po[k - i]
+            s0 = s0 + c * mom[i]
+            s1 = s1 + c * mom[i + 1]
+    share = torch.sigmoid(log_direct.clamp_min(-1e4) - log_other.clamp_min(-1e4))  # direct part of the rate
+    now_1 = torch.where(mixed, 1.0 / (1.0 + w_s * cum_d), torch.ones_like(cum_d))
+    lost = torch.exp(-rem_o - (eff(mu_direct) - eff(cum_d))) * (share * s1 + (1.0 - share) * s0)
+    lost = lost / (share * now_1 + (1.0 - share))  # fraction of the first-p.e. density left below threshold
+    # normaliser: P(unhit, >= 1 p.e.) = exp(-total) sum_n f_n E_G[(G mu_d + M_o)^n / n!] / E_G[...]^0
+    qd, qo = powers(mu_direct), powers(total_o)
+    qd.append(qd[-1] * mu_direct / n_k)
+    qo.append(qo[-1] * total_o / n_k)
+    s_n = 0.0
+    for n in range(1, n_k + 1):
+        for i in range(n + 1):
+            s_n = s_n + f[..., n - 1] * qd[i] * qo[n - i] * mom[i]
+    below_hit = torch.exp(-total - log_hit) * s_n  # P(unhit, >= 1 p.e.) / P(>= 1 p.e.)
+    return out + torch.log1p(-lost) - torch.log1p(-below_hit)
 
 
 def hits_to_dense(
@@ -403,7 +493,9 @@ class ChargeTerm(nn.Module):
 class TimeTerm(nn.Module):
     """Hit-time NLL per hit PMT (0 for unhit) (E,P); see :func:`time_log_density`.
 
-    tts: transit-time spread [ns] (scalar or (P,)), an ``nn.Parameter`` (calibration target)."""
+    tts: transit-time spread [ns] (scalar or (P,)), an ``nn.Parameter`` (calibration target). threshold
+    [p.e.], spe_rel_var and gain (scalar or (P,)): the charge model of :class:`ChargeTerm`, from which the
+    first-hit density takes its threshold (``sub_threshold_probs``, fixed at construction; 0: none)."""
 
     def __init__(
         self,
@@ -413,6 +505,9 @@ class TimeTerm(nn.Module):
         indirect: str = "flat",
         tail_tau: float = 20.0,
         mu_floor: float = 1e-8,
+        threshold: float = 0.0,
+        spe_rel_var: float = 0.0,
+        gain: Tensor | float = 1.0,
     ) -> None:
         super().__init__()
         if indirect not in ("flat", "tail"):
@@ -425,6 +520,13 @@ class TimeTerm(nn.Module):
         self.indirect = indirect
         self.tail_tau = float(tail_tau)
         self.mu_floor = float(mu_floor)
+        self.register_buffer("below", sub_threshold_probs(float(threshold), float(spe_rel_var), gain))
+
+    def below_rows(self, pmt: Tensor) -> Tensor | None:
+        """Sub-threshold probabilities (R,K) of the PMTs ``pmt`` (R,), or None without a threshold."""
+        if self.below.shape[-1] == 0:
+            return None
+        return self.below.expand(pmt.shape[0], -1) if self.below.dim() == 1 else self.below[pmt]
 
     def forward(self, pred: dict[str, Tensor], mu_dark: Tensor, obs: dict[str, Tensor]) -> Tensor:
         hit = obs["hit"]
@@ -446,6 +548,7 @@ class TimeTerm(nn.Module):
         # with zero TTS among others: 1 ps)
         tts_i = tts[idx[1]]
         edge = None if bool((tts_i == 0).all()) else tts_i.abs().clamp_min(1e-3)
+        below = self.below_rows(idx[1])
         if self.indirect == "flat":
             lp = time_log_density(
                 t,
@@ -457,6 +560,7 @@ class TimeTerm(nn.Module):
                 first_hit=self.first_hit,
                 rel_var=rel_var,
                 edge_sigma=edge,
+                below=below,
             )
         else:
             lp = time_log_density(
@@ -471,6 +575,7 @@ class TimeTerm(nn.Module):
                 first_hit=self.first_hit,
                 rel_var=rel_var,
                 edge_sigma=edge,
+                below=below,
             )
         return out.index_put(idx, -lp)
 
@@ -506,7 +611,11 @@ class HitLikelihood(nn.Module):
     ) -> None:
         super().__init__()
         self.charge = ChargeTerm(spe_rel_var, threshold, gain, mu_floor)
-        self.time = TimeTerm(window, tts, first_hit, indirect, tail_tau, mu_floor) if use_time else None
+        self.time = None
+        if use_time:
+            self.time = TimeTerm(
+                window, tts, first_hit, indirect, tail_tau, mu_floor, threshold, spe_rel_var, gain
+            )
         self.window = (float(window[0]), float(window[1]))
         width_s = (self.window[1] - self.window[0]) * 1e-9
         self.register_buffer("mu_dark", torch.as_tensor(dark_rate_hz, dtype=torch.float64) * width_s)

@@ -11,6 +11,7 @@ from fitting.likelihood import (
     HitLikelihood,
     charge_log_density,
     hits_to_dense,
+    sub_threshold_probs,
     time_log_density,
     unhit_log_prob,
 )
@@ -184,6 +185,65 @@ def test_gamma_mixed_first_hit_density_matches_sampling():
             tt, a, b, torch.tensor(s * s, dtype=F64), torch.tensor(0.01, dtype=F64), (-20.0, 40.0), rel_var=c
         ),
         args,
+    )
+
+
+def test_first_hit_density_with_threshold_matches_sampling():
+    """A hit needs summed charge >= threshold (physics.sensors: first_hit_digitize), so a lone p.e. that falls
+    below it leaves no hit and the hits come from PMTs with more p.e.: earlier. Direct light mu N(10, 1.2^2)
+    (Poisson, and Gamma-mixed with w = 0.8) plus flat light over the window, single-p.e. charges N(1, 0.25)
+    (so n p.e. sum to N(n, n v), the likelihood's charge model), threshold 0.6 p.e. (f_1 = 0.21), 400k
+    sampled events: the threshold density integrates to 1 and gives the sampled mean and 10/50/90 % quantiles
+    of the hit time and, through its normaliser, the charge term's hit probability (1 - exp(unhit_log_prob));
+    without the threshold the mean is 0.2 ns (> 12 sampling errors) late, so the check can fail. float64
+    gradcheck in every input, tail light included."""
+    g = torch.Generator().manual_seed(5)
+    n_ev, mu, m, s, flat, v, thr, lo, hi = 400_000, 1.5, 10.0, 1.2, 0.3, 0.25, 0.6, -20.0, 40.0
+    below = sub_threshold_probs(thr, v)
+    assert below.shape == (10,) and float(below[0]) == pytest.approx(0.5 * math.erfc(0.4 / math.sqrt(0.5)))
+    t = torch.linspace(lo, hi, 60001, dtype=F64)
+    args = [torch.tensor(x, dtype=F64) for x in (mu, m, s * s, flat)]
+    for w in (None, 0.8):
+        lam = torch.full((n_ev,), mu, dtype=F64)
+        if w is not None:
+            lam = lam * w * torch._standard_gamma(torch.full((n_ev,), 1 / w, dtype=F64), generator=g)
+        nd = torch.poisson(lam, generator=g).long()
+        nf = torch.poisson(torch.full((n_ev,), flat, dtype=F64), generator=g).long()
+        ev = torch.repeat_interleave(torch.arange(n_ev).repeat(2), torch.cat([nd, nf]))
+        times = torch.cat(
+            [
+                m + s * torch.randn(int(nd.sum()), generator=g, dtype=F64),
+                lo + (hi - lo) * torch.rand(int(nf.sum()), generator=g, dtype=F64),
+            ]
+        )
+        q = 1.0 + math.sqrt(v) * torch.randn(times.numel(), generator=g, dtype=F64)
+        q_sum = torch.zeros(n_ev, dtype=F64).index_add(0, ev, q)
+        first = torch.full((n_ev,), math.inf, dtype=F64).scatter_reduce(0, ev, times, reduce="amin")
+        hit = (nd + nf > 0) & (q_sum >= thr)
+        t_hit = first[hit]
+        err = float(t_hit.std()) / math.sqrt(t_hit.numel())
+        rv = None if w is None else torch.tensor(w, dtype=F64)
+        p = time_log_density(t, *args, (lo, hi), rel_var=rv, below=below).exp()
+        assert float(torch.trapezoid(p, t)) == pytest.approx(1.0, abs=1e-6)
+        mean = float(torch.trapezoid(p * t, t))
+        assert abs(mean - float(t_hit.mean())) < 4 * err, (w, mean, float(t_hit.mean()), err)
+        cdf = torch.cumulative_trapezoid(p, t)
+        for qq in (0.1, 0.5, 0.9):
+            t_q = float(t[1:][torch.searchsorted(cdf, torch.tensor(qq, dtype=F64))])
+            assert t_q == pytest.approx(float(torch.quantile(t_hit[:200_000], qq)), abs=0.1), (w, qq)
+        p_none = time_log_density(t, *args, (lo, hi), rel_var=rv).exp()
+        assert float(torch.trapezoid(p_none * t, t)) - float(t_hit.mean()) > 12 * err
+        if w is None:  # the normaliser is the charge term's hit probability
+            p_hit = -math.expm1(float(unhit_log_prob(torch.tensor(mu + flat, dtype=F64), v, thr)))
+            frac = float(hit.double().mean())
+            assert abs(frac - p_hit) < 4 * math.sqrt(p_hit * (1 - p_hit) / n_ev), (frac, p_hit)
+    xs = [torch.tensor(x, dtype=F64, requires_grad=True) for x in (mu, m, s * s, flat, 0.4, 0.8)]
+    tt = torch.tensor([-25.0, 0.0, 8.0, 10.5, 14.0, 39.0, 45.0], dtype=F64)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d, e, r: time_log_density(
+            tt, a, b, c, d, (lo, hi), mu_tail=e, rel_var=r, edge_sigma=1.0, below=below
+        ),
+        xs,
     )
 
 
