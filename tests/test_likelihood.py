@@ -201,6 +201,12 @@ def test_first_hit_density_with_threshold_matches_sampling():
     n_ev, mu, m, s, flat, v, thr, lo, hi = 400_000, 1.5, 10.0, 1.2, 0.3, 0.25, 0.6, -20.0, 40.0
     below = sub_threshold_probs(thr, v)
     assert below.shape == (10,) and float(below[0]) == pytest.approx(0.5 * math.erfc(0.4 / math.sqrt(0.5)))
+    assert sub_threshold_probs(0.0, v).shape == (0,)
+    assert sub_threshold_probs(thr, v, torch.tensor([1.0, 2.0], dtype=F64)).shape == (2, 10)
+    with pytest.raises(ConfigError, match=r"gain: got -1"):
+        sub_threshold_probs(thr, v, torch.tensor([1.0, -1.0]))
+    with pytest.raises(ConfigError, match=r"threshold: got 50 p.e."):
+        sub_threshold_probs(50.0, v)
     t = torch.linspace(lo, hi, 60001, dtype=F64)
     args = [torch.tensor(x, dtype=F64) for x in (mu, m, s * s, flat)]
     for w in (None, 0.8):
