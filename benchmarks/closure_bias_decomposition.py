@@ -33,10 +33,18 @@ the mean gradient split into the likelihood's terms (the charge term of the unhi
 time term); writes benchmarks/results/closure_bias_first_order[_nb].json.
 
 ``--detector sk`` takes the SK closure events instead (bench_closure_pulls VERTICES; results get "_sk").
+``--no-ms``: MC and fitted model without multiple scattering (results get "_noms"); ``--track-nodes K``
+(default 32; "_nodesK") and ``--exact-wavelength`` (the exact wavelength sum instead of the folded kernel;
+"_exact") set the fitted model, so that, e.g., the first-order bias of the folded and the exact model on the
+same events (same seed) shows what the folding adds. ``--spe-sigma S`` sets the sensors' single-p.e. width
+in the MC and the likelihood (e.g. 0.15: the likelihood's Gaussian n-p.e. charge model becomes exact and no
+single p.e. falls below the threshold; "_speS").
 
     python benchmarks/closure_bias_decomposition.py [--events 96] [--seed 101] [--ms-samples S] [--threads 2]
     python benchmarks/closure_bias_decomposition.py --asimov-sets 64 [--data-nodes 128]
     python benchmarks/closure_bias_decomposition.py --first-order [--ms-samples 32]
+    python benchmarks/closure_bias_decomposition.py --first-order --detector sk --no-ms --track-nodes 64
+        [--exact-wavelength] [--batch-size 2]
 """
 
 from __future__ import annotations
@@ -229,9 +237,12 @@ def first_order(resp, like, obs: dict, base: dict, batch: int) -> dict:
             "mean_grad_log_e_err": float(g[:, 5].std()) / n**0.5,
         }
     sh = -(hinv @ total.T).T
+    along = (sh[:, :3] * d).sum(1) * 100
     out["total"] = {
-        "along_track_cm": float((sh.mean(0)[:3] * d).sum()) * 100,
-        "along_track_err_cm": float((sh[:, :3] * d).sum(1).std()) * 100 / n**0.5,
+        "along_track_cm": float(along.mean()),
+        "along_track_err_cm": float(along.std()) / n**0.5,
+        # per event (with H-bar shared): for paired comparisons of two models on the same events
+        "along_track_per_event_cm": along.tolist(),
         "log_e_percent": float(sh.mean(0)[5]) * 100,
         "log_e_err_percent": float(sh[:, 5].std()) * 100 / n**0.5,
     }
@@ -266,15 +277,35 @@ def main() -> None:
         action="store_true",
         help="the first-order bias at the truth split by likelihood term instead (doc)",
     )
+    ap.add_argument("--no-ms", action="store_true", help="MC and fitted model without multiple scattering")
+    ap.add_argument("--track-nodes", type=int, default=32, help="track cells of the fitted model")
+    ap.add_argument("--exact-wavelength", action="store_true", help="fitted model: exact wavelength sum")
+    ap.add_argument(
+        "--spe-sigma", type=float, default=None, help="the sensors' SPE width (MC and likelihood)"
+    )
     args = ap.parse_args()
+    if args.asimov_sets and (args.no_ms or args.exact_wavelength or args.track_nodes != 32 or args.spe_sigma):
+        raise SystemExit("--asimov-sets: without --no-ms, --exact-wavelength, --track-nodes and --spe-sigma")
     if args.asimov_sets:
         asimov(args.asimov_sets, args.threads, args.detector, args.data_nodes)
         return
     torch.set_num_threads(args.threads)
     n = args.events
-    sim = closure_simulator(False, detector=args.detector)
+    if args.no_ms and args.ms_samples:
+        raise SystemExit("--ms-samples: only with multiple scattering (without --no-ms)")
+    sim = closure_simulator(args.no_ms, detector=args.detector)
+    if args.spe_sigma is not None:
+        if not args.spe_sigma > 0:
+            raise SystemExit(f"--spe-sigma: got {args.spe_sigma}; allowed: > 0")
+        sim.sensors.spe_sigma = float(args.spe_sigma)
     res = sim.run(n, seed=args.seed, batch_size=min(n, 32))
-    resp, like = fit_model(sim, ms_samples=args.ms_samples)
+    resp, like = fit_model(
+        sim,
+        args.track_nodes,
+        exact_wavelength=args.exact_wavelength,
+        no_ms=args.no_ms,
+        ms_samples=args.ms_samples,
+    )
     resp, like = resp.double(), like.double()
     h = res["hits"]
     obs = hits_to_dense(h.pmt.long(), h.charge.double(), h.time.double(), h.event.long(), n, resp.n_pmts)
@@ -284,11 +315,18 @@ def main() -> None:
         w = resp.ms_relative_variance(_local_to_params(torch.zeros(n, 7, dtype=torch.float64), base))
         obs["mu_rel_var"] = w
     nb, sk = ("_nb" if args.ms_samples else ""), ("_sk" if args.detector == "sk" else "")
+    sk += ("_noms" if args.no_ms else "") + ("_exact" if args.exact_wavelength else "")
+    sk += f"_nodes{args.track_nodes}" if args.track_nodes != 32 else ""
+    sk += f"_spe{args.spe_sigma:g}" if args.spe_sigma is not None else ""
     if args.first_order:
         out = {
             "events": n,
             "seed": args.seed,
             "ms_samples": args.ms_samples,
+            "multiple_scattering": not args.no_ms,
+            "track_nodes": args.track_nodes,
+            "fold_wavelength": not args.exact_wavelength,
+            "spe_sigma": sim.sensors.spe_sigma,
             "terms": first_order(resp, like, obs, base, args.batch_size),
         }
         write_json("closure_bias_first_order" + nb + sk, out)
