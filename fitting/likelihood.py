@@ -119,6 +119,12 @@ def _log_count(n: Tensor, mu: Tensor, mu_var: Tensor | None) -> Tensor:
     return lp + _log_nb_excess(n.double(), mu.double(), r).to(mu.dtype)
 
 
+def _below_z(n: Tensor, threshold: float, gain: Tensor, rel_var: float) -> Tensor:
+    """(thr - n g) / (g sqrt(n v)): Phi of it is the probability that n p.e. stay below the threshold in the
+    Gaussian n-p.e. charge model N(n g, n v g^2) (module doc)."""
+    return (threshold - n * gain) / (gain * torch.sqrt(n * rel_var))
+
+
 def _n_window(q: Tensor, mu: Tensor, rel_var: float, gain: Tensor) -> tuple[Tensor, Tensor]:
     """Start lo (…) and width k (…, long) of each element's summation window over the p.e. count n
     (detached, n >= 1).
@@ -220,8 +226,7 @@ def unhit_log_prob(
     mvf = None if mu_var is None else mu_var.reshape(-1)
 
     def log_term(n: Tensor, i: Tensor) -> Tensor:
-        gi = gf[i, None]
-        z = (threshold - n * gi) / (gi * torch.sqrt(n * rel_var))
+        z = _below_z(n, threshold, gf[i, None], rel_var)
         return _log_count(n, muf[i, None], None if mvf is None else mvf[i, None]) + torch.special.log_ndtr(z)
 
     terms = _window_logsumexp(log_term, lo, k)
@@ -242,8 +247,8 @@ def sub_threshold_probs(
     if bool((g <= 0).any()):
         raise ConfigError(f"gain: got {float(g.min()):g} (smallest value); allowed: > 0")
     n = torch.arange(1, n_max + 2, dtype=torch.float64, device=g.device)
-    z = (threshold - n * g[..., None]) / (g[..., None] * torch.sqrt(n * rel_var))
-    f = torch.nan_to_num(torch.special.ndtr(z), nan=0.0)  # v = 0 and thr = n g: the charge is not below
+    f = torch.special.ndtr(_below_z(n, threshold, g[..., None], rel_var))
+    f = torch.nan_to_num(f, nan=0.0)  # v = 0 and thr = n g: the charge is not below
     keep = (f >= tol).reshape(-1, n_max + 1).any(0).nonzero()
     n_k = int(keep.max()) + 1 if keep.numel() else 0
     if n_k > n_max:
@@ -387,15 +392,15 @@ def time_log_density(
         mom.append(mom[-1] * (1.0 + (j - 1) * w) / u)
     rem_d = mu_direct * torch.special.ndtr(-z)
 
-    def powers(x: Tensor) -> list[Tensor]:  # x^0 .. x^(K-1) / their factorials (no pow: finite at x = 0)
+    def powers(x: Tensor, m: int) -> list[Tensor]:  # x^i / i!, i = 0..m-1 (no pow: finite at x = 0)
         acc = [torch.ones_like(x)]
-        for i in range(1, n_k):
+        for i in range(1, m):
             acc.append(acc[-1] * x / i)
         return acc
 
     # sum_k f_(k+1) E_G[(G R_d + R_o)^k / k! G^j e^(-mu_d G)] / E_G[e^(-mu_d G)] for j = 0 (other light's
     # p.e. first) and j = 1 (a direct p.e. first); binomial expansion of (G R_d + R_o)^k
-    pd, po = powers(rem_d), powers(rem_o)
+    pd, po = powers(rem_d, n_k), powers(rem_o, n_k)
     s0 = s1 = 0.0
     for k in range(n_k):
         for i in range(k + 1):
@@ -407,9 +412,7 @@ def time_log_density(
     lost = torch.exp(-rem_o - (eff(mu_direct) - eff(cum_d))) * (share * s1 + (1.0 - share) * s0)
     lost = lost / (share * now_1 + (1.0 - share))  # fraction of the first-p.e. density left below threshold
     # normaliser: P(unhit, >= 1 p.e.) = exp(-total) sum_n f_n E_G[(G mu_d + M_o)^n / n!] / E_G[...]^0
-    qd, qo = powers(mu_direct), powers(total_o)
-    qd.append(qd[-1] * mu_direct / n_k)
-    qo.append(qo[-1] * total_o / n_k)
+    qd, qo = powers(mu_direct, n_k + 1), powers(total_o, n_k + 1)
     s_n = 0.0
     for n in range(1, n_k + 1):
         for i in range(n + 1):
