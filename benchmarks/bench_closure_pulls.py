@@ -63,10 +63,12 @@ def fit_model(
     exact_wavelength: bool = False,
     no_ms: bool = False,
     ms_samples: int = 0,
+    colour_groups: int = 1,
 ) -> tuple[PhysicsResponse, HitLikelihood]:
     """The fit's physics response and likelihood for ``sim``'s events: folded wavelengths (or the exact sum),
     ``track_nodes`` track cells; ``no_ms``: X0 -> inf in the model (no ring smearing, kinks, shortening);
-    ``ms_samples``: sampled kink sets of the MS over-dispersion (negative-binomial counts; 0: Poisson)."""
+    ``ms_samples``: sampled kink sets of the MS over-dispersion (negative-binomial counts; 0: Poisson);
+    ``colour_groups``: the folded kernel's wavelength bands."""
     medium = sim.medium
     if no_ms:
         medium = copy.deepcopy(sim.medium)
@@ -79,6 +81,7 @@ def fit_model(
         sim.optics,
         n_track_nodes=track_nodes,
         fold_wavelength=not exact_wavelength,
+        colour_groups=colour_groups,
         ms_covariance=not no_ms,
         ms_samples=ms_samples,
     )

@@ -281,11 +281,18 @@ def main() -> None:
     ap.add_argument("--track-nodes", type=int, default=32, help="track cells of the fitted model")
     ap.add_argument("--exact-wavelength", action="store_true", help="fitted model: exact wavelength sum")
     ap.add_argument(
+        "--colour-groups", type=int, default=1, help="fitted model: folded kernel's wavelength bands"
+    )
+    ap.add_argument(
         "--spe-sigma", type=float, default=None, help="the sensors' SPE width (MC and likelihood)"
     )
     args = ap.parse_args()
-    if args.asimov_sets and (args.no_ms or args.exact_wavelength or args.track_nodes != 32 or args.spe_sigma):
-        raise SystemExit("--asimov-sets: without --no-ms, --exact-wavelength, --track-nodes and --spe-sigma")
+    changed = args.no_ms or args.exact_wavelength or args.track_nodes != 32 or args.spe_sigma
+    if args.asimov_sets and (changed or args.colour_groups != 1):
+        raise SystemExit(
+            "--asimov-sets: without --no-ms, --exact-wavelength, --track-nodes, --colour-groups and "
+            "--spe-sigma"
+        )
     if args.asimov_sets:
         asimov(args.asimov_sets, args.threads, args.detector, args.data_nodes)
         return
@@ -305,6 +312,7 @@ def main() -> None:
         exact_wavelength=args.exact_wavelength,
         no_ms=args.no_ms,
         ms_samples=args.ms_samples,
+        colour_groups=args.colour_groups,
     )
     resp, like = resp.double(), like.double()
     h = res["hits"]
@@ -317,6 +325,7 @@ def main() -> None:
     nb, sk = ("_nb" if args.ms_samples else ""), ("_sk" if args.detector == "sk" else "")
     sk += ("_noms" if args.no_ms else "") + ("_exact" if args.exact_wavelength else "")
     sk += f"_nodes{args.track_nodes}" if args.track_nodes != 32 else ""
+    sk += f"_colour{args.colour_groups}" if args.colour_groups != 1 else ""
     sk += f"_spe{args.spe_sigma:g}" if args.spe_sigma is not None else ""
     if args.first_order:
         out = {
@@ -326,6 +335,7 @@ def main() -> None:
             "multiple_scattering": not args.no_ms,
             "track_nodes": args.track_nodes,
             "fold_wavelength": not args.exact_wavelength,
+            "colour_groups": args.colour_groups,
             "spe_sigma": sim.sensors.spe_sigma,
             "terms": first_order(resp, like, obs, base, args.batch_size),
         }

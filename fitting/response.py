@@ -153,6 +153,9 @@ class PhysicsResponse(ResponseModel):
       max_elements: chunk events so that E_chunk * P * K * L stays below it (memory bound);
       fold_wavelength: tracks only -- fold the wavelength sum analytically (expected.direct_light_folded,
       O(E P K) instead of O(E P K L); agrees with the exact sum to ~1%, the fast path for reconstruction);
+      colour_groups: with fold_wavelength, the number of wavelength bands G folded separately (default 1;
+      cost ~G x; 3 brings the folded model's times and ring pattern to the exact sum's, see
+      expected.direct_light_folded);
       ms_covariance: tracks only -- model the multiple-scattering kinks of :meth:`ms_kinks` (the
       reconstruction's kink-response covariance; False: pure-Hessian uncertainties) and
       :meth:`ms_relative_variance`;
@@ -193,6 +196,7 @@ class PhysicsResponse(ResponseModel):
         source_wavelength: float | None = None,
         max_elements: int = 20_000_000,
         fold_wavelength: bool = False,
+        colour_groups: int = 1,
         ms_covariance: bool = True,
         ms_samples: int = 0,
         ms_seed: int = 0,
@@ -212,6 +216,12 @@ class PhysicsResponse(ResponseModel):
         # spiky (fitting.reconstruct._fisher_polish)
         self.hessian_reliable = particle not in SHOWER_PARTICLES
         self.fold_wavelength = bool(fold_wavelength)
+        self.colour_groups = check_number(colour_groups, "colour_groups", minimum=1, integer=True)
+        if self.colour_groups != 1 and not (self.fold_wavelength and particle in TRACK_PARTICLES):
+            raise ConfigError(
+                f"colour_groups: got {colour_groups} for particle {particle!r} with fold_wavelength="
+                f"{self.fold_wavelength}; allowed: 1, or more for tracks {list(TRACK_PARTICLES)} with folding"
+            )
         self.ms_covariance = bool(ms_covariance)
         self.ms_samples = check_number(ms_samples, "ms_samples", minimum=0, integer=True)
         if self.ms_samples == 1:
@@ -341,8 +351,8 @@ class PhysicsResponse(ResponseModel):
         if shower:
             k = 3 * self.n_depth_nodes  # cell centre and both edges
         n_l = (
-            12 if (self.fold_wavelength or shower) else wl.numel()
-        )  # folded: (E,P,K,12) Hermite rows dominate
+            12 * self.colour_groups if (self.fold_wavelength or shower) else wl.numel()
+        )  # folded: (E,P,K,12 G) Hermite rows dominate
         chunk = max(1, self.max_elements // max(1, self.n_pmts * k * n_l))
         chunk = max(group, chunk - chunk % group)  # whole groups per chunk
         outs = []
@@ -506,6 +516,7 @@ class PhysicsResponse(ResponseModel):
             sharp_rings=sharp_rings,
             node_ms=node_ms,
             prune_group=group,
+            colour_groups=self.colour_groups,
             **common,
         )
 
@@ -651,5 +662,6 @@ class PhysicsResponse(ResponseModel):
         return (
             f"particle={self.particle!r}, n_pmts={self.n_pmts}, n_track_nodes={self.n_track_nodes}, "
             f"n_depth_nodes={self.n_depth_nodes}, "
-            f"nodes_per_segment={self.nodes_per_segment}, fold_wavelength={self.fold_wavelength}"
+            f"nodes_per_segment={self.nodes_per_segment}, fold_wavelength={self.fold_wavelength}, "
+            f"colour_groups={self.colour_groups}"
         )
