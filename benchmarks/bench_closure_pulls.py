@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the fit's model")
     ap.add_argument("--exact-wavelength", action="store_true", help="fit: exact wavelength sum")
     ap.add_argument("--fit-no-ms", action="store_true", help="fit's model without multiple scattering")
+    ap.add_argument("--colour-groups", type=int, default=1, help="fit: the folded kernel's wavelength bands")
     ap.add_argument(
         "--ms-samples",
         type=int,
@@ -140,7 +141,9 @@ def main() -> None:
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
-    resp, like = fit_model(sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms, args.ms_samples)
+    resp, like = fit_model(
+        sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms, args.ms_samples, args.colour_groups
+    )
     t0 = time.perf_counter()
     fit = reconstruct(
         res["hits"],
@@ -164,6 +167,7 @@ def main() -> None:
         "device": args.device,
         "track_nodes": args.track_nodes,
         "fold_wavelength": not args.exact_wavelength,
+        "colour_groups": args.colour_groups,
         "fit_multiple_scattering": not args.fit_no_ms,
         "ms_samples": args.ms_samples,
         "n_ok": int(fit["ok"].sum()),

@@ -56,9 +56,12 @@ def direct_light_simulator(detector: str, vertex, device: str = "cpu") -> Simula
     return sim
 
 
-def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samples: int = 0):
+def setup(
+    detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samples: int = 0, colour_groups: int = 1
+):
     """(simulator, n simulated events, physics response, likelihood) of the benchmark's events; ms_samples:
-    the response's sampled kink sets for the multiple-scattering over-dispersion (0: Poisson counts)."""
+    the response's sampled kink sets for the multiple-scattering over-dispersion (0: Poisson counts);
+    colour_groups: the folded kernel's wavelength bands."""
     sim = direct_light_simulator(detector, vertex, device)
     res = sim.run(n, seed=seed, batch_size=n)
     resp = PhysicsResponse(
@@ -69,6 +72,7 @@ def setup(detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samp
         sim.optics,
         n_track_nodes=32,
         fold_wavelength=True,
+        colour_groups=colour_groups,
         ms_samples=ms_samples,
     )
     like = HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(device)
@@ -234,20 +238,20 @@ def main() -> None:
         default=0,
         help="MS over-dispersion: sampled kink sets (negative-binomial counts; 0: Poisson)",
     )
+    ap.add_argument("--colour-groups", type=int, default=1, help="the folded kernel's wavelength bands")
     ap.add_argument("--name", default=None, help="result name (default reconstruct_{device}[_{T}threads])")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     out: dict = {
         "config": vars(a),
-        "notes": "500 MeV mu-, direct light only, folded wavelengths, K=32, (event, PMT) pairs with "
+        "notes": f"500 MeV mu-, direct light only, folded wavelengths ({a.colour_groups} band(s)), K=32, "
+        "(event, PMT) pairs with "
         f"direct light bounded below {PRUNE_MU} p.e. skipped; {a.threads} torch thread(s) on {a.device}; "
         "seconds include the pre-fit, the optimiser and the float64 Hessian/Newton polish",
     }
     n = a.events
-    sim, res, resp, like = setup(
-        "wcte", (0.0, 0.0, -1.2), n, seed=5, device=a.device, ms_samples=a.ms_samples
-    )
+    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, 5, a.device, a.ms_samples, a.colour_groups)
     if not a.skip_kernel:
         out["expected_model_ms_mu_plus_grad_wcte"] = {
             "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
@@ -322,9 +326,7 @@ def main() -> None:
         print("minuit", wc["minuit_vs_ours"])
     out["wcte"] = wc
     if a.sk > 0:
-        sim, res, resp, like = setup(
-            "sk", (0.0, 0.0, -5.0), a.sk, seed=6, device=a.device, ms_samples=a.ms_samples
-        )
+        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, 6, a.device, a.ms_samples, a.colour_groups)
         sk_opts = [o for o in a.optimisers.split(",") if o != "adam"]
         for opt in sk_opts:
             run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)

@@ -23,11 +23,12 @@ of the mean, the means of MC - the other two columns, and the standard deviation
 differences beside the rms statistical error of one PMT's MC mean. Default: the MC with multiple
 scattering (MS) against the default fit model (folded wavelengths, K = 32). ``--no-ms``: the MC without
 MS against the MC's own physics (X0 -> inf, K = 64, the exact wavelength sum; ``--folded``: the folded
-wavelength kernel instead, the no-MS closure's model). ``--track-nodes`` overrides K.
+wavelength kernel instead, the no-MS closure's model). ``--track-nodes`` overrides K; ``--colour-groups G``
+folds the wavelengths in G bands (physics.expected.direct_light_folded).
 
     python benchmarks/first_hit_timing.py [--events 400] [--detector wcte|sk] [--no-ms [--folded]]
-        [--track-nodes K] [--ms-samples S] [--threads 2]
-Writes benchmarks/results/first_hit_timing[_noms][_folded][_sk][_nb].json.
+        [--track-nodes K] [--colour-groups G] [--ms-samples S] [--threads 2]
+Writes benchmarks/results/first_hit_timing[_noms][_folded][_sk][_nb][_colourG].json.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--no-ms", action="store_true", help="MC without MS, fitted model = the MC's physics")
     ap.add_argument("--folded", action="store_true", help="with --no-ms: the folded wavelength kernel")
     ap.add_argument("--track-nodes", type=int, default=None, help="model track nodes (default 64 / 32)")
+    ap.add_argument("--colour-groups", type=int, default=1, help="folded model's wavelength bands")
     ap.add_argument("--ms-samples", type=int, default=0, help="with MS: NB first-hit model from S kink sets")
     ap.add_argument("--seed", type=int, default=17)
     ap.add_argument("--min-hits", type=int, default=20, help="PMTs hit in fewer events are skipped")
@@ -147,13 +149,22 @@ def main() -> None:
         raise SystemExit("--ms-samples: only with the MS model (without --no-ms)")
     if a.folded and not a.no_ms:
         raise SystemExit("--folded: only with --no-ms (the default model is already folded)")
+    if a.colour_groups != 1 and a.no_ms and not a.folded:
+        raise SystemExit("--colour-groups: only with the folded model (with --folded when --no-ms)")
     sim = closure_simulator(a.no_ms, detector=a.detector)
     cfg = sim.cfg
     n_pmt = sim.detector.n_pmts
     hits = sim.run(a.events, seed=a.seed, batch_size=100)["hits"]
     nodes = a.track_nodes or (64 if a.no_ms else 32)
     exact = a.no_ms and not a.folded  # the exact wavelength sum: only the no-MS model without --folded
-    resp, like = fit_model(sim, nodes, exact_wavelength=exact, no_ms=a.no_ms, ms_samples=a.ms_samples)
+    resp, like = fit_model(
+        sim,
+        nodes,
+        exact_wavelength=exact,
+        no_ms=a.no_ms,
+        ms_samples=a.ms_samples,
+        colour_groups=a.colour_groups,
+    )
     like = like.double()
     d = torch.tensor([DIRECTION], dtype=torch.float64)
     with torch.no_grad():
@@ -222,8 +233,10 @@ def main() -> None:
     name = "first_hit_timing" + ("_noms" if a.no_ms else "") + ("_folded" if a.folded else "")
     name += "" if a.detector == "wcte" else f"_{a.detector}"
     name += "_nb" if a.ms_samples else ""
+    name += f"_colour{a.colour_groups}" if a.colour_groups != 1 else ""
     out = {"events": a.events, "detector": a.detector, "multiple_scattering": not a.no_ms, "seed": a.seed}
-    out |= {"track_nodes": nodes, "fold_wavelength": not exact, "grid_sigma": list(GRID[:2])}
+    out |= {"track_nodes": nodes, "fold_wavelength": not exact, "colour_groups": a.colour_groups}
+    out |= {"grid_sigma": list(GRID[:2])}
     out |= {"hits_outside_grid": int((~inside).sum()), "hits": len(hits), "ms_samples": a.ms_samples}
     out |= {"density_check": check, "bands": rows}
     write_json(name, out)
