@@ -817,11 +817,12 @@ def _folded_pairs(
 def chromatic_time_terms(
     sums: Tensor, dth_dn: Tensor, var_th: Tensor, dist: Tensor, ring_offset: Tensor, sig2: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Arrival-time shift [ns] and variance drop [ns^2] (R,C,K) from the colour of a node's light at a PMT.
+    """Arrival-time shift [ns] and variance drop [ns^2] (R,C,K,G) from the colour of a node's light at a PMT.
 
     Over the spectrum the Cherenkov angle theta_c = theta(n) and the group index n_g vary together (normal
     dispersion: both grow towards the blue), so where a PMT sits on a node's ring tells the colour of the
-    light it receives. sums (R,C,1|K,6): spectral sums of :func:`colour_table` at the path length (S_0,
+    light it receives, within each colour band G of :func:`direct_light_folded`. sums (R,C,1,G,6): the
+    band's spectral sums (its normalised weights times exp(-d / L_att)) at the path length (S_0,
     S_1 in dn_g; then those of dn, dn^2, dn dn_g, dn^3), giving the surviving light's E[dn], Var(n),
     Cov(n, n_g) and third cumulant kappa_3 (attenuation reddens it with distance). With dth_dn =
     d theta_c / dn (delta method) the light's angle has mean theta_c + dth_dn E[dn] and variance
@@ -838,7 +839,7 @@ def chromatic_time_terms(
     (Cov(n, n_g) / Var(n)) dth_dn^2 kappa_3 s_e^2 / (2 s2^3) (x^2 - s2) to E[n_g | x] (a ring-centre PMT
     sees redder, faster light than the mean). x is capped smoothly at 3 sigma as in :func:`ms_time_shift`
     (beyond it the Gaussian tail is a description of the kernel, not of the colour). dth_dn [rad], var_th
-    [rad^2] (R,1,K), dist [m], ring_offset [rad], sig2 [rad^2] (R,C,K)."""
+    [rad^2] (R,1,K,G), dist [m] (R,C,K,1), ring_offset [rad], sig2 [rad^2] (R,C,K,G)."""
     inv0 = 1.0 / sums[..., 0]
     e_n = sums[..., 2] * inv0
     e_n2 = sums[..., 3] * inv0
