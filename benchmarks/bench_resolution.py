@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from fitting.fisher import crb_covariance, crb_quantiles, event_fisher, hybrid_fisher  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
-from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
+from fitting.reconstruct import STATUS, reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.config import ConfigError  # noqa: E402
 from physics.constants import SHOWER_PARTICLES, TRACK_PARTICLES  # noqa: E402
@@ -175,6 +175,10 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     v68, v68e = _q68_boot(r["vertex_dist"][m], a.bootstrap, bgen)
     a68, a68e = _q68_boot(r["angle"][m], a.bootstrap, bgen)
     e68, e68e = _q68_boot(r["de_frac"][m].abs(), a.bootstrap, bgen)
+    # fits whose track reaches the wall (status end_at_wall): their energy is a lower limit; the energy
+    # resolution of the others beside the cell's
+    wall = m & ((fit["status"] & STATUS["end_at_wall"]) > 0)
+    e68_in, _ = _q68_boot(r["de_frac"][m & ~wall].abs(), a.bootstrap, bgen)
     # Cramér–Rao bound at the truth, with the muon track on --bound-nodes nodes (the hybrid bound's bent
     # tracks need more than the fit's 32: fitting.fisher.hybrid_fisher)
     bound_resp = resp
@@ -226,6 +230,8 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
         "light_length_m": length,
         "mean_hits": float(fit["n_hits"].double().mean()),
         "resolution_68": {"vertex_m": v68, "angle_deg": math.degrees(a68), "energy_frac": e68},
+        "n_end_at_wall": int(wall.sum()),
+        "energy_68_frac_not_at_wall": e68_in,
         "resolution_68_bootstrap_se": {
             "vertex_m": v68e,
             "angle_deg": math.degrees(a68e),

@@ -79,6 +79,10 @@ STATUS = {
     "seed_outside": 64,  # a user seed vertex was outside the detector: replaced by the pre-fit seed
     "hessian_not_pd": 128,  # neither the Hessian nor the Fisher matrix positive definite: no uncertainties
     "fisher_cov": 256,  # Fisher-scoring polish and covariance (observed Hessian not PD or not meaningful)
+    # a stopping track whose fitted range ends within 2 sigma(E) of the wall or beyond it: its energy is a
+    # lower limit, and sigma(log E) is not a two-sided error (END_AT_WALL_SIGMA). Not a failure bit: the
+    # vertex and direction are fitted, though along the track they move with the energy
+    "end_at_wall": 512,
 }
 FAILED = STATUS["nonfinite"] | STATUS["outside"] | STATUS["no_hits"] | STATUS["bad_input"]
 SCALE = (0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.5)
@@ -407,6 +411,8 @@ BFGS_TOL = 0.01  # [NLL units] stop an event when the predicted decrease g^T H g
 # a stopping track whose fitted energy exceeds this factor times the energy whose range ends at the wall
 # (response.contained_energy) is refitted from the wall-limited energy / this factor (_fit_batch)
 WALL_RESTART = 1.02
+# status end_at_wall: the fitted energy is above the wall-limited one times exp(-this x sigma(log E))
+END_AT_WALL_SIGMA = 2.0
 BFGS_REBASE = 0.5  # re-centre the local coordinates once the direction has turned by atan(0.5) = 27 deg
 _ARMIJO_C1 = 1e-4
 
@@ -972,6 +978,17 @@ def _fit_batch(
     if mixed is not None:
         cov = cov + kink_response_covariance(cov, mixed, kinks["s"], kinks["var"], base["e1"], base["e2"])
     out["cov"][idx] = cov
+    # a track whose fitted range reaches the wall: the light beyond the wall that would have told the energy
+    # is missing, and what constrains it from above is only the end's sharper rings (less multiple scattering
+    # at a higher energy), a weak, one-sided handle (1 GeV muons in WCTE end within cm of the wall: fits
+    # landed up to 23 % past it with sigma(log E) 0.3 %, benchmarks/bench_resolution.py)
+    cap = response.contained_energy(p) if hasattr(response, "contained_energy") else None
+    if cap is not None:
+        cap = cap.to(device=x.device, dtype=torch.float64)
+        sig = torch.sqrt(cov[:, 5, 5].clamp_min(0.0))  # the reported covariance (kink response included)
+        sig = torch.where(torch.isfinite(sig), sig, torch.zeros_like(sig))
+        reach = (cap > 0) & (p["energy"].to(torch.float64) >= cap * torch.exp(-END_AT_WALL_SIGMA * sig))
+        status[idx[reach]] |= STATUS["end_at_wall"]
     out["e1"][idx] = base["e1"]
     out["e2"][idx] = base["e2"]
     out["n_iter"][idx] = int(n_iter)
