@@ -181,7 +181,7 @@ def energy_from_charge(
         raise ConfigError(f"ladder: got {ladder!r}; allowed: at least two increasing energies [MeV]")
     k = lad.numel()
     with torch.no_grad():
-        out = response.expected(  # float32 (half the cost of float64; a seed needs no more)
+        mu = response.expected_mu(  # float32 (half the cost of float64; a seed needs no more)
             {
                 "vertex": vertex.to(f32).repeat_interleave(k, 0),
                 "direction": direction.to(f32).repeat_interleave(k, 0),
@@ -189,7 +189,7 @@ def energy_from_charge(
                 "t0": torch.zeros(n * k, dtype=f32, device=dev),
             }
         )
-        tot = torch.cummax(out["mu"].to(dt).sum(1).reshape(n, k), 1).values  # (E,K), monotone
+        tot = torch.cummax(mu.to(dt).sum(1).reshape(n, k), 1).values  # (E,K), monotone
         q = total_charge.to(dt).reshape(n, 1)
         j = torch.searchsorted(tot.contiguous(), q, right=True).clamp(1, k - 1)  # segment [j-1, j]
         lo, hi = j - 1, j

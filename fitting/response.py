@@ -85,6 +85,11 @@ class ResponseModel(nn.Module, ABC):
     def forward(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.expected(event_params)
 
+    def expected_mu(self, event_params: dict[str, Tensor]) -> Tensor:
+        """The ``mu`` entry (E,P) of :meth:`expected` alone, for callers that need only counts (the pre-fit's
+        energy seed); a model may skip its time moments here. Default: ``expected(event_params)['mu']``."""
+        return self.expected(event_params)["mu"]
+
     def likelihood_config(self) -> dict[str, Any]:
         """Sensor constants for :class:`fitting.likelihood.HitLikelihood` (spe_rel_var, threshold,
         dark_rate_hz, tts); empty when the model does not know them."""
@@ -302,16 +307,27 @@ class PhysicsResponse(ResponseModel):
         smears them by the kinks that node_offset leaves out; physics.expected.direct_light_folded)."""
         return self._expected(event_params, sharp_rings)
 
+    def expected_mu(self, event_params: dict[str, Tensor]) -> Tensor:
+        """Direct-light mu (E,P) [p.e.] as :meth:`expected` gives it, without the time moments (tracks with
+        the folded kernel skip them: physics.expected.direct_light_folded mu_only; the indirect light,
+        ``mu_indirect``, is not computed)."""
+        return self._expected(event_params, mu_only=True)["mu"]
+
     def expected_kinked(self, event_params: dict[str, Tensor]) -> dict[str, Tensor]:
         """:meth:`expected` with ``sharp_rings=True``: the track bent by event_params['node_offset']."""
         return self._expected(event_params, True)
 
     def _expected(
-        self, event_params: dict[str, Tensor], sharp_rings: bool = False, group: int = 1
+        self,
+        event_params: dict[str, Tensor],
+        sharp_rings: bool = False,
+        group: int = 1,
+        mu_only: bool = False,
     ) -> dict[str, Tensor]:
         """:meth:`expected`; sharp_rings: tracks' rings without the MS smearing, group: consecutive copies
         of one straight track sharing the pruning bound (both for :meth:`ms_relative_variance`'s explicitly
-        kinked tracks; physics.expected.direct_light_folded)."""
+        kinked tracks; physics.expected.direct_light_folded); mu_only: the direct mu alone
+        (:meth:`expected_mu`)."""
         n_ev = check_event_params(event_params, self.event_keys)
         vertex = event_params["vertex"]
         dtype, dev = vertex.dtype, vertex.device
@@ -392,8 +408,11 @@ class PhysicsResponse(ResponseModel):
                     sharp_rings,
                     group,
                     None if node_ms is None else node_ms[sl],
+                    mu_only,
                 )
             outs.append(o)
+        if mu_only:
+            return {"mu": torch.cat([o["mu"] for o in outs])}
         out = {key: torch.cat([o[key] for o in outs]) for key in ("mu", "t_mean", "t_var")}
         if self.indirect is not None:
             out["mu_indirect"] = self._indirect(event_params, t0)
@@ -491,6 +510,7 @@ class PhysicsResponse(ResponseModel):
         sharp_rings: bool = False,
         group: int = 1,
         node_ms: Tensor | None = None,
+        mu_only: bool = False,
     ) -> dict[str, Tensor]:
         mass = PARTICLE_MASS[self.particle]
         spin_half = self.particle.startswith("mu")
@@ -517,6 +537,7 @@ class PhysicsResponse(ResponseModel):
             node_ms=node_ms,
             prune_group=group,
             colour_groups=self.colour_groups,
+            mu_only=mu_only,
             **common,
         )
 
@@ -603,7 +624,8 @@ class PhysicsResponse(ResponseModel):
                 for k, x in event_params.items()
                 if k in ("vertex", "direction", "energy", "t0")
             }
-            return self._expected({**rep, "node_offset": off}, True, smp)["mu"].view(n_ev, smp, -1)
+            mu = self._expected({**rep, "node_offset": off}, True, smp, mu_only=True)["mu"]
+            return mu.view(n_ev, smp, -1)
 
     def ms_relative_variance(
         self, event_params: dict[str, Tensor], sets: Tensor | None = None

@@ -519,6 +519,7 @@ def direct_light_folded(
     node_ms: Tensor | None = None,
     prune_group: int = 1,
     colour_groups: int = 1,
+    mu_only: bool = False,
 ) -> dict[str, Tensor]:
     """Same as :func:`direct_light` for a track, with the wavelength sum folded analytically (fast path).
 
@@ -586,6 +587,9 @@ def direct_light_folded(
     prune_group = g: the events come in consecutive groups of g copies of one straight track (vertex,
     direction, energy; e.g. g sampled kink sets, which the bound ignores), so the bound is evaluated once
     per group (E must be a multiple of g).
+    mu_only: return mu alone (no time moments: the colour terms, the time tables and the arrival moments are
+    skipped; mu is the full evaluation's to rounding), for the expectations that need only counts (energy
+    seeds, the sampled kink sets of the over-dispersion).
     Arguments, units and returns as :func:`direct_light` (track only). Cost O(E P K G) instead of O(E P K L).
     """
     dt = vertex.dtype
@@ -609,13 +613,18 @@ def direct_light_folded(
     d_max = float(torch.sqrt(q2.detach().max())) + float(nodes["s"].detach().max()) + 1.0
     # per node and band: the three time moments; per (event, PMT) pair and band: the colour sums
     u = gspec / wsum[:, None]  # (G,L)
-    table, h = _spectral_table(
-        [c for b in u for c in (b, b * dng, b * dng * dng)], inv_att.to(dt), d_max, n_grid
-    )
-    cols = [
-        c for b, x in zip(u, dn, strict=True) for c in (b, b * dng, b * x, b * x * x, b * x * dng, b * x**3)
-    ]
-    table = (table, _spectral_table(cols, inv_att.to(dt), d_max, n_grid)[0])
+    if mu_only:  # the attenuation sums S_0 of the bands alone
+        table, h = _spectral_table(list(u), inv_att.to(dt), d_max, n_grid)
+    else:
+        table, h = _spectral_table(
+            [c for b in u for c in (b, b * dng, b * dng * dng)], inv_att.to(dt), d_max, n_grid
+        )
+        cols = [
+            c
+            for b, x in zip(u, dn, strict=True)
+            for c in (b, b * dng, b * x, b * x * x, b * x * dng, b * x**3)
+        ]
+        table = (table, _spectral_table(cols, inv_att.to(dt), d_max, n_grid)[0])
 
     beta = nodes["beta"][..., None]  # (E,K,1)
     cos_c = 1.0 / (beta * n_eff)  # (E,K,G)
@@ -645,6 +654,12 @@ def direct_light_folded(
         cell = torch.stack([0.25 * nodes["theta2_cell"], zero, zero], -1)
         ev_eval = {**ev, "ms": left + cell}  # in the Var(phi) moment: a direction spread of the node
     if prune_mu is None:
+        if mu_only:
+            return {
+                "mu": _folded_mu(
+                    q, q2, nrm[None], direction, ev_eval, a, det, table, h, acceptance, min_sigma, off
+                )
+            }
         return _folded_pairs(
             q,
             q2,
@@ -680,6 +695,22 @@ def direct_light_folded(
         if g > 1:
             keep = keep.repeat_interleave(g, 0)
     ei, pi = keep.nonzero(as_tuple=True)
+    if mu_only:
+        mu = _folded_mu(
+            q[ei, pi][:, None],
+            q2[ei, pi][:, None],
+            nrm[pi][:, None],
+            direction[ei],
+            {k: v[ei] for k, v in ev_eval.items()},
+            a[0, pi][:, None],
+            det[0, pi][:, None],
+            table,
+            h,
+            acceptance,
+            min_sigma,
+            None if off is None else (off[0][ei], off[1][ei]),
+        )
+        return {"mu": torch.zeros_like(q2).index_put((ei, pi), mu[:, 0])}
     out = _folded_pairs(
         q[ei, pi][:, None],
         q2[ei, pi][:, None],
@@ -776,6 +807,13 @@ def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float
     """(E,P) upper bound [p.e.] on each pair's folded direct light (see prune_mu): the node terms of
     ``_folded_pairs`` summed without the attenuation factor S_0 <= 1."""
     return _node_light(q, q2, nrm[None], direction, ev, a, det, acceptance, min_sigma)[0].sum((-2, -1))
+
+
+def _folded_mu(q, q2, nrm, direction, ev, a, det, table, h, acceptance, min_sigma, offset=None) -> Tensor:
+    """Folded direct light mu (R,C) [p.e.] alone (``mu_only`` of :func:`direct_light_folded`): the node terms
+    of ``_folded_pairs`` times the bands' attenuation sums S_0 (table: their Hermite table, G columns)."""
+    w, dist = _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset)[:2]
+    return (_hermite_lookup(table, h, dist[..., 0]) * w).sum((-2, -1))
 
 
 def _folded_pairs(
@@ -923,6 +961,7 @@ def track_direct_light(
     node_ms: Tensor | None = None,
     prune_group: int = 1,
     colour_groups: int = 1,
+    mu_only: bool = False,
 ) -> dict[str, Tensor]:
     """Direct Cherenkov light of a straight charged track (muon, pion) -- see the module docstring.
 
@@ -934,8 +973,9 @@ def track_direct_light(
     node_offset (E,K,6): bent-track offsets per node, sharp_rings: rings without the MS smearing,
     node_ms (E,K,3): with sharp_rings, the moments of the kinks node_offset leaves out,
     prune_group: groups of copies of one track sharing the pruning bound, colour_groups: the folded kernel's
-    wavelength bands (folded kernel only, see :func:`direct_light_folded`).
-    Returns dict mu, t_mean, t_var (E,P) and the track nodes (E,K).
+    wavelength bands (folded kernel only, see :func:`direct_light_folded`), mu_only: mu without the time
+    moments (the folded kernel skips them; the exact sum computes them and drops them).
+    Returns dict mu, t_mean, t_var (E,P) (mu alone with mu_only) and the track nodes (E,K).
     """
     folded_only = node_offset is not None or sharp_rings or node_ms is not None
     if (folded_only or prune_group != 1 or colour_groups != 1) and not fold_wavelength:
@@ -960,6 +1000,8 @@ def track_direct_light(
         extra["prune_group"] = prune_group
     if colour_groups != 1:
         extra["colour_groups"] = colour_groups
+    if mu_only and fold_wavelength:
+        extra["mu_only"] = True
     kernel = direct_light_folded if fold_wavelength else direct_light
     out = kernel(
         vertex,
@@ -980,6 +1022,8 @@ def track_direct_light(
         wall_exit=wall_exit,
         **extra,
     )
+    if mu_only:
+        out = {"mu": out["mu"]}
     out["nodes"] = nodes
     return out
 

@@ -152,6 +152,52 @@ def test_colour_bands_reduce_to_the_exact_sum():
     assert dl[0] < 1e-12 and dl[1] < 1e-4 and dl[2] < 0.05
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_mu_only_path_is_the_full_mu(groups):
+    """PhysicsResponse.expected_mu (physics.expected.direct_light_folded mu_only: the time moments, colour
+    terms and time tables skipped) gives expected()['mu'] and its gradient in vertex, direction and energy
+    to rounding (float64), for 1 and 3 wavelength bands, with the pruning bound, and for explicitly kinked
+    sharp-ring tracks sharing one bound per group (the sampled kink sets of ms_kink_expectations); the exact
+    wavelength sum drops its times. Measured: equal to 1e-16 relative."""
+    det, med, sen, opt = _small()
+    ev = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.5], [-0.3, 0.2, 0.0]], dtype=F64),
+        "direction": torch.tensor([[0.2, 0.1, 1.0], [1.0, 0.0, 0.0]], dtype=F64),  # the second along x
+        "energy": torch.tensor([400.0, 250.0], dtype=F64),
+        "t0": torch.tensor([0.0, 3.0], dtype=F64),
+    }
+    resp = PhysicsResponse(
+        det, med, sen, "mu-", opt, n_track_nodes=16, fold_wavelength=True, colour_groups=groups
+    )
+    keys = ("vertex", "direction", "energy")
+
+    def mu_and_grad(fn):
+        p = {k: v.clone().requires_grad_(k in keys) for k, v in ev.items()}
+        mu = fn(p)
+        g = torch.autograd.grad(
+            (mu * torch.linspace(0.5, 1.5, mu.shape[1], dtype=F64)).sum(), [p[k] for k in keys]
+        )
+        return mu.detach(), g
+
+    full, g_full = mu_and_grad(lambda p: resp.expected(p)["mu"])
+    fast, g_fast = mu_and_grad(resp.expected_mu)
+    assert float(full.sum()) > 100.0
+    assert torch.allclose(fast, full, rtol=1e-12, atol=1e-15)
+    for a, b in zip(g_fast, g_full, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    # kinked sharp rings, two copies of each track sharing one pruning bound
+    rep = {k: v.repeat_interleave(2, 0) for k, v in ev.items()}
+    off = 0.02 * torch.randn(4, 16, 6, generator=torch.Generator().manual_seed(3), dtype=F64)
+    kinked = {**rep, "node_offset": off}
+    a = resp._expected(kinked, True, 2, mu_only=True)
+    b = resp._expected(kinked, True, 2)
+    assert set(a) == {"mu"}
+    assert torch.allclose(a["mu"], b["mu"], rtol=1e-12, atol=1e-15)
+    exact = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=16)
+    with torch.no_grad():
+        assert torch.equal(exact.expected_mu(ev), exact.expected(ev)["mu"])
+
+
 def test_colour_bands_partition_and_bad_input():
     """colour_bands: contiguous, non-empty bands covering every node once, each with ~1/G of the light
     (within the largest node's share); a band count outside [1, L] and colour_groups without the folded
