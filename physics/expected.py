@@ -695,23 +695,7 @@ def direct_light_folded(
         if g > 1:
             keep = keep.repeat_interleave(g, 0)
     ei, pi = keep.nonzero(as_tuple=True)
-    if mu_only:
-        mu = _folded_mu(
-            q[ei, pi][:, None],
-            q2[ei, pi][:, None],
-            nrm[pi][:, None],
-            direction[ei],
-            {k: v[ei] for k, v in ev_eval.items()},
-            a[0, pi][:, None],
-            det[0, pi][:, None],
-            table,
-            h,
-            acceptance,
-            min_sigma,
-            None if off is None else (off[0][ei], off[1][ei]),
-        )
-        return {"mu": torch.zeros_like(q2).index_put((ei, pi), mu[:, 0])}
-    out = _folded_pairs(
+    pairs = (  # the kept pairs as R = their number, C = 1
         q[ei, pi][:, None],
         q2[ei, pi][:, None],
         nrm[pi][:, None],
@@ -721,13 +705,13 @@ def direct_light_folded(
         det[0, pi][:, None],
         table,
         h,
-        ng_ref,
-        t0[ei],
-        torch.zeros(1, dtype=dt, device=q.device),
-        acceptance,
-        min_sigma,
-        None if off is None else (off[0][ei], off[1][ei]),
     )
+    off_kept = None if off is None else (off[0][ei], off[1][ei])
+    if mu_only:
+        mu = _folded_mu(*pairs, acceptance, min_sigma, off_kept)
+        return {"mu": torch.zeros_like(q2).index_put((ei, pi), mu[:, 0])}
+    zero = torch.zeros(1, dtype=dt, device=q.device)
+    out = _folded_pairs(*pairs, ng_ref, t0[ei], zero, acceptance, min_sigma, off_kept)
     off = time_offset.to(dt)
     t_lim = t0[:, None] + torch.sqrt(q2.clamp_min(1e-12)) * ng_ref / C_M_PER_NS + off[None]  # mu -> 0 limit
     return {
