@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from fitting.fisher import crb_covariance, crb_quantiles, event_fisher, hybrid_fisher  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
-from fitting.reconstruct import STATUS, reconstruct, resolutions  # noqa: E402
+from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.config import ConfigError  # noqa: E402
 from physics.constants import SHOWER_PARTICLES, TRACK_PARTICLES  # noqa: E402
@@ -177,7 +177,7 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     e68, e68e = _q68_boot(r["de_frac"][m].abs(), a.bootstrap, bgen)
     # fits whose track reaches the wall (status end_at_wall): their energy is a lower limit; the energy
     # resolution of the others beside the cell's
-    wall = m & ((fit["status"] & STATUS["end_at_wall"]) > 0)
+    wall = r["end_at_wall"]
     e68_in, _ = _q68_boot(r["de_frac"][m & ~wall].abs(), a.bootstrap, bgen)
     # Cramér–Rao bound at the truth, with the muon track on --bound-nodes nodes (the hybrid bound's bent
     # tracks need more than the fit's 32: fitting.fisher.hybrid_fisher)

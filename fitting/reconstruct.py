@@ -1015,7 +1015,10 @@ def resolutions(
 
     Returns dict with per-event arrays (dv (E,3), vertex_dist (E,), angle (E,) [rad], de_frac (E,),
     pulls (E,7) in the fit's local coordinates: v (3), a, b, log E (t0 NaN: no true t0)) and the summary
-    numbers vertex_68 [m], angle_68 [deg], energy_68 (fractional), bias and pull mean/std per coordinate."""
+    numbers vertex_68 [m], angle_68 [deg], energy_68 (fractional), bias and pull mean/std per coordinate.
+    Fits whose track reaches the wall (status end_at_wall, when fit has a status) have a lower-limit
+    energy: their mask is returned as end_at_wall, their number as summary n_end_at_wall, and the energy
+    68 % of the other fits as summary energy_68_frac_not_at_wall."""
     dv = fit["vertex"] - truth["vertex"].to(fit["vertex"])
     td = truth["direction"].to(fit["direction"])
     td = td / td.norm(dim=-1, keepdim=True)
@@ -1032,8 +1035,12 @@ def resolutions(
     m = fit["ok"] if mask is None else mask
     m = m & torch.isfinite(pulls[:, :6]).all(-1)
 
-    def q68(x: Tensor) -> float:
-        return float(torch.quantile(x[m], 0.68)) if int(m.sum()) else float("nan")
+    wall = torch.zeros_like(m)
+    if "status" in fit:
+        wall = m & ((fit["status"] & STATUS["end_at_wall"]) > 0)
+
+    def q68(x: Tensor, sel: Tensor = m) -> float:
+        return float(torch.quantile(x[sel], 0.68)) if int(sel.sum()) else float("nan")
 
     names = ["x", "y", "z", "dir_a", "dir_b", "log_e"]
     summ = {
@@ -1041,6 +1048,8 @@ def resolutions(
         "vertex_68_m": q68(dv.norm(dim=-1)),
         "angle_68_deg": math.degrees(q68(angle)) if int(m.sum()) else float("nan"),
         "energy_68_frac": q68(de.abs()),
+        "n_end_at_wall": int(wall.sum()),
+        "energy_68_frac_not_at_wall": q68(de.abs(), m & ~wall),
         "bias": {n: float(res7[m, i].mean()) if int(m.sum()) else float("nan") for i, n in enumerate(names)},
         "bias_err": {
             n: float(res7[m, i].std() / math.sqrt(max(int(m.sum()), 1))) if int(m.sum()) > 1 else float("nan")
@@ -1060,6 +1069,7 @@ def resolutions(
         "de_frac": de,
         "pulls": pulls,
         "mask": m,
+        "end_at_wall": wall,
         "summary": summ,
     }
 
@@ -1229,6 +1239,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"resolution (68%, {s['n_ok']} ok fits): vertex {100 * s['vertex_68_m']:.1f} cm, direction "
             f"{s['angle_68_deg']:.2f} deg, energy {100 * s['energy_68_frac']:.1f}%"
         )
+        if s["n_end_at_wall"]:
+            print(
+                f"{s['n_end_at_wall']} ok fits end at the wall (energy a lower limit); energy 68% of the "
+                f"other {s['n_ok'] - s['n_end_at_wall']}: {100 * s['energy_68_frac_not_at_wall']:.1f}%"
+            )
         print("pull std: " + ", ".join(f"{k} {v:.2f}" for k, v in s["pull_std"].items()))
         if args.png:
             _plots(res, args.png)

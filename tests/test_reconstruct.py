@@ -12,6 +12,7 @@ import functools
 import math
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from detectors import small_cylinder
@@ -1024,6 +1025,42 @@ def test_track_reaching_the_wall_is_flagged():
         else:
             assert flag.tolist() == [False, False] and bool(fit["ok"].all())
             assert float((fit["vertex"].double() - p["vertex"]).norm(dim=-1).max()) < 0.1
+
+
+def test_resolutions_separate_fits_at_the_wall():
+    """fitting.reconstruct.resolutions: ok fits flagged end_at_wall are counted, and the energy 68 % of the
+    other ok fits is the numpy quantile of their |E/E_true - 1| (failed fits excluded from both)."""
+    from fitting.reconstruct import STATUS, resolutions
+
+    g = torch.Generator().manual_seed(4)
+    n = 40
+    de = 0.05 * torch.randn(n, generator=g, dtype=F64)
+    wall = torch.rand(n, generator=g) < 0.3
+    ok = torch.rand(n, generator=g) < 0.8
+    de = torch.where(wall, 0.5 + de.abs(), de)  # the flagged fits far off: they must not enter
+    d = torch.tensor([[0.0, 0.0, 1.0]], dtype=F64).expand(n, 3)
+    fit = {
+        "vertex": torch.zeros(n, 3, dtype=F64),
+        "direction": d,
+        "e1": torch.tensor([[1.0, 0.0, 0.0]], dtype=F64).expand(n, 3),
+        "e2": torch.tensor([[0.0, 1.0, 0.0]], dtype=F64).expand(n, 3),
+        "energy": 500.0 * (1.0 + de),
+        "cov": torch.eye(7, dtype=F64).expand(n, 7, 7),
+        "ok": ok,
+        "status": STATUS["converged"] | torch.where(wall, STATUS["end_at_wall"], 0),
+    }
+    truth = {
+        "vertex": torch.zeros(n, 3, dtype=F64),
+        "direction": d,
+        "energy": torch.full((n,), 500.0, dtype=F64),
+    }
+    r = resolutions(fit, truth)
+    s = r["summary"]
+    assert s["n_ok"] == int(ok.sum()) and s["n_end_at_wall"] == int((ok & wall).sum()) > 0
+    assert r["end_at_wall"].tolist() == (ok & wall).tolist()
+    ref = np.quantile(de[ok & ~wall].abs().numpy(), 0.68)
+    assert s["energy_68_frac_not_at_wall"] == pytest.approx(ref, rel=1e-9)
+    assert s["energy_68_frac"] > s["energy_68_frac_not_at_wall"]  # the flagged ones widen the whole
 
 
 def test_fisher_polish_survives_an_overflowing_step(monkeypatch):
