@@ -411,6 +411,8 @@ def colour_bands(spec: Tensor, groups: int) -> Tensor:
             f"colour_groups: got {groups}, allowed: an integer in [1, {n_wl}] (wavelength nodes)"
         )
     g = int(groups)
+    if g == 1:  # the default: no host copy of the weights (a device sync on CUDA per call)
+        return torch.ones(1, n_wl, dtype=spec.dtype, device=spec.device)
     w = spec.detach().double().cpu()
     c = (torch.cumsum(w, 0) - 0.5 * w) / w.sum()
     start = torch.searchsorted(c, torch.arange(g, dtype=torch.float64) / g).tolist() + [n_wl]
