@@ -10,13 +10,18 @@ MC's own physics exactly (a sharp ring needs the wavelength sum: the folded kern
 Cherenkov angle is then too crude). ``--track-nodes`` sets the track quadrature. ``--ms-samples S`` fits
 with the multiple-scattering over-dispersion (negative-binomial counts with the relative variance of S
 sampled kink sets, fitting.response.PhysicsResponse.ms_relative_variance).
+``--full-optics N`` simulates with the detector's wall/PMT reflection and the medium's Rayleigh scattering on
+and fits with the expected indirect light of N traced photons per event (``--indirect template``, the
+default: a per-PMT template retraced where the reconstruction freezes it, PhysicsResponse indirect
+template; ``traced``: traced at every evaluation, ~50x the direct kernel's cost; ``none``: the direct-light
+response on these events, the control).
 Pull widths: standard deviation and the robust half 16-84 % inter-quantile range.
 Pulls are reported with the pure-Hessian uncertainty (``cov_hessian``) and with the reported one (Hessian + MS
 covariance, ``cov``) when the fit provides both.
 Writes benchmarks/results/closure_pulls[_noms].json.
 Usage: python benchmarks/bench_closure_pulls.py [--events N] [--detector wcte|sk]
     [--no-ms [--fit-no-ms --exact-wavelength]] [--track-nodes K] [--ms-samples S] [--device cuda]
-    [--seed S] [--batch-size B] [--name NAME]
+    [--seed S] [--batch-size B] [--full-optics N [--indirect template|traced|none]] [--name NAME]
 """
 
 from __future__ import annotations
@@ -40,20 +45,27 @@ from fitting.likelihood import HitLikelihood  # noqa: E402
 from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
-from physics.simulate import Simulator  # noqa: E402
+from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 VERTICES = {"wcte": (0.0, 0.0, -1.2), "sk": (0.0, 0.0, -5.0)}  # [m], those of bench_reconstruct
 VERTEX = VERTICES["wcte"]
 __all__ = ["DIRECTION", "VERTEX", "VERTICES", "closure_simulator", "fit_model"]
 
 
-def closure_simulator(no_ms: bool, device: str = "cpu", detector: str = "wcte") -> Simulator:
+def closure_simulator(
+    no_ms: bool, device: str = "cpu", detector: str = "wcte", full_optics: bool = False
+) -> Simulator:
     """The closure events' simulator: 500 MeV mu- in ``detector`` from VERTICES[detector] along DIRECTION,
-    direct light only (wall/PMT reflection and Rayleigh off); ``no_ms`` switches the MC's multiple
-    scattering off (the Simulator calls physics.simulate.track_steps: replaced for the rest of the
-    process)."""
+    direct light only (wall/PMT reflection and Rayleigh off; ``full_optics``: the detector's default optics
+    and the medium's Rayleigh scattering on); ``no_ms`` switches the MC's multiple scattering off (the
+    Simulator calls physics.simulate.track_steps: replaced for the rest of the process)."""
     if no_ms:
         psim.track_steps = partial(track_steps, multiple_scattering=False)
+    if full_optics:
+        cfg = SimConfig(
+            detector=detector, particle="mu-", energy=500.0, vertex=VERTICES[detector], direction=DIRECTION
+        )
+        return Simulator(cfg, device=device)
     return direct_light_simulator(detector, VERTICES[detector], device)
 
 
@@ -64,11 +76,13 @@ def fit_model(
     no_ms: bool = False,
     ms_samples: int = 0,
     colour_groups: int = 1,
+    indirect: dict | None = None,
 ) -> tuple[PhysicsResponse, HitLikelihood]:
     """The fit's physics response and likelihood for ``sim``'s events: folded wavelengths (or the exact sum),
     ``track_nodes`` track cells; ``no_ms``: X0 -> inf in the model (no ring smearing, kinks, shortening);
     ``ms_samples``: sampled kink sets of the MS over-dispersion (negative-binomial counts; 0: Poisson);
-    ``colour_groups``: the folded kernel's wavelength bands."""
+    ``colour_groups``: the folded kernel's wavelength bands; ``indirect``: the response's expected
+    scattered and reflected light (PhysicsResponse indirect, e.g. {"n_trace": 2000}; None: direct only)."""
     medium = sim.medium
     if no_ms:
         medium = copy.deepcopy(sim.medium)
@@ -84,12 +98,15 @@ def fit_model(
         colour_groups=colour_groups,
         ms_covariance=not no_ms,
         ms_samples=ms_samples,
+        indirect=indirect,
     )
     return resp, HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(sim.device)
 
 
 def robust_width(x: torch.Tensor) -> float:
     """Half the 16-84 % inter-quantile range (= sigma for a Gaussian; insensitive to a few outliers)."""
+    if x.numel() < 2:
+        return float("nan")
     q = torch.quantile(x.double(), torch.tensor([0.15865, 0.84135], dtype=torch.float64, device=x.device))
     return float(0.5 * (q[1] - q[0]))
 
@@ -134,15 +151,38 @@ def main() -> None:
         default=0,
         help="fit: sampled kink sets of the MS over-dispersion (negative binomial; 0: Poisson)",
     )
+    ap.add_argument(
+        "--full-optics",
+        type=int,
+        default=0,
+        metavar="N_TRACE",
+        help="MC with wall/PMT reflection and Rayleigh scattering; the fit adds the expected indirect light "
+        "from N_TRACE traced photons per event (0: direct light only)",
+    )
+    ap.add_argument(
+        "--indirect",
+        default="template",
+        choices=["template", "traced", "none"],
+        help="with --full-optics, the fit's indirect light: a per-PMT template retraced at the fit's freeze "
+        "points (PhysicsResponse indirect template), traced at every evaluation, or none (direct only)",
+    )
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sim = closure_simulator(args.no_ms, args.device, args.detector)
+    sim = closure_simulator(args.no_ms, args.device, args.detector, args.full_optics > 0)
     t0 = time.perf_counter()
     res = sim.run(args.events, seed=args.seed, batch_size=min(args.events, 32))
     t_sim = time.perf_counter() - t0
     resp, like = fit_model(
-        sim, args.track_nodes, args.exact_wavelength, args.fit_no_ms, args.ms_samples, args.colour_groups
+        sim,
+        args.track_nodes,
+        args.exact_wavelength,
+        args.fit_no_ms,
+        args.ms_samples,
+        args.colour_groups,
+        None
+        if args.full_optics <= 0 or args.indirect == "none"
+        else {"n_trace": args.full_optics, "template": args.indirect == "template"},
     )
     t0 = time.perf_counter()
     fit = reconstruct(
@@ -170,6 +210,8 @@ def main() -> None:
         "colour_groups": args.colour_groups,
         "fit_multiple_scattering": not args.fit_no_ms,
         "ms_samples": args.ms_samples,
+        "full_optics_n_trace": args.full_optics,
+        "fit_indirect": args.indirect if args.full_optics > 0 else "none",
         "n_ok": int(fit["ok"].sum()),
         "seconds_simulate": t_sim,
         "seconds_fit": t_fit,

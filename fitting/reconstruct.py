@@ -65,6 +65,7 @@ from physics.config import ConfigError, check_choice, check_number
 from .fisher import crb_covariance, event_fisher
 from .likelihood import hits_to_dense
 from .prefit import prefit
+from .response import FROZEN_ROW
 from .uncertainty import kink_response_covariance, tangent_basis
 
 __all__ = ["STATUS", "reconstruct", "status_names", "add_reconstruct_parser", "resolutions"]
@@ -107,12 +108,15 @@ def _unpack(x: Tensor) -> dict[str, Tensor]:
 def _local_to_params(y: Tensor, base: dict[str, Tensor]) -> dict[str, Tensor]:
     """Local coordinates y (N,7) = (dv (3), a, b, dlogE, dt0) about ``base`` -> event parameters."""
     d = base["d"] + y[:, 3:4] * base["e1"] + y[:, 4:5] * base["e2"]
-    return {
+    p = {
         "vertex": base["v"] + y[:, 0:3],
         "direction": d / d.norm(dim=-1, keepdim=True),
         "energy": torch.exp(base["loge"] + y[:, 5]),
         "t0": base["t0"] + y[:, 6],
     }
+    if "row" in base:  # the rows' frozen indirect light (fitting.response.FROZEN_ROW)
+        p[FROZEN_ROW] = base["row"]
+    return p
 
 
 def _select_obs(obs: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
@@ -225,6 +229,9 @@ def _base_from_x(x: Tensor) -> dict[str, Tensor]:
     d = x[:, 3:6] / x[:, 3:6].norm(dim=-1, keepdim=True)
     base = {"v": x[:, 0:3], "d": d, "loge": x[:, 6], "t0": x[:, 7]}
     base["e1"], base["e2"] = tangent_basis(d)
+    # each row's index: the reconstruction freezes a response's indirect light at the x it then expands
+    # about, so subsets and copies of base (active events, finite-difference copies) find their own rows
+    base["row"] = torch.arange(x.shape[0], device=x.device)
     return base
 
 
@@ -950,7 +957,8 @@ def _fit_batch(
             tol_decrement,
         )
         for k, v in _base_from_x(x_f).items():
-            base[k][sel] = v
+            if k != "row":  # the batch's rows stay
+                base[k][sel] = v
         y[sel] = 0.0
         nll_b[sel], cov[sel], converged[sel], pd[sel] = nll_f, cov_f, conv_f, pd_f
     with torch.no_grad():

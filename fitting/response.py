@@ -70,6 +70,22 @@ def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> 
     return e
 
 
+# optional event-parameter key (E,) long: each row's index in the parameters last given to freeze_indirect
+# (fitting.reconstruct passes it, so that a fit evaluating a subset of its events, or repeated copies of
+# them, keeps each event's frozen indirect template); responses without a frozen template ignore it
+FROZEN_ROW = "frozen_row"
+
+
+def _frozen_rows(st: dict[str, Any], rows: Tensor) -> dict[str, Any]:
+    """The frozen indirect template of the events ``rows`` (R,) (indices into the frozen events, repeats
+    allowed), in that order. Only the template is row-addressable: the traced photons' propagation draws
+    its random numbers in photon order, so a subset of them would not reproduce its rows' light."""
+    n = st["n"]
+    if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n)):
+        raise ConfigError(f"event_params[{FROZEN_ROW!r}]: got {rows.tolist()}, allowed: indices in [0, {n})")
+    return {"n": rows.numel(), "template": st["template"][rows]}
+
+
 class ResponseModel(nn.Module, ABC):
     """Abstract detector response for fitting. Subclasses set ``n_pmts`` and implement :meth:`expected`."""
 
@@ -169,14 +185,26 @@ class PhysicsResponse(ResponseModel):
       time in WCTE and SK, benchmarks/bench_closure_pulls.py --ms-samples); ms_seed: their common random
       numbers (a fixed seed, so the variance is a deterministic function of the event parameters);
       indirect: None (direct light only) or a mapping with optional keys n_trace (traced photons per event,
-      default 2000), seed (default 0), max_rounds (default 4): then ``expected`` also returns
+      default 2000), seed (default 0), max_rounds (default 4), template (default False): then ``expected``
+      also returns
       ``mu_indirect`` (E,P), the scattered and reflected light of :func:`physics.indirect.indirect_light`
       (needs ``optics``). The traced photons come from the simulator's emission in the event frame with fixed
       random numbers and move rigidly with vertex/direction (differentiable); their weights scale with the
       photon yield (tracks: :func:`physics.indirect.track_photon_yield`, showers: energy, source: n_photons).
       :meth:`freeze_indirect` fixes the traced photons for a fit (the reconstruction does this at its seed),
       so that the expectation is a smooth function of the parameters; without it each call draws them anew
-      at the current energies (same seed, so equal inputs give equal outputs).
+      at the current energies (same seed, so equal inputs give equal outputs). template=True: the frozen
+      indirect light is traced once, at the parameters given to :meth:`freeze_indirect`, and held as a
+      per-PMT template scaled by the photon yield (mu_indirect = mu_0 Y(params) / Y_0: its energy
+      derivative kept, its vertex and direction derivatives dropped; the scattered and reflected light
+      changes slowly with them). The reconstruction freezes at its seed, at each restart and before the
+      Hessian, and passes each row's index in the frozen set (``FROZEN_ROW``), so the subsets and copies of
+      its events that it evaluates keep their own templates; the template is thus retraced a few times per
+      fit instead of at every evaluation (the traced light costs ~50x the direct kernel in WCTE). Without a
+      frozen state it is traced as above. Without the template, a subset of the frozen events is traced
+      anew (the propagation's random numbers follow the photon order): a fit whose events converge at
+      different iterations then sees a changing function (WCTE full optics, 200 traced photons: 2 of 2 fits
+      ended at max_iter, 133 s/event).
 
     Event parameters: vertex (E,3) [m], t0 (E,) [ns] (optional, default 0), and direction (E,3), energy (E,)
     [MeV kinetic] for tracks and showers, or n_photons (E,) for the source; optional node_offset (E,K,6)
@@ -254,11 +282,14 @@ class PhysicsResponse(ResponseModel):
             self.event_keys = ("vertex", "direction", "energy")
         self.indirect = None
         if indirect is not None:
-            unknown = set(indirect) - {"n_trace", "seed", "max_rounds"}
+            unknown = set(indirect) - {"n_trace", "seed", "max_rounds", "template"}
             if unknown:
                 raise ConfigError(
-                    f"indirect: unknown keys {sorted(unknown)}, allowed: n_trace, seed, max_rounds"
+                    f"indirect: unknown keys {sorted(unknown)}, allowed: n_trace, seed, max_rounds, template"
                 )
+            template = indirect.get("template", False)
+            if not isinstance(template, bool):
+                raise ConfigError(f"indirect.template: got {template!r}, allowed: True or False")
             if optics is None:
                 raise ConfigError("indirect: needs optics (wall and PMT reflectivities), got optics=None")
             self.indirect = {
@@ -269,6 +300,7 @@ class PhysicsResponse(ResponseModel):
                 "max_rounds": check_number(
                     indirect.get("max_rounds", 4), "indirect.max_rounds", minimum=1, integer=True
                 ),
+                "template": template,
             }
         self._frozen: dict[str, Any] | None = None
 
@@ -466,6 +498,12 @@ class PhysicsResponse(ResponseModel):
         if self.indirect is not None:
             check_event_params(event_params, self.event_keys)
             self._frozen = self._indirect_state(event_params)
+            if self.indirect["template"]:
+                with torch.no_grad():
+                    p = {k: v.detach() for k, v in event_params.items()}
+                    t0 = p.get("t0", torch.zeros_like(p["vertex"][:, 0]))
+                    y = self._yield(p).to(p["vertex"].dtype)
+                    self._frozen["template"] = self._indirect(p, t0) / y[:, None]  # per emitted photon
 
     def release_indirect(self) -> None:
         """Forget the frozen traced photons (the next call draws them at its own parameters)."""
@@ -474,8 +512,13 @@ class PhysicsResponse(ResponseModel):
     def _indirect(self, event_params: dict[str, Tensor], t0: Tensor) -> Tensor:
         v = event_params["vertex"]
         st = self._frozen
+        rows = event_params.get(FROZEN_ROW)
+        if st is not None and rows is not None and "template" in st:
+            st = _frozen_rows(st, rows.to(device=v.device, dtype=torch.long))
         if st is None or st["n"] != v.shape[0]:
             st = self._indirect_state(event_params)
+        elif "template" in st:
+            return st["template"].to(v.dtype) * self._yield(event_params).to(v.dtype)[:, None]
         if self.particle == "isotropic":
             d = torch.tensor([[0.0, 0.0, 1.0]], dtype=v.dtype, device=v.device).expand_as(v)
             scale = event_params["n_photons"].to(v.dtype)

@@ -278,3 +278,82 @@ def test_response_indirect_gradcheck_and_freeze(particle):
         PhysicsResponse(det, med, sen, particle, None, indirect={})
     with pytest.raises(ConfigError, match="unknown keys"):
         PhysicsResponse(det, med, sen, particle, opt, indirect={"n_traces": 3})
+
+
+def test_response_indirect_template():
+    """PhysicsResponse(indirect={"template": True}): frozen at a point, mu_indirect is the traced light there
+    (the same as without the template), elsewhere that light per emitted photon times the photon yield
+    (physics.indirect.track_photon_yield, independent of the vertex and direction: their gradients are
+    zero, the energy's passes gradcheck); unfrozen it is traced; a non-bool template is a ConfigError."""
+    from physics.indirect import track_photon_yield
+
+    det = _cyl(0.8, 1.6, 0.1, 0.4)
+    med = Medium.load("water").double()
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
+    opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
+    with torch.no_grad():
+        med.rayleigh_scale.fill_(0.05)
+    kw = {"n_track_nodes": 16}
+    ind = {"n_trace": 150, "seed": 4, "max_rounds": 3}
+    traced = PhysicsResponse(det, med, sen, "mu-", opt, indirect=ind, **kw)
+    tmpl = PhysicsResponse(det, med, sen, "mu-", opt, indirect={**ind, "template": True}, **kw)
+    p0 = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.3]], dtype=F64),
+        "direction": torch.tensor([[0.3, 0.1, 1.0]], dtype=F64) / math.sqrt(1.1),
+        "energy": torch.tensor([300.0], dtype=F64),
+    }
+    torch.testing.assert_close(tmpl.expected(p0)["mu_indirect"], traced.expected(p0)["mu_indirect"])
+    traced.freeze_indirect(p0)
+    tmpl.freeze_indirect(p0)
+    at0 = traced.expected(p0)["mu_indirect"]
+    torch.testing.assert_close(tmpl.expected(p0)["mu_indirect"], at0, rtol=1e-12, atol=0.0)
+    p1 = {**p0, "vertex": p0["vertex"] + 0.05, "energy": torch.tensor([400.0], dtype=F64)}
+    ratio = track_photon_yield("mu-", p1["energy"], med) / track_photon_yield("mu-", p0["energy"], med)
+    torch.testing.assert_close(tmpl.expected(p1)["mu_indirect"], at0 * ratio, rtol=1e-12, atol=0.0)
+    assert float(ratio) > 1.2  # the yield grows with the energy: the check is not trivial
+
+    v, d, e = (p1[k].clone().requires_grad_(True) for k in ("vertex", "direction", "energy"))
+    mu = tmpl.expected({"vertex": v, "direction": d, "energy": e})["mu_indirect"].sum()
+    gv, gd, ge = torch.autograd.grad(mu, (v, d, e), allow_unused=True)
+    assert all(g is None or float(g.abs().max()) == 0.0 for g in (gv, gd)) and float(ge) > 0
+
+    def f(e_):
+        return tmpl.expected({**p1, "energy": e_})["mu_indirect"].sum(1)
+
+    assert torch.autograd.gradcheck(f, (p1["energy"].clone().requires_grad_(True),), eps=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="indirect.template: got 'yes'"):
+        PhysicsResponse(det, med, sen, "mu-", opt, indirect={"template": "yes"}, **kw)
+
+
+def test_frozen_indirect_template_follows_the_rows():
+    """fitting.response FROZEN_ROW: a fit that evaluates a subset of its frozen events, or repeated copies
+    (the reconstruction's active events, its finite-difference copies), gets each row's own frozen indirect
+    template: equal to that row of the full evaluation, not a fresh draw; a row outside the frozen events
+    is a ConfigError naming the key."""
+    from fitting.response import FROZEN_ROW
+
+    det = _cyl(0.8, 1.6, 0.1, 0.4)
+    med = Medium.load("water").double()
+    sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
+    opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
+    with torch.no_grad():
+        med.rayleigh_scale.fill_(0.05)
+    ind = {"n_trace": 120, "seed": 4, "max_rounds": 3, "template": True}
+    resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=16, indirect=ind)
+    d = torch.tensor([[0.3, 0.1, 1.0], [0.0, 1.0, 0.2], [-1.0, 0.2, 0.1]], dtype=F64)
+    p = {
+        "vertex": torch.tensor([[0.1, -0.2, -0.3], [0.0, 0.3, 0.1], [-0.2, 0.0, 0.4]], dtype=F64),
+        "direction": d / d.norm(dim=-1, keepdim=True),
+        "energy": torch.tensor([300.0, 200.0, 250.0], dtype=F64),
+    }
+    resp.freeze_indirect(p)
+    full = resp.expected(p)["mu_indirect"]
+    assert bool((full.sum(1) > 0).all())
+    rows = torch.tensor([2, 0, 2, 2])
+    sub = {k: v[rows] for k, v in p.items()}
+    got = resp.expected({**sub, FROZEN_ROW: rows})["mu_indirect"]
+    torch.testing.assert_close(got, full[rows], rtol=1e-10, atol=1e-12)
+    fresh = resp.expected(sub)["mu_indirect"]  # without the rows: drawn anew at these energies
+    assert float((fresh - full[rows]).abs().max()) > 1e-6 * float(full.max())
+    with pytest.raises(ConfigError, match="frozen_row"):
+        resp.expected({**sub, FROZEN_ROW: torch.tensor([0, 1, 2, 3])})
