@@ -1086,10 +1086,17 @@ def resolutions(
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 def physics_response_for_run(
-    config: dict[str, Any], *, n_track_nodes: int = 32, ms_samples: int = 0, device: str = "cpu"
+    config: dict[str, Any],
+    *,
+    n_track_nodes: int = 32,
+    ms_samples: int = 0,
+    indirect_trace: int = 0,
+    device: str = "cpu",
 ):
     """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation']);
-    ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson)."""
+    ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson);
+    indirect_trace: traced photons per event of the expected scattered and reflected light, held as a frozen
+    per-PMT template during the fit (PhysicsResponse indirect template; 0: direct light only)."""
     from physics.geometry import Detector
     from physics.medium import Medium
     from physics.optics import Optics
@@ -1099,6 +1106,7 @@ def physics_response_for_run(
     from .likelihood import HitLikelihood
     from .response import PhysicsResponse
 
+    n_ind = check_number(indirect_trace, "indirect_trace", minimum=0, integer=True)
     sim = config.get("simulation", config)
     particle = sim.get("particle", "mu-")
     det = Detector.load(sim.get("detector", "wcte")).to(device)
@@ -1117,6 +1125,7 @@ def physics_response_for_run(
         n_track_nodes=n_track_nodes,
         fold_wavelength=True,
         ms_samples=ms_samples,
+        indirect={"n_trace": int(n_ind), "template": True} if n_ind > 0 else None,
     )
     cfg = resp.likelihood_config()
     window = tuple(sim.get("dark_window_ns", (-100.0, 400.0)))
@@ -1202,7 +1211,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     run = read_run(args.file, run=args.run)
     resp, like, particle = physics_response_for_run(
-        run.config, n_track_nodes=args.track_nodes, ms_samples=args.ms_samples
+        run.config, n_track_nodes=args.track_nodes, ms_samples=args.ms_samples, indirect_trace=args.indirect
     )
     if particle not in TRACK_OK:
         raise ConfigError(
@@ -1276,6 +1285,14 @@ def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         help="muons: sampled multiple-scattering kink sets for over-dispersed (negative-binomial) counts "
         "(0: Poisson; 16 calibrates the log E pull width at 0.9-1.45x the fit time)",
+    )
+    r.add_argument(
+        "--indirect",
+        type=int,
+        default=0,
+        metavar="N_TRACE",
+        help="model the scattered and reflected light with N_TRACE traced photons per event, held as a "
+        "per-PMT template during the fit (0: direct light only; WCTE closure with 1000: 12.7 s/event)",
     )
     r.add_argument(
         "--float32",

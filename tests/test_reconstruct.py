@@ -529,6 +529,20 @@ def test_bad_input_flags_and_errors():
         reconstruct(Hits(pmt=pmt + 10_000, charge=q, time=t, event=ev), 3, resp, like, "mu-")
 
 
+def test_response_for_run_indirect_option():
+    """physics_response_for_run(indirect_trace=N) (photonfit reconstruct --indirect N): the response models
+    the scattered and reflected light as a frozen template of N traced photons; 0 leaves it out; a negative
+    count is a ConfigError naming the field."""
+    from fitting.reconstruct import physics_response_for_run
+
+    cfg = _direct_only_sim(1, seed=8)[0].config_dict()
+    resp = physics_response_for_run(cfg, indirect_trace=100)[0]
+    assert resp.indirect is not None and resp.indirect["n_trace"] == 100 and resp.indirect["template"]
+    assert physics_response_for_run(cfg)[0].indirect is None
+    with pytest.raises(ConfigError, match="indirect_trace"):
+        physics_response_for_run(cfg, indirect_trace=-1)
+
+
 def test_cli_reconstruct_writes_file(tmp_path, capsys):
     from physics.io import write_run
 
