@@ -228,17 +228,24 @@ def test_bad_input():
     assert out["mu"].shape == (2, det.n_pmts) and float(out["mu"].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("particle", ["mu-", "e-", "isotropic"])
-def test_response_indirect_gradcheck_and_freeze(particle):
-    """PhysicsResponse(indirect=...): mu_indirect is reproducible (fixed seed: frozen == fresh at the same
-    parameters), and float64 gradcheck in vertex, direction and energy (photon number for the source) with
-    the traced photons frozen; finite gradients."""
+def _response_setup():
+    """A small cylinder (r 0.8 m, h 1.6 m) with strong scattering and reflection, in float64: (detector,
+    medium, sensors, optics) for the PhysicsResponse indirect-light tests."""
     det = _cyl(0.8, 1.6, 0.1, 0.4)
     med = Medium.load("water").double()
     sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
     opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
     with torch.no_grad():
         med.rayleigh_scale.fill_(0.05)
+    return det, med, sen, opt
+
+
+@pytest.mark.parametrize("particle", ["mu-", "e-", "isotropic"])
+def test_response_indirect_gradcheck_and_freeze(particle):
+    """PhysicsResponse(indirect=...): mu_indirect is reproducible (fixed seed: frozen == fresh at the same
+    parameters), and float64 gradcheck in vertex, direction and energy (photon number for the source) with
+    the traced photons frozen; finite gradients."""
+    det, med, sen, opt = _response_setup()
     resp = PhysicsResponse(
         det,
         med,
@@ -287,12 +294,7 @@ def test_response_indirect_template():
     zero, the energy's passes gradcheck); unfrozen it is traced; a non-bool template is a ConfigError."""
     from physics.indirect import track_photon_yield
 
-    det = _cyl(0.8, 1.6, 0.1, 0.4)
-    med = Medium.load("water").double()
-    sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
-    opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
-    with torch.no_grad():
-        med.rayleigh_scale.fill_(0.05)
+    det, med, sen, opt = _response_setup()
     kw = {"n_track_nodes": 16}
     ind = {"n_trace": 150, "seed": 4, "max_rounds": 3}
     traced = PhysicsResponse(det, med, sen, "mu-", opt, indirect=ind, **kw)
@@ -332,12 +334,7 @@ def test_frozen_indirect_template_follows_the_rows():
     is a ConfigError naming the key."""
     from fitting.response import FROZEN_ROW
 
-    det = _cyl(0.8, 1.6, 0.1, 0.4)
-    med = Medium.load("water").double()
-    sen = PMTResponse.load("default", n_pmts=det.n_pmts).double()
-    opt = Optics(wall_reflectivity=0.3, pmt_reflectivity=0.2, diffuse_fraction=0.8).double()
-    with torch.no_grad():
-        med.rayleigh_scale.fill_(0.05)
+    det, med, sen, opt = _response_setup()
     ind = {"n_trace": 120, "seed": 4, "max_rounds": 3, "template": True}
     resp = PhysicsResponse(det, med, sen, "mu-", opt, n_track_nodes=16, indirect=ind)
     d = torch.tensor([[0.3, 0.1, 1.0], [0.0, 1.0, 0.2], [-1.0, 0.2, 0.1]], dtype=F64)
