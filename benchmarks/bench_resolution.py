@@ -175,10 +175,6 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     v68, v68e = _q68_boot(r["vertex_dist"][m], a.bootstrap, bgen)
     a68, a68e = _q68_boot(r["angle"][m], a.bootstrap, bgen)
     e68, e68e = _q68_boot(r["de_frac"][m].abs(), a.bootstrap, bgen)
-    # fits whose track reaches the wall (status end_at_wall): their energy is a lower limit; the energy
-    # resolution of the others beside the cell's
-    wall = r["end_at_wall"]
-    e68_in, _ = _q68_boot(r["de_frac"][m & ~wall].abs(), a.bootstrap, bgen)
     # Cramér–Rao bound at the truth, with the muon track on --bound-nodes nodes (the hybrid bound's bent
     # tracks need more than the fit's 32: fitting.fisher.hybrid_fisher)
     bound_resp = resp
@@ -230,8 +226,10 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
         "light_length_m": length,
         "mean_hits": float(fit["n_hits"].double().mean()),
         "resolution_68": {"vertex_m": v68, "angle_deg": math.degrees(a68), "energy_frac": e68},
-        "n_end_at_wall": int(wall.sum()),
-        "energy_68_frac_not_at_wall": e68_in,
+        # fits whose track reaches the wall (status end_at_wall): their energy is a lower limit; the energy
+        # resolution of the others beside the cell's
+        "n_end_at_wall": s["n_end_at_wall"],
+        "energy_68_frac_not_at_wall": s["energy_68_frac_not_at_wall"],
         "resolution_68_bootstrap_se": {
             "vertex_m": v68e,
             "angle_deg": math.degrees(a68e),

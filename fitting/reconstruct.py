@@ -139,7 +139,7 @@ def _local_nll(response, likelihood, obs: dict[str, Tensor], base: dict[str, Ten
     base cast to it; y and off too, so the derivatives come back in y's dtype)."""
     obs_d = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in obs.items()}
     f = _nll_fn(response, likelihood, obs_d)
-    b = {k: v.to(dtype) for k, v in base.items()}
+    b = _cast_base(base, dtype)
 
     def floc(y: Tensor, off: Tensor | None = None) -> Tensor:
         p = _local_to_params(y.to(dtype), b)
@@ -224,15 +224,21 @@ LM_TOL = 0.05  # [NLL units] stop an event's scoring iterations once a step gain
 _PRED_KEYS = ("mu", "t_mean", "t_var", "mu_indirect")
 
 
-def _base_from_x(x: Tensor) -> dict[str, Tensor]:
-    """(N,8) physical parameters -> expansion point of the local coordinates (see ``_local_to_params``)."""
+def _base_from_x(x: Tensor, row: Tensor | None = None) -> dict[str, Tensor]:
+    """(N,8) physical parameters -> expansion point of the local coordinates (see ``_local_to_params``).
+    row (N,) long: each row's index in the parameters the response's indirect light was frozen at
+    (default 0..N-1: the reconstruction freezes at the x it then expands about); subsets and copies of base
+    (active events, finite-difference copies) carry it along; a re-centred subset passes its own."""
     d = x[:, 3:6] / x[:, 3:6].norm(dim=-1, keepdim=True)
     base = {"v": x[:, 0:3], "d": d, "loge": x[:, 6], "t0": x[:, 7]}
     base["e1"], base["e2"] = tangent_basis(d)
-    # each row's index: the reconstruction freezes a response's indirect light at the x it then expands
-    # about, so subsets and copies of base (active events, finite-difference copies) find their own rows
-    base["row"] = torch.arange(x.shape[0], device=x.device)
+    base["row"] = torch.arange(x.shape[0], device=x.device) if row is None else row
     return base
+
+
+def _cast_base(base: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """base with its floating entries in ``dtype`` (the row indices stay integer)."""
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}
 
 
 def _x_from_local(y: Tensor, base: dict[str, Tensor]) -> Tensor:
@@ -349,7 +355,7 @@ def _optimise_lm(
             break
         n_iter += 1
         ob = _select_obs(obs, idx)
-        base = _base_from_x(x[idx])
+        base = _base_from_x(x[idx], idx)  # the rows of the frozen set (x0)
         nll0, g, fis = _scoring_system(response, likelihood, ob, base, dtype)
         nll_cur[idx] = nll0
         if trace is not None:
@@ -531,7 +537,7 @@ def _optimise_bfgs(
     f64 = torch.float64
     sc = torch.tensor(SCALE[:3] + SCALE[4:], dtype=f64, device=dev)
     eye = torch.eye(7, dtype=f64, device=dev)
-    base = {k: v.to(dtype) for k, v in _base_from_x(x0.to(f64)).items()}
+    base = _cast_base(_base_from_x(x0.to(f64)), dtype)
     if h0 is None:
         fs = _fisher_fd(response, likelihood, obs, base, dtype, sc)
         fs = torch.nan_to_num(fs, nan=0.0, posinf=0.0, neginf=0.0)
@@ -569,8 +575,8 @@ def _optimise_bfgs(
         far = nd[(z[nd, 3:5] * sc[3:5]).norm(dim=-1) > BFGS_REBASE]
         if far.numel():  # re-centre the local coordinates at the current point (H is kept: same scales)
             xf = _x_from_local((z[far] * sc).to(dtype), {k: v[far] for k, v in base.items()}).to(f64)
-            for k, v in _base_from_x(xf).items():
-                base[k][far] = v.to(dtype)
+            for k, v in _cast_base(_base_from_x(xf, base["row"][far]), dtype).items():
+                base[k][far] = v
             z[far] = 0.0
             fval[far], gz[far] = value_grad(z[far], far)
             record()
@@ -956,9 +962,8 @@ def _fit_batch(
             newton_steps,
             tol_decrement,
         )
-        for k, v in _base_from_x(x_f).items():
-            if k != "row":  # the batch's rows stay
-                base[k][sel] = v
+        for k, v in _base_from_x(x_f, base["row"][sel]).items():
+            base[k][sel] = v
         y[sel] = 0.0
         nll_b[sel], cov[sel], converged[sel], pd[sel] = nll_f, cov_f, conv_f, pd_f
     with torch.no_grad():

@@ -543,6 +543,51 @@ def test_response_for_run_indirect_option():
         physics_response_for_run(cfg, indirect_trace=-1)
 
 
+@pytest.mark.parametrize("optimiser", ["bfgs", "lm"])
+def test_fit_keeps_each_event_on_its_frozen_row(monkeypatch, optimiser):
+    """fitting.reconstruct passes each evaluated row's index in the set it froze the response at
+    (fitting.response.FROZEN_ROW): through the optimisers' subsets of active events, the BFGS re-centring
+    (forced at every step here) and LM's accepted steps, every row must stay the same event. Two 500 MeV
+    muons 2 m apart: at every evaluation that carries rows, each row's vertex is nearer to the vertex its
+    row was frozen at than to the other event's."""
+    import fitting.reconstruct as rec
+    from fitting.response import FROZEN_ROW
+
+    parts = [_direct_only_sim(1, seed=31 + i, vertex=(x, 0.0, -1.2)) for i, x in enumerate((-1.0, 1.0))]
+    sim = parts[0][0]
+    h1, h2 = parts[0][1]["hits"], parts[1][1]["hits"]
+    hits = type(h1).cat([h1, type(h2)(**{**h2.__dict__, "event": h2.event + 1})])
+
+    class Spy(PhysicsResponse):
+        frozen: torch.Tensor | None = None
+        margin = math.inf
+        n_rows = 0
+
+        def freeze_indirect(self, event_params):
+            self.frozen = event_params["vertex"].detach().double().clone()
+
+        def expected(self, event_params, **kw):
+            rows = event_params.get(FROZEN_ROW)
+            if rows is not None and self.frozen is not None:
+                d = torch.cdist(event_params["vertex"].detach().double(), self.frozen)  # (R, frozen rows)
+                own = d.gather(1, rows.long()[:, None])[:, 0]
+                other = d.scatter(1, rows.long()[:, None], math.inf).amin(1)
+                self.margin = min(self.margin, float((other - own).min()))
+                self.n_rows += 1
+            return super().expected(event_params, **kw)
+
+    spy = Spy(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    monkeypatch.setattr(rec, "BFGS_REBASE", 1e-9)
+    fit = rec.reconstruct(
+        hits, 2, spy, parts[0][3], "mu-", n_starts=1, optimiser=optimiser, max_iter=15, dtype=torch.float32
+    )
+    print(optimiser, "vertices", fit["vertex"].tolist(), "margin", spy.margin, "calls", spy.n_rows)
+    assert spy.n_rows > 5
+    assert spy.margin > 0.0
+
+
 def test_cli_reconstruct_writes_file(tmp_path, capsys):
     from physics.io import write_run
 
