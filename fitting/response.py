@@ -503,7 +503,8 @@ class PhysicsResponse(ResponseModel):
                     p = {k: v.detach() for k, v in event_params.items()}
                     t0 = p.get("t0", torch.zeros_like(p["vertex"][:, 0]))
                     y = self._yield(p).to(p["vertex"].dtype)
-                    self._frozen["template"] = self._indirect(p, t0) / y[:, None]  # per emitted photon
+                    # per emitted photon; the traced photons are not needed after this
+                    self._frozen = {"n": self._frozen["n"], "template": self._indirect(p, t0) / y[:, None]}
 
     def release_indirect(self) -> None:
         """Forget the frozen traced photons (the next call draws them at its own parameters)."""
