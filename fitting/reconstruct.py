@@ -1297,7 +1297,7 @@ def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=0,
         metavar="N_TRACE",
         help="model the scattered and reflected light with N_TRACE traced photons per event, held as a "
-        "per-PMT template during the fit (0: direct light only; WCTE closure with 1000: 5.9 s/event)",
+        "per-PMT template during the fit (0: direct light only; WCTE closure with 1000: 4.7-5.9 s/event)",
     )
     r.add_argument(
         "--float32",
