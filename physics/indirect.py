@@ -94,24 +94,33 @@ def _score_chunk(
     """Next-event scores of points x (m,3) (weights w (m,)) at every PMT, summed per event: (E, P) p.e. and
     (E, P) p.e. x arrival time. kind 'scatter': aux = (pol, dir, frac_ray, frac_mie) (each (m,3) or (m,));
     kind 'lambert': aux = (normal,) -- the inward wall normal at x (the factor R_w f_d is in w)."""
-    pp = det.pmt_pos.to(x)
-    pn = det.pmt_normal.to(x)
     pr = det.pmt_radius.to(x)
-    v = pp[None, :, :] - x[:, None, :]  # (m, P, 3)
-    d = v.norm(dim=-1).clamp_min(1e-9)
-    k = v / d[..., None]
-    cos_inc = -(k * pn[None]).sum(-1)
+    # a projection of v = pmt_pos - x (m, P, 3) onto a per-point or per-PMT vector u is u.pmt_pos - u.x:
+    # one (m, 3) x (3, P) product each, in float64 (the difference of two wall-sized numbers: float32 would
+    # lose the few-cm distances of wall points next to a PMT), no (m, P, 3) tensor
+    x64 = x.double()
+    pp = det.pmt_pos.to(x64)
+
+    def along(u: Tensor) -> Tensor:  # (m, 3) per-point unit vectors -> (m, P) components of v
+        u = u.double()
+        return u @ pp.T - (u * x64).sum(-1, keepdim=True)
+
+    d2 = (x64 * x64).sum(-1, keepdim=True) + (pp * pp).sum(-1) - 2.0 * (x64 @ pp.T)
+    d = d2.clamp_min(1e-18).sqrt().to(x.dtype).clamp_min(1e-9)
+    pn = det.pmt_normal.to(x64)
+    inv_d = 1.0 / d
+    cos_inc = ((x64 @ pn.T) - (pp * pn).sum(-1)).to(x.dtype) * inv_d
     if kind == "scatter":
         pol, dirn, f_ray, f_mie = aux
-        ek = (k * pol[:, None, :]).sum(-1)
+        ek = along(pol).to(x.dtype) * inv_d
         phase = f_ray[:, None] * _DIPOLE * (1.0 - ek * ek).clamp_min(0.0)
         if bool((f_mie > 0).any()):
-            ck = (k * dirn[:, None, :]).sum(-1)
+            ck = along(dirn).to(x.dtype) * inv_d
             hg = (1.0 - g * g) / (4.0 * math.pi * (1.0 + g * g - 2.0 * g * ck).clamp_min(1e-12) ** 1.5)
             phase = phase + f_mie[:, None] * hg
     else:
         (nrm,) = aux
-        phase = _INV_PI * (k * nrm[:, None, :]).sum(-1).clamp_min(0.0)
+        phase = _INV_PI * (along(nrm).to(x.dtype) * inv_d).clamp_min(0.0)
     omega = disk_solid_angle(d, cos_inc, pr[None, :])
     eps = sensors.detection_matrix(wl, cos_inc.clamp(0.0, 1.0))
     sc = w[:, None] * phase * omega * torch.exp(-mu_tot[:, None] * d) * one_minus_rp * eps
