@@ -20,8 +20,11 @@ total charge with that hypothesis' response (:func:`fitting.prefit.energy_from_c
 electron gives ~1.35 x the Cherenkov light of a 500 MeV muon (the muon's light stops below ~160 MeV
 kinetic energy, its Cherenkov threshold, and it loses energy to ionisation only).
 
-Limitation: the physics response is DIRECT LIGHT ONLY (no scattered or reflected light in the expectation),
-so the separation is only validated on events simulated with scattering and reflections switched off.
+Scattered and reflected light: by default the responses model direct light only, validated on events
+simulated with scattering and reflections switched off; with ``indirect`` (:func:`sample_models`, ``photonfit
+pid --indirect N``) each hypothesis adds its own expected indirect light as a frozen per-PMT template of N
+traced photons (:class:`fitting.response.PhysicsResponse` ``indirect`` template), validated on events with
+the detector's wall/PMT reflection and Rayleigh scattering on (:func:`contained_sample` ``full_optics``).
 
 Units: m, ns, MeV (kinetic). Shapes: E events, H hypotheses.
 """
@@ -217,9 +220,13 @@ def binomial_upper_limit(k: int, n: int, cl: float = 0.9) -> float:
 # ----------------------------------------------------------------------------------------------------------
 # the validation sample (tests/test_pid.py, benchmarks/bench_pid.py)
 # ----------------------------------------------------------------------------------------------------------
-def contained_sample(particle: str, n: int, seed: int, energy: float = 500.0) -> tuple[Any, dict[str, Any]]:
-    """n contained e/mu events in the WCTE-like detector (r 2 m, h 4 m) for the PID validation, direct light
-    only (wall/PMT reflection and Rayleigh scattering off: the physics response models direct light only).
+def contained_sample(
+    particle: str, n: int, seed: int, energy: float = 500.0, full_optics: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """n contained e/mu events in the WCTE-like detector (r 2 m, h 4 m) for the PID validation: direct light
+    only (wall/PMT reflection and Rayleigh scattering off), or with ``full_optics`` the detector's default
+    wall/PMT reflectivities and the medium's Rayleigh scattering on (fit with :func:`sample_models`
+    ``indirect``).
 
     Vertex |x|, |y| < 0.4 m, |z| in [0.9, 1.2] m on one end cap's side; direction within 30 deg of the tank
     axis pointing to the far end, so that a 500 MeV muon (CSDA range ~2.3 m) stops inside and an electron
@@ -235,28 +242,36 @@ def contained_sample(particle: str, n: int, seed: int, energy: float = 500.0) ->
     ph = torch.rand(n, generator=g) * 2 * math.pi
     sth = (1 - cth**2).sqrt()
     d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
+    if not isinstance(full_optics, bool):
+        raise ConfigError(f"full_optics: got {full_optics!r}, allowed True or False")
     cfg = SimConfig(
         detector="wcte",
         particle=particle,
         energy=energy,
         vertex=(0.0, 0.0, 0.0),
         direction=(0.0, 0.0, 1.0),
-        optics={"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0},
+        **({} if full_optics else {"optics": {"wall_reflectivity": 0.0, "pmt_reflectivity": 0.0}}),
     )
     sim = Simulator(cfg)
-    sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
+    if not full_optics:
+        sim.medium.rayleigh_scale.data.fill_(math.inf)  # no scattering: direct light is the whole signal
     return sim, sim.run(n, seed=seed, batch_size=n, vertices=torch.cat([xy, z[:, None]], 1), directions=d)
 
 
-def sample_models(sim: Any, track_nodes: int = 32, depth_nodes: int = 24) -> tuple[dict[str, Any], Any]:
+def sample_models(
+    sim: Any, track_nodes: int = 32, depth_nodes: int = 24, indirect_trace: int = 0
+) -> tuple[dict[str, Any], Any]:
     """The e- (shower) and mu- (track) physics responses and the hit likelihood for a :func:`contained_sample`
-    simulator."""
+    simulator; ``indirect_trace`` > 0 adds each hypothesis' expected scattered and reflected light as a
+    frozen per-PMT template of that many traced photons per event (0: direct light only)."""
     from .likelihood import HitLikelihood
     from .response import PhysicsResponse
 
+    n_ind = check_number(indirect_trace, "indirect_trace", minimum=0, integer=True)
+    ind = {"n_trace": int(n_ind), "template": True} if n_ind > 0 else None
     resp = {
         "e-": PhysicsResponse(
-            sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=depth_nodes
+            sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=depth_nodes, indirect=ind
         ),
         "mu-": PhysicsResponse(
             sim.detector,
@@ -266,6 +281,7 @@ def sample_models(sim: Any, track_nodes: int = 32, depth_nodes: int = 24) -> tup
             sim.optics,
             n_track_nodes=track_nodes,
             fold_wavelength=True,
+            indirect=ind,
         ),
     }
     return resp, HitLikelihood(**resp["mu-"].likelihood_config(), window=sim.cfg.dark_window_ns)
@@ -274,11 +290,16 @@ def sample_models(sim: Any, track_nodes: int = 32, depth_nodes: int = 24) -> tup
 # ----------------------------------------------------------------------------------------------------------
 # CLI: photonfit pid events.h5 -o pid.h5
 # ----------------------------------------------------------------------------------------------------------
-def _responses_for_run(config: dict[str, Any], hyps: list[str], track_nodes: int, depth_nodes: int):
+def _responses_for_run(
+    config: dict[str, Any], hyps: list[str], track_nodes: int, depth_nodes: int, indirect_trace: int = 0
+):
     from .reconstruct import physics_response_for_run
     from .response import PhysicsResponse
 
-    base, like, particle = physics_response_for_run(config, n_track_nodes=track_nodes)
+    base, like, particle = physics_response_for_run(
+        config, n_track_nodes=track_nodes, indirect_trace=indirect_trace
+    )
+    ind = None if base.indirect is None else {"n_trace": base.indirect["n_trace"], "template": True}
     out = {}
     for h in hyps:
         if h in TRACK_PARTICLES:
@@ -290,10 +311,17 @@ def _responses_for_run(config: dict[str, Any], hyps: list[str], track_nodes: int
                 base.optics,
                 n_track_nodes=track_nodes,
                 fold_wavelength=True,
+                indirect=ind,
             )
         elif h in SHOWER_PARTICLES:
             out[h] = PhysicsResponse(
-                base.detector, base.medium, base.sensors, h, base.optics, n_depth_nodes=depth_nodes
+                base.detector,
+                base.medium,
+                base.sensors,
+                h,
+                base.optics,
+                n_depth_nodes=depth_nodes,
+                indirect=ind,
             )
         else:
             raise ConfigError(f"--hypotheses: got {h!r}, allowed {list(TRACK_PARTICLES + SHOWER_PARTICLES)}")
@@ -348,7 +376,7 @@ def _cmd_pid(args: argparse.Namespace) -> int:
 
     run = read_run(args.file, run=args.run)
     responses, like, particle = _responses_for_run(
-        run.config, args.hypotheses, args.track_nodes, args.depth_nodes
+        run.config, args.hypotheses, args.track_nodes, args.depth_nodes, args.indirect
     )
     res = identify(
         run.hits,
@@ -391,6 +419,14 @@ def add_pid_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells (muon model)")
     p.add_argument("--depth-nodes", type=int, default=24, help="cascade depth cells (electron model)")
     p.add_argument("--float64", action="store_true", help="optimise in float64 (default float32)")
+    p.add_argument(
+        "--indirect",
+        type=int,
+        default=0,
+        metavar="N",
+        help="scattered and reflected light of N traced photons per event and hypothesis, held as a frozen "
+        "per-PMT template during each fit (0: direct light only)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_pid)
     return p
