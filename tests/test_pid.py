@@ -3,8 +3,8 @@
 Independent expectation: the Monte-Carlo truth of physics.simulate (the particle type that made the event,
 its vertex and energy). Events: 500 MeV e- and mu- in the WCTE-like detector, contained (vertex near one
 end cap, direction within 30 deg of the axis towards the far end; a 500 MeV muon's CSDA range is ~2.3 m),
-DIRECT LIGHT ONLY (wall/PMT reflection and Rayleigh scattering switched off) because the physics response
-models direct light only.
+direct light only (wall/PMT reflection and Rayleigh scattering switched off) with the direct-light
+responses, and with the detector's full optics fitted by responses that add their indirect-light template.
 """
 
 from __future__ import annotations
