@@ -234,6 +234,8 @@ def contained_sample(
     seeded with seed + 7919, the MC from ``seed``. Returns (physics.simulate.Simulator, its run result)."""
     from physics.simulate import SimConfig, Simulator
 
+    if not isinstance(full_optics, bool):
+        raise ConfigError(f"full_optics: got {full_optics!r}, allowed True or False")
     g = torch.Generator().manual_seed(seed + 7919)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
     xy = (torch.rand(n, 2, generator=g) * 2 - 1) * 0.4
@@ -242,8 +244,6 @@ def contained_sample(
     ph = torch.rand(n, generator=g) * 2 * math.pi
     sth = (1 - cth**2).sqrt()
     d = torch.stack([sth * ph.cos(), sth * ph.sin(), sign * cth], 1)
-    if not isinstance(full_optics, bool):
-        raise ConfigError(f"full_optics: got {full_optics!r}, allowed True or False")
     cfg = SimConfig(
         detector="wcte",
         particle=particle,
