@@ -303,28 +303,14 @@ def _responses_for_run(
     out = {}
     for h in hyps:
         if h in TRACK_PARTICLES:
-            out[h] = PhysicsResponse(
-                base.detector,
-                base.medium,
-                base.sensors,
-                h,
-                base.optics,
-                n_track_nodes=track_nodes,
-                fold_wavelength=True,
-                indirect=ind,
-            )
+            shape = {"n_track_nodes": track_nodes, "fold_wavelength": True}
         elif h in SHOWER_PARTICLES:
-            out[h] = PhysicsResponse(
-                base.detector,
-                base.medium,
-                base.sensors,
-                h,
-                base.optics,
-                n_depth_nodes=depth_nodes,
-                indirect=ind,
-            )
+            shape = {"n_depth_nodes": depth_nodes}
         else:
             raise ConfigError(f"--hypotheses: got {h!r}, allowed {list(TRACK_PARTICLES + SHOWER_PARTICLES)}")
+        out[h] = PhysicsResponse(
+            base.detector, base.medium, base.sensors, h, base.optics, indirect=ind, **shape
+        )
     return out, like, particle
 
 
