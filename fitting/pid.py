@@ -265,10 +265,9 @@ def sample_models(
     simulator; ``indirect_trace`` > 0 adds each hypothesis' expected scattered and reflected light as a
     frozen per-PMT template of that many traced photons per event (0: direct light only)."""
     from .likelihood import HitLikelihood
-    from .response import PhysicsResponse
+    from .response import PhysicsResponse, indirect_template
 
-    n_ind = check_number(indirect_trace, "indirect_trace", minimum=0, integer=True)
-    ind = {"n_trace": int(n_ind), "template": True} if n_ind > 0 else None
+    ind = indirect_template(indirect_trace)
     resp = {
         "e-": PhysicsResponse(
             sim.detector, sim.medium, sim.sensors, "e-", sim.optics, n_depth_nodes=depth_nodes, indirect=ind
@@ -294,12 +293,10 @@ def _responses_for_run(
     config: dict[str, Any], hyps: list[str], track_nodes: int, depth_nodes: int, indirect_trace: int = 0
 ):
     from .reconstruct import physics_response_for_run
-    from .response import PhysicsResponse
+    from .response import PhysicsResponse, indirect_template
 
-    base, like, particle = physics_response_for_run(
-        config, n_track_nodes=track_nodes, indirect_trace=indirect_trace
-    )
-    ind = None if base.indirect is None else {"n_trace": base.indirect["n_trace"], "template": True}
+    ind = indirect_template(indirect_trace)
+    base, like, particle = physics_response_for_run(config, n_track_nodes=track_nodes)
     out = {}
     for h in hyps:
         if h in TRACK_PARTICLES:

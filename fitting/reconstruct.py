@@ -65,7 +65,7 @@ from physics.config import ConfigError, check_choice, check_number
 from .fisher import crb_covariance, event_fisher
 from .likelihood import hits_to_dense
 from .prefit import prefit
-from .response import FROZEN_ROW
+from .response import FROZEN_ROW, indirect_template
 from .uncertainty import kink_response_covariance, tangent_basis
 
 __all__ = ["STATUS", "reconstruct", "status_names", "add_reconstruct_parser", "resolutions"]
@@ -1111,7 +1111,7 @@ def physics_response_for_run(
     from .likelihood import HitLikelihood
     from .response import PhysicsResponse
 
-    n_ind = check_number(indirect_trace, "indirect_trace", minimum=0, integer=True)
+    ind = indirect_template(indirect_trace)
     sim = config.get("simulation", config)
     particle = sim.get("particle", "mu-")
     det = Detector.load(sim.get("detector", "wcte")).to(device)
@@ -1130,7 +1130,7 @@ def physics_response_for_run(
         n_track_nodes=n_track_nodes,
         fold_wavelength=True,
         ms_samples=ms_samples,
-        indirect={"n_trace": int(n_ind), "template": True} if n_ind > 0 else None,
+        indirect=ind,
     )
     cfg = resp.likelihood_config()
     window = tuple(sim.get("dark_window_ns", (-100.0, 400.0)))

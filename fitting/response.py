@@ -33,7 +33,7 @@ from physics.sensors import spe_moments
 
 from .uncertainty import highland_kink_variance
 
-__all__ = ["ResponseModel", "PhysicsResponse", "check_event_params"]
+__all__ = ["ResponseModel", "PhysicsResponse", "check_event_params", "indirect_template"]
 
 
 def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> int:
@@ -74,6 +74,14 @@ def check_event_params(params: dict[str, Tensor], required: tuple[str, ...]) -> 
 # (fitting.reconstruct passes it, so that a fit evaluating a subset of its events, or repeated copies of
 # them, keeps each event's frozen indirect template); responses without a frozen template ignore it
 FROZEN_ROW = "frozen_row"
+
+
+def indirect_template(indirect_trace: int) -> dict[str, Any] | None:
+    """The ``indirect`` argument of :class:`PhysicsResponse` for a frozen per-PMT template of
+    ``indirect_trace`` traced photons per event (0: None, direct light only); ConfigError if negative or
+    not an integer."""
+    n = check_number(indirect_trace, "indirect_trace", minimum=0, integer=True)
+    return {"n_trace": int(n), "template": True} if n > 0 else None
 
 
 def _frozen_rows(st: dict[str, Any], rows: Tensor) -> dict[str, Any]:
