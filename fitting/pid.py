@@ -17,8 +17,8 @@ sees directly.
 Seeding: one common pre-fit (:func:`fitting.prefit.prefit` with the first track hypothesis' response) gives
 vertex, direction and t0 for every hypothesis; the energy seed is recalibrated per hypothesis from the
 total charge with that hypothesis' response (:func:`fitting.prefit.energy_from_charge`), since a 500 MeV
-electron gives ~1.35 x the Cherenkov light of a 500 MeV muon (the muon's light stops below ~160 MeV
-kinetic energy, its Cherenkov threshold, and it loses energy to ionisation only).
+electron gives ~1.35 x the Cherenkov light of a 500 MeV muon (the muon stops radiating below its
+Cherenkov threshold, ~54 MeV kinetic energy in water, and loses energy to ionisation only).
 
 Scattered and reflected light: by default the responses model direct light only, validated on events
 simulated with scattering and reflections switched off; with ``indirect`` (:func:`sample_models`, ``photonfit
