@@ -94,7 +94,8 @@ def run(a: argparse.Namespace) -> dict:
             ev["status"] += [int(x) for x in r["status"].tolist()]
         i += 1
         print(
-            f"chunk {i}: e {len(events['e-']['delta'])} mu {len(events['mu-']['delta'])} events "
+            f"chunks {a.first_chunk}-{i - 1}: e {len(events['e-']['delta'])} "
+            f"mu {len(events['mu-']['delta'])} events "
             f"({sum(x is None for e in events.values() for x in e['delta'])} failed), "
             f"{time.perf_counter() - t_all:.0f} s",
             flush=True,
