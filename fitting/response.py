@@ -89,9 +89,11 @@ def _frozen_rows(st: dict[str, Any], rows: Tensor) -> dict[str, Any]:
     allowed), in that order. Only the template is row-addressable: the traced photons' propagation draws
     its random numbers in photon order, so a subset of them would not reproduce its rows' light."""
     n = st["n"]
-    ok_shape = rows.dim() == 1 and rows.numel() > 0
-    lo, hi = torch.stack(torch.aminmax(rows)).tolist() if ok_shape else (0, 0)  # one device sync
-    if rows.dim() != 1 or lo < 0 or hi >= n:
+    bad = rows.dim() != 1
+    if not bad and rows.numel():
+        lo, hi = torch.stack(torch.aminmax(rows)).tolist()  # one device sync
+        bad = lo < 0 or hi >= n
+    if bad:
         raise ConfigError(f"event_params[{FROZEN_ROW!r}]: got {rows.tolist()}, allowed: indices in [0, {n})")
     return {"n": rows.numel(), "template": st["template"][rows]}
 
