@@ -312,6 +312,22 @@ def test_prefit_seeds_contained_muons():
     assert float(dv.max()) < 0.7 and float(ang.max()) < 15.0 and float(de.abs().max()) < 0.35
 
 
+def _pid_sample_seeds(n: int, seed: int, **sample_kw):
+    """Pre-fit seeds of n fitting.pid.contained_sample muons (``sample_kw``: energy, full_optics) with the
+    muon response: (simulator, seeds, vertex distance to the MC's (n,) [m], direction angle (n,) [deg])."""
+    from fitting.pid import contained_sample, sample_models
+
+    sim, res = contained_sample("mu-", n, seed=seed, **sample_kw)
+    resp, like = sample_models(sim)
+    h = res["hits"]
+    obs = hits_to_dense(h.pmt, h.charge, h.time, h.event, n, sim.detector.n_pmts)
+    s = prefit(obs, sim.detector.pmt_pos, resp["mu-"], mu_dark=float(like.mu_dark.mean()))
+    tr = res["truth"]
+    dv = (s["vertex"] - tr["vertex"].double()).norm(dim=-1)
+    ang = torch.rad2deg(torch.acos((s["direction"] * tr["direction"].double()).sum(-1).clamp(-1, 1)))
+    return sim, s, dv, ang
+
+
 @pytest.mark.parametrize("seed", [1011, 1039])
 def test_prefit_seeds_with_scattered_and_reflected_light(seed):
     """8 contained 500 MeV muons simulated with WCTE's wall/PMT reflection and Rayleigh scattering on (10 %
@@ -320,16 +336,7 @@ def test_prefit_seeds_with_scattered_and_reflected_light(seed):
     tank (the late light pulled the track fit past the end cap); the time loss is asymmetric for that
     reason. In 1039 the track time fit turned one direction 102 deg from the truth (the ring's axis: 1.8
     deg; the muon was then misidentified as an electron), hence the ring-axis check of the pre-fit."""
-    from fitting.pid import contained_sample, sample_models
-
-    sim, res = contained_sample("mu-", 8, seed=seed, full_optics=True)
-    resp, like = sample_models(sim)
-    h = res["hits"]
-    obs = hits_to_dense(h.pmt, h.charge, h.time, h.event, 8, sim.detector.n_pmts)
-    s = prefit(obs, sim.detector.pmt_pos, resp["mu-"], mu_dark=float(like.mu_dark.mean()))
-    tr = res["truth"]
-    dv = (s["vertex"] - tr["vertex"].double()).norm(dim=-1)
-    ang = torch.rad2deg(torch.acos((s["direction"] * tr["direction"].double()).sum(-1).clamp(-1, 1)))
+    sim, s, dv, ang = _pid_sample_seeds(8, seed, full_optics=True)
     print(f"prefit dv {dv.tolist()} ang {ang.tolist()}")
     assert bool(sim.detector.inside(s["vertex"].to(sim.detector.pmt_pos.dtype)).all())
     assert float(dv.max()) < 0.7 and float(ang.max()) < 15.0
@@ -341,15 +348,7 @@ def test_prefit_direction_of_short_muon_tracks():
     its times hardly fix the axis); the pre-fit falls back on the ring's charge-weighted axis when the two
     disagree by > RING_AGREEMENT_DEG. Asserted: median within 10 deg, >= 14 of 16 within 15 deg
     (measured: median 4.4 deg, one at 26.7 deg, where the time fit and the ring agree)."""
-    from fitting.pid import contained_sample, sample_models
-
-    sim, res = contained_sample("mu-", 16, seed=5, energy=200.0)
-    resp, like = sample_models(sim)
-    h = res["hits"]
-    obs = hits_to_dense(h.pmt, h.charge, h.time, h.event, 16, sim.detector.n_pmts)
-    s = prefit(obs, sim.detector.pmt_pos, resp["mu-"], mu_dark=float(like.mu_dark.mean()))
-    cos = (s["direction"] * res["truth"]["direction"].double()).sum(-1).clamp(-1, 1)
-    ang = torch.rad2deg(torch.acos(cos))
+    _, _, _, ang = _pid_sample_seeds(16, 5, energy=200.0)
     print(f"prefit direction error [deg] {ang.tolist()}")
     assert float(ang.median()) < 10.0
     assert int((ang < 15.0).sum()) >= 14
