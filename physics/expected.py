@@ -352,7 +352,7 @@ def direct_light(
         cos_a = ((proj[..., None] - s) / dist).clamp(-1.0, 1.0)
         sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
         alpha = torch.atan2(sin_a, cos_a)  # (E,P,K)
-        ms_var, cov_u = _ms_ring_terms(nodes["ms"], cos_a / dist)
+        ms_var, cov_u = _ms_ring_terms(nodes["ms"].unbind(-1), cos_a / dist)
         sig2 = ms_var + a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2.clamp_min(1e-12)) + min_sigma**2
         beta = nodes["beta"][:, None, :, None]  # (E,1,K,1)
         cos_c = 1.0 / (beta * refr_index.to(dt))  # (E,1,K,L)
@@ -390,8 +390,10 @@ def attenuation_table(
     """Tabulated S_m(d) = sum_l spec_l dng_l^m exp(-d / L_att,l), m = 0, 1, 2, for Hermite lookup.
 
     spec (L,) spectral weights (quadrature weight x Frank-Tamm x QE x CE), inv_att (L,) [1/m], dng (L,) the
-    centred group index. Returns (table (n_grid-1, 12), h [m]): row j holds [S_j, h S'_j, S_{j+1}, h S'_{j+1}]
-    for the three moments on the uniform grid d_j = j h in [0, d_max]; the exact derivative
+    centred group index. Returns (table (n_grid-1, 12), h [m]): row j holds the coefficients c_0..c_3 of
+    the cubic Hermite interpolant S(d_j + u h) = c_0 + c_1 u + c_2 u^2 + c_3 u^3 on [d_j, d_{j+1}] (from
+    the values and h-scaled derivatives at both ends) for the three moments on the uniform grid
+    d_j = j h in [0, d_max]; the exact derivative
     S'_m(d) = -sum_l spec_l dng_l^m a_l exp(-d a_l) makes the cubic Hermite interpolant C1 with error
     O(h^4 max|d^4 S/dd^4|) (de Boor, A Practical Guide to Splines, 1978, ch. IV); differentiable.
     """
@@ -435,8 +437,11 @@ def _spectral_table(cols: list[Tensor], inv_att: Tensor, d_max: float, n_grid: i
     coef = torch.stack(cols, -1)  # (L,M)
     val = e @ coef  # (N,M)
     der = (e * (-inv_att)[None, :]) @ coef * h  # (N,M), already times h
-    table = torch.cat([val[:-1], der[:-1], val[1:], der[1:]], -1)  # (N-1,4M)
-    return table, h
+    p0, m0, p1, m1 = val[:-1], der[:-1], val[1:], der[1:]
+    # the Hermite basis expanded in powers of u: one Horner evaluation per look-up
+    c2 = 3.0 * (p1 - p0) - 2.0 * m0 - m1
+    c3 = 2.0 * (p0 - p1) + m0 + m1
+    return torch.cat([p0, m0, c2, c3], -1), h  # (N-1,4M)
 
 
 def _arrival_moments(
@@ -483,16 +488,14 @@ def _arrival_moments(
 
 
 def _hermite_lookup(table: Tensor, h: float, d: Tensor) -> Tensor:
-    """Cubic Hermite interpolation of the M spectral sums at distances d (any shape) -> (..., M)."""
+    """Cubic Hermite interpolation of the M spectral sums at distances d (any shape) -> (..., M): the
+    interval's cubic (:func:`attenuation_table`'s row layout) by Horner's rule."""
     x = d / h
     j = x.detach().floor().clamp(0, table.shape[0] - 1)
     u = (x - j).clamp(0.0, 1.0)[..., None]
     m = table.shape[1] // 4
-    rows = table.index_select(0, j.long().reshape(-1)).reshape(*d.shape, 4, m)
-    u2 = u * u
-    u3 = u2 * u
-    basis = torch.stack([2 * u3 - 3 * u2 + 1, u3 - 2 * u2 + u, 3 * u2 - 2 * u3, u3 - u2], -2)  # (...,4,1)
-    return (rows * basis).sum(-2)  # one product: slicing the rows costs a zero-filled copy each in backward
+    c0, c1, c2, c3 = table.index_select(0, j.long().reshape(-1)).reshape(*d.shape, 4 * m).split(m, -1)
+    return c0 + u * (c1 + u * (c2 + u * c3))
 
 
 def direct_light_folded(
@@ -558,8 +561,9 @@ def direct_light_folded(
     prune_mu = B (default ``PRUNE_MU`` = 1e-12 p.e.; None: off): an (event, PMT) pair is not evaluated
     (mu = 0, t_mean = its mu -> 0 limit t0 + |x - v| n_g/c + offset, t_var = 0) when an upper bound on its
     direct light, sum_k emit_k det Omega_k A_k (alpha_k / sin alpha_k) ring_k / (2 pi sigma_k^2) over nodes
-    and bands k (ring_k the ring kernel below), is below B: the node terms below without the attenuation
-    factor S_0 <= 1 (what the full evaluation adds is the Hermite table look-up and the time moments). The
+    and bands k (ring_k the ring kernel below, its Bessel factor majorised by :func:`i0e_majorant`), is
+    below B: the node terms below without the attenuation factor S_0 <= 1 (what the full evaluation adds is
+    the Hermite table look-up, the Bessel function and the time moments). The
     bound weighs each node by its emission, so the nodes near the Cherenkov threshold (sin^2 theta_c -> 0,
     a ring width blown up by the chromatic term) do not keep every pair, as a pure ring-width cut did.
     Measured (500 MeV muons, random vertices/directions, K = 32, WCTE): 18 % of the pairs evaluated, mu
@@ -567,8 +571,8 @@ def direct_light_folded(
     tests/test_reconstruct.py checks the agreement with prune_mu=None and that the bound covers every
     pair's direct light.
     node_offset (E,K,6) [m, rad], optional: per-node displacement (:3) and direction change (3:) of a bent
-    track (see ``_ring_geometry``; the pruning uses the straight track), e.g. zeros with requires_grad to
-    differentiate the expectation with respect to multiple-scattering kinks.
+    track (see :func:`_offset_products`; the pruning uses the straight track), e.g. zeros with
+    requires_grad to differentiate the expectation with respect to multiple-scattering kinks.
     sharp_rings: evaluate the rings without their accumulated multiple-scattering smearing (theta2 = 0)
     for a track bent by explicit kinks (node_offset; fitting.response's sampled over-dispersion). The
     spread of directions inside the node's own cell stays in the ring width: a kink set turns node k by the
@@ -579,7 +583,7 @@ def direct_light_folded(
     the displacement inside a cell is negligible; a direction spread, independent of the colour, see
     :func:`chromatic_time_terms`). Measured at the closure truth (500 MeV mu- in WCTE, 400 MC events, 32
     sets): summed P(hit) of the 0.02-0.98 PMTs 539.5 against the MC's 532.8 (515.6 without this spread and
-    the axis renormalisation of ``_ring_geometry``). The pruning bound keeps the
+    the axis renormalisation of :func:`_offset_products`). The pruning bound keeps the
     smeared rings, so that the bent track still finds its light among the evaluated pairs.
     node_ms (E,K,3), only with sharp_rings: the multiple-scattering moments (Var phi [rad^2], Cov(u, phi)
     [m rad], Var u [m^2] per projected plane, as :func:`fermi_eyges_moments`) of the kinks that node_offset
@@ -642,9 +646,9 @@ def direct_light_folded(
     a = pmt_radius.to(dt)[None, :, None]  # (1,P,1)
     det = det_pmt.to(dt)[None, :, None]
     ms = nodes["ms"]
-    ev = {"s": nodes["s"], "ms": ms, "t": nodes["t"], "th": theta_c, "var_th": var_th, "emit": emit}
+    ev = {"s": nodes["s"], **_ms_split(ms), "t": nodes["t"], "th": theta_c, "var_th": var_th, "emit": emit}
     ev["dth_dn"] = dth_dn  # var_th stays the chromatic variance alone (chromatic_time_terms)
-    off = None if node_offset is None else (node_offset[..., :3].to(dt), node_offset[..., 3:].to(dt))
+    off = None if node_offset is None else _offset_products(q, nrm, direction, nodes["s"], node_offset.to(dt))
     ev_eval = ev
     if node_ms is not None and not sharp_rings:
         raise ValueError("node_ms: given with sharp_rings=False; allowed only with sharp_rings=True")
@@ -654,7 +658,7 @@ def direct_light_folded(
         left = torch.zeros_like(ms) if node_ms is None else node_ms.to(dt)
         zero = torch.zeros_like(nodes["theta2_cell"])
         cell = torch.stack([0.25 * nodes["theta2_cell"], zero, zero], -1)
-        ev_eval = {**ev, "ms": left + cell}  # in the Var(phi) moment: a direction spread of the node
+        ev_eval = {**ev, **_ms_split(left + cell)}  # in the Var(phi) moment: a direction spread of the node
     if prune_mu is None:
         if mu_only:
             return {
@@ -708,7 +712,7 @@ def direct_light_folded(
         table,
         h,
     )
-    off_kept = None if off is None else (off[0][ei], off[1][ei])
+    off_kept = None if off is None else tuple(x[ei, pi][:, None] if x.shape[1] > 1 else x[ei] for x in off)
     if mu_only:
         mu = _folded_mu(*pairs, acceptance, min_sigma, off_kept)
         return {"mu": torch.zeros_like(q2).index_put((ei, pi), mu[:, 0])}
@@ -723,27 +727,54 @@ def direct_light_folded(
     }
 
 
+_MS_KEYS = ("ms_phi", "ms_pu", "ms_u")
+
+
+def _ms_split(ms: Tensor) -> dict[str, Tensor]:
+    """The (E,K,3) multiple-scattering moments as three (E,K) entries of the per-event node dict: gathered
+    per (event, PMT) pair one by one, each pair's moments are (R,K) tensors, not (R,K,3) slices."""
+    return dict(zip(_MS_KEYS, ms.unbind(-1), strict=True))
+
+
+def _ms_of(ev: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return ev["ms_phi"], ev["ms_pu"], ev["ms_u"]
+
+
+def _offset_products(
+    q: Tensor, nrm: Tensor, direction: Tensor, s: Tensor, node_offset: Tensor
+) -> tuple[Tensor, ...]:
+    """Node -> PMT products of a bent track (``node_offset`` of :func:`direct_light_folded`): node k sits at
+    v + c_k, c_k = s_k d + dx_k, and emits about the unit axis e_k = (d + dd_k) / |d + dd_k|. The axis is
+    renormalised: for a finite kink (sampled sets, up to ~0.2 rad at a muon's stopping end) the unnormalised
+    axis shrinks every ring by ~|dd|^2 / (2 tan theta_c) (about 1.3 deg at 0.2 rad); to first order in a
+    transverse dd the two agree. q (E,P,3) vertex -> PMT, nrm (P,3), direction (E,3), s (E,K) [m],
+    node_offset (E,K,6) (dx [m], dd [rad]). Returns q.c_k, q.e_k, n.c_k (E,P,K) (per event, one matrix
+    product each: a pair's share is then one gathered number per node) and |c_k|^2, c_k.e_k (E,1,K)."""
+    c = s[..., None] * direction[:, None, :] + node_offset[..., :3]  # (E,K,3)
+    e = direction[:, None, :] + node_offset[..., 3:]
+    e = e / e.norm(dim=-1, keepdim=True)
+    ct, et = c.transpose(1, 2), e.transpose(1, 2)
+    return q @ ct, q @ et, nrm @ ct, (c * c).sum(-1)[:, None, :], (c * e).sum(-1)[:, None, :]
+
+
 def _ring_geometry(
     q: Tensor,
     q2: Tensor,
     direction: Tensor,
     s: Tensor,
-    ms: Tensor,
+    ms: tuple[Tensor, Tensor, Tensor],
     a: Tensor,
     nrm: Tensor,
     min_sigma: float,
-    offset: tuple[Tensor, Tensor] | None = None,
+    offset: tuple[Tensor, ...] | None = None,
 ) -> tuple[Tensor, ...]:
     """Node -> PMT geometry (R,C,K): dist, dist^2, 1/dist, cos_inc, sin alpha, alpha, ring variance (no
     chromatic term) and the MS covariance cov_u of :func:`ms_time_shift`. q (R,C,3) vertex -> PMT, q2 (R,C),
-    direction (R,3), s (R,K), ms (R,K,3) the nodes' multiple-scattering moments (:func:`fermi_eyges_moments`),
-    a (R|1,C,1), nrm (R|1,C,3).
-    offset: optional per-node displacement dx and direction change dd (R,K,3) each of a bent track (node k
-    at v + s_k d + dx_k, emitting about the unit axis (d + dd_k) / |d + dd_k|), for the fit's linear response
-    to multiple-scattering kinks and the sampled kink sets (``node_offset`` of :func:`direct_light_folded`).
-    The axis is renormalised: for a finite kink (sampled sets, up to ~0.2 rad at a muon's stopping end) the
-    unnormalised axis shrinks every ring by ~|dd|^2 / (2 tan theta_c) (about 1.3 deg at 0.2 rad); to first
-    order in a transverse dd the two agree."""
+    direction (R,3), s (R,K), ms the nodes' multiple-scattering moments Var phi, Cov(u, phi), Var u (R,K)
+    each (:func:`fermi_eyges_moments`), a (R|1,C,1), nrm (R|1,C,3).
+    offset: optional, a bent track's node -> PMT products (:func:`_offset_products`, taken at these pairs):
+    q.c_k, q.e_k, n.c_k (R,C,K), |c_k|^2, c_k.e_k (R,1,K) for node k at v + c_k emitting about the unit axis
+    e_k."""
     s = s[:, None, :]
     if offset is None:
         proj = (q * direction[:, None, :]).sum(-1)
@@ -754,17 +785,13 @@ def _ring_geometry(
         inv_d = 1.0 / dist
         cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
         cos_a = ((proj[..., None] - s) * inv_d).clamp(-1.0, 1.0)
-    else:  # node at c_k = s_k d + dx_k with axis e_k = d + dd_k; r = q - c_k via (R,C,3) x (R,3,K) products
-        dx, dd = offset
-        c = s[:, 0, :, None] * direction[:, None, :] + dx  # (R,K,3)
-        e = direction[:, None, :] + dd
-        e = e / e.norm(dim=-1, keepdim=True)
-        ct, et = c.transpose(1, 2), e.transpose(1, 2)
-        dist2 = (q2[..., None] - 2.0 * (q @ ct) + (c * c).sum(-1)[:, None, :]).clamp_min(1e-12)
+    else:  # node at v + c_k with axis e_k: the PMT sees it along r = q - c_k
+        qc, qe, nc, cc, ce = offset
+        dist2 = (q2[..., None] - 2.0 * qc + cc).clamp_min(1e-12)
         dist = torch.sqrt(dist2)
         inv_d = 1.0 / dist
-        cos_inc = ((nrm @ ct) - (q * nrm).sum(-1)[..., None]) * inv_d
-        cos_a = (((q @ et) - (c * e).sum(-1)[:, None, :]) * inv_d).clamp(-1.0, 1.0)
+        cos_inc = (nc - (q * nrm).sum(-1)[..., None]) * inv_d
+        cos_a = ((qe - ce) * inv_d).clamp(-1.0, 1.0)
     sin_a = torch.sqrt((1.0 - cos_a * cos_a).clamp_min(1e-12))
     alpha = torch.atan2(sin_a, cos_a)
     ms_var, cov_u = _ms_ring_terms(ms, cos_a * inv_d)
@@ -772,18 +799,36 @@ def _ring_geometry(
     return dist, dist2, inv_d, cos_inc, sin_a, alpha, sig2, cov_u
 
 
-def _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None) -> tuple[Tensor, ...]:
+I0E_MAJORANT_SHIFT = 2.1  # i0e(x) <= max(2 pi x - 2.1, 1)^(-1/2) for all x >= 0 (i0e_majorant)
+
+
+def i0e_majorant(x: Tensor) -> Tensor:
+    """An upper bound on the scaled Bessel function i0e(x) = exp(-x) I_0(x), x >= 0, without its series:
+    max(2 pi x - a, 1)^(-1/2) with a = ``I0E_MAJORANT_SHIFT``. From I_0(x) e^-x ~ (2 pi x)^(-1/2)
+    (1 + 1/(8x) + ...) (Abramowitz & Stegun 9.7.1), 1 / i0e(x)^2 = 2 pi x - pi/2 + O(1/x), and its minimum
+    of 1 / i0e(x)^2 - 2 pi x over x >= 0 is -2.065 (at x = 1.86; tabulated on a fine grid), so a = 2.1
+    majorises everywhere (i0e <= 1 covers 2 pi x - a < 1); it is tight to 1 + 0.04 / x at large x (the
+    sharp rings) and within 1.55x at small x (x ~ 0.5). tests/test_reconstruct.py checks it on
+    1e-8 <= x <= 1e9."""
+    return torch.rsqrt((2.0 * math.pi * x - I0E_MAJORANT_SHIFT).clamp_min(1.0))
+
+
+def _node_light(
+    q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset=None, bound=False
+) -> tuple[Tensor, ...]:
     """Per-node, per-band folded direct light before attenuation w (R,C,K,G) [p.e.] (the ring kernel times
     solid angle, acceptance, emission and detection; shapes and ev as in ``_folded_pairs``) and the geometry
     the time moments use: dist, cos_inc, sin alpha (R,C,K,1), ring offset alpha - theta_c and ring variance
-    (chromatic term included) (R,C,K,G), and the MS covariance cov_u of :func:`ms_time_shift` (R,C,K,1)."""
+    (chromatic term included) (R,C,K,G), and the MS covariance cov_u of :func:`ms_time_shift` (R,C,K,1).
+    bound: an upper bound on w instead (the ring kernel's Bessel factor by :func:`i0e_majorant`)."""
     dist, _, _, cos_inc, sin_a, alpha, sig2, cov_u = (
-        x[..., None] for x in _ring_geometry(q, q2, direction, ev["s"], ev["ms"], a, nrm, min_sigma, offset)
+        x[..., None] for x in _ring_geometry(q, q2, direction, ev["s"], _ms_of(ev), a, nrm, min_sigma, offset)
     )
     geo = disk_solid_angle(dist, cos_inc, a[..., None]) * acceptance(cos_inc)
     sig2 = sig2 + ev["var_th"][:, None]
     th = ev["th"][:, None]
-    ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * torch.special.i0e(alpha * th / sig2)
+    bessel = i0e_majorant if bound else torch.special.i0e
+    ring = torch.exp(-((alpha - th) ** 2) / (2.0 * sig2)) * bessel(alpha * th / sig2)
     w = ring * geo * (alpha / sin_a) / (2.0 * math.pi * sig2)
     w = w * ev["emit"][:, None] * det[..., None]
     return w, dist, cos_inc, sin_a, alpha - th, sig2, cov_u
@@ -791,8 +836,10 @@ def _node_light(q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset
 
 def _light_bound(q, q2, direction, ev, a, nrm, det, acceptance, min_sigma: float) -> Tensor:
     """(E,P) upper bound [p.e.] on each pair's folded direct light (see prune_mu): the node terms of
-    ``_folded_pairs`` summed without the attenuation factor S_0 <= 1."""
-    return _node_light(q, q2, nrm[None], direction, ev, a, det, acceptance, min_sigma)[0].sum((-2, -1))
+    ``_folded_pairs`` summed without the attenuation factor S_0 <= 1, their Bessel factor majorised."""
+    return _node_light(q, q2, nrm[None], direction, ev, a, det, acceptance, min_sigma, bound=True)[0].sum(
+        (-2, -1)
+    )
 
 
 def _folded_mu(q, q2, nrm, direction, ev, a, det, table, h, acceptance, min_sigma, offset=None) -> Tensor:
@@ -808,7 +855,7 @@ def _folded_pairs(
     """Folded direct light for R x C (event, PMT) pairs (shapes as in ``_ring_geometry``; ev holds the
     per-event node tensors s (R,K), ms (R,K,3) and, per colour band, th, var_th, dth_dn, emit (R,K,G); det
     (R|1,C,1) PMT detection factor; table: the Hermite tables of the bands' time moments (3 G columns) and
-    colour sums (6 G); offset: optional per-node (dx, dd) (R,K,3) each, see ``_ring_geometry``)."""
+    colour sums (6 G); offset: optional, a bent track's products at the pairs, see ``_ring_geometry``)."""
     w, dist, cos_inc, sin_a, ring_off, sig2, cov_u = _node_light(
         q, q2, nrm, direction, ev, a, det, acceptance, min_sigma, offset
     )
@@ -908,11 +955,11 @@ def ms_time_shift(
     return -(ng / C_M_PER_NS) * sin_a * cov_u * off / sig2
 
 
-def _ms_ring_terms(ms: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
+def _ms_ring_terms(ms: tuple[Tensor, Tensor, Tensor], lam: Tensor) -> tuple[Tensor, Tensor]:
     """Ring variance Var(phi + u lam) [rad^2] and Cov(u, phi + u lam) [m rad^2] (R,C,K) of nodes with the
-    multiple-scattering moments ms (R,K,3) (:func:`fermi_eyges_moments`), lam = cos(alpha) / d [1/m]
-    (R,C,K)."""
-    v_phi, c_pu, v_u = (ms[:, None, :, i] for i in range(3))
+    multiple-scattering moments ms = (Var phi, Cov(u, phi), Var u) (R,K) each (:func:`fermi_eyges_moments`),
+    lam = cos(alpha) / d [1/m] (R,C,K)."""
+    v_phi, c_pu, v_u = (m[:, None, :] for m in ms)
     cov_u = c_pu + v_u * lam
     return v_phi + c_pu * lam + cov_u * lam, cov_u
 

@@ -711,7 +711,7 @@ def test_ms_time_shift_is_the_gaussian_conditional_displacement() -> None:
 
     # the ring variance and cov_u from the Brownian moments, as the expectation computes them
     ring_var, cov_u = _ms_ring_terms(
-        torch.tensor([[[th2, th2 * s / 2, th2 * s * s / 3]]], dtype=F64), t(lam)[None]
+        torch.tensor([[[th2, th2 * s / 2, th2 * s * s / 3]]], dtype=F64).unbind(-1), t(lam)[None]
     )
     assert float(ring_var) == pytest.approx(sig2 - extra, rel=1e-12)
 
