@@ -71,8 +71,10 @@ __all__ = [
 
 def _hit_columns(obs: dict[str, Tensor], pmt_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The hit PMTs of each event packed into H = max hits columns (unhit PMTs have zero weight in both time
-    fits, so dropping them changes nothing but the cost): hit (E,H) bool, pos (E,H,3) [m], weight
-    w = charge + 1e-3 (E,H) (0 in padding), time (E,H) [ns], float64."""
+    fits, so dropping them changes nothing but the cost): hit (E,H) bool, pos (E,3,H) [m] (coordinates
+    first: the fits' element-wise steps and their sums over the coordinates run along contiguous rows of H,
+    several times faster on CPU than over a trailing axis of 3), weight w = charge + 1e-3 (E,H) (0 in
+    padding), time (E,H) [ns], float64."""
     hit = obs["hit"]
     dt = torch.float64
     n_max = max(int(hit.sum(1).max()) if hit.numel() else 0, 1)
@@ -80,7 +82,7 @@ def _hit_columns(obs: dict[str, Tensor], pmt_pos: Tensor) -> tuple[Tensor, Tenso
     hit_c = hit.gather(1, order)
     q = obs["charge"].to(dt).gather(1, order)
     w = torch.where(hit_c, q.clamp_min(0.0) + 1e-3, torch.zeros((), dtype=dt, device=hit.device))
-    pos = pmt_pos.to(device=hit.device, dtype=dt)[order]
+    pos = pmt_pos.to(device=hit.device, dtype=dt)[order].transpose(1, 2).contiguous()
     return hit_c, pos, w, obs["time"].to(dt).gather(1, order)
 
 
@@ -110,9 +112,9 @@ def time_residual_fit(
     hit, pos, w, t = _hit_columns(obs, pmt_pos)
     wsum = w.sum(1, keepdim=True).clamp_min(1e-12)
     inv_v = n_group / C_M_PER_NS
-    v = (0.5 * (w[..., None] * pos).sum(1) / wsum).detach().clone()
+    v = (0.5 * (w[:, None] * pos).sum(2) / wsum).detach().clone()
     with torch.no_grad():
-        d0 = (pos - v[:, None]).norm(dim=-1)
+        d0 = (pos - v[..., None]).norm(dim=1)
         r0 = torch.where(hit, t - d0 * inv_v, torch.full_like(t, float("inf")))
         # start t0 at the 20% quantile of the residuals (early direct light), robust to late hits
         srt = torch.sort(r0, 1).values
@@ -124,7 +126,7 @@ def time_residual_fit(
     opt = torch.optim.Adam([{"params": [v], "lr": lr}, {"params": [t0], "lr": lr * 5.0}])
     for _ in range(steps):
         opt.zero_grad()
-        d = torch.sqrt(((pos - v[:, None]) ** 2).sum(-1) + 1e-12)
+        d = torch.sqrt(((pos - v[..., None]) ** 2).sum(1) + 1e-12)
         z = (t - t0[:, None] - d * inv_v) / scale_ns
         loss = (w * time_loss(z)).sum(1) / wsum[:, 0]
         loss.sum().backward()
@@ -163,11 +165,11 @@ def track_time_fit(
     for _ in range(steps):
         opt.zero_grad()
         d = u / u.norm(dim=-1, keepdim=True)
-        q = pos - v[:, None]  # (E,H,3)
-        p = (q * d[:, None]).sum(-1)
-        r = torch.sqrt(((q * q).sum(-1) - p * p).clamp_min(1e-9))
+        q = pos - v[..., None]  # (E,3,H)
+        p = (q * d[..., None]).sum(1)
+        r = torch.sqrt(((q * q).sum(1) - p * p).clamp_min(1e-9))
         s = torch.minimum(torch.relu(p - r * cot_c), big_l)
-        dist = torch.sqrt(((q - s[..., None] * d[:, None]) ** 2).sum(-1) + 1e-12)
+        dist = torch.sqrt(((q - s[:, None] * d[..., None]) ** 2).sum(1) + 1e-12)
         z = (t - tt0[:, None] - s / C_M_PER_NS - dist * inv_v) / scale_ns
         loss = (w * time_loss(z)).sum(1) / wsum
         loss.sum().backward()
