@@ -1098,7 +1098,9 @@ def physics_response_for_run(
     indirect_trace: int = 0,
     device: str = "cpu",
 ):
-    """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation']);
+    """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation'];
+    the medium's scale parameters from config['medium_scales'] when the file records them, the optics'
+    reflectivities from config['optics']);
     ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson);
     indirect_trace: traced photons per event of the expected scattered and reflected light, held as a frozen
     per-PMT template during the fit (PhysicsResponse indirect template; 0: direct light only)."""
@@ -1116,11 +1118,14 @@ def physics_response_for_run(
     particle = sim.get("particle", "mu-")
     det = Detector.load(sim.get("detector", "wcte")).to(device)
     med = Medium.load(sim.get("medium", "water")).to(device)
+    if "medium_scales" in config:  # the run's values (absent from files written before they were recorded)
+        med.set_scales(config["medium_scales"], "run config medium_scales")
     sname = sim.get("sensors", "auto")
     sen = PMTResponse.load(_sensor_config_for(det) if sname == "auto" else sname, n_pmts=det.n_pmts).to(
         device
     )
-    opt = Optics.from_config(sim.get("optics", {}) or {})
+    # the run's reflectivities as recorded (config['optics']) over the request's optics
+    opt = Optics.from_config({**(sim.get("optics", {}) or {}), **(config.get("optics", {}) or {})})
     resp = PhysicsResponse(
         det,
         med,

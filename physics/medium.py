@@ -261,6 +261,8 @@ class Medium(nn.Module):
     sternheimer (dict a, k, x0, x1, cbar, delta0), radiation_length [m].
     """
 
+    SCALES = ("abs_scale", "rayleigh_scale", "mie_scale")
+
     def __init__(self, config: dict[str, Any], *, where: str = "medium") -> None:
         super().__init__()
         check_keys(
@@ -281,6 +283,26 @@ class Medium(nn.Module):
         self._init_rayleigh(config["rayleigh"], f"{where}.rayleigh")
         self._init_mie(config.get("mie", {"enabled": False}), f"{where}.mie")
         self._init_material(config["material"], f"{where}.material")
+
+    def scales(self) -> dict[str, float]:
+        """Current values of the scale parameters ``SCALES`` (after calibration or edits; +inf switches a
+        process off, e.g. rayleigh_scale = inf: no Rayleigh scattering), as recorded in run files."""
+        return {k: float(getattr(self, k).detach()) for k in self.SCALES}
+
+    def set_scales(self, values: Any, where: str = "medium_scales") -> None:
+        """Set scale parameters from a mapping with keys among ``SCALES``, each a number > 0 or +inf; any
+        other key or value raises ConfigError naming it (nothing is set then)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: got {values!r}, expected a mapping of {list(self.SCALES)}")
+        check_keys(values, required=(), optional=self.SCALES, where=where)
+        new = {}
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) > 0.0:
+                raise ConfigError(f"{where}.{k}: got {v!r}, allowed: a number > 0 or inf")
+            new[k] = float(v)
+        with torch.no_grad():
+            for k, v in new.items():
+                getattr(self, k).fill_(v)
 
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod

@@ -253,7 +253,9 @@ class Simulator:
         return _merge(parts)
 
     def config_dict(self) -> dict:
-        """Everything the run was made with: the request and the resolved configuration of every stage
+        """Everything the run was made with: the request and the resolved configuration of every stage, with
+        the current values of the medium's scale parameters (``medium_scales``: calibrated or edited after
+        construction, e.g. rayleigh_scale = inf for direct light only) and of the optics' reflectivities
         (the PMT table itself is written beside it by :func:`physics.io.write_run`)."""
         det = self.detector
         return {
@@ -268,6 +270,7 @@ class Simulator:
                 "photocoverage": det.photocoverage,
             },
             "medium": self.medium.config,
+            "medium_scales": self.medium.scales(),
             "optics": {
                 "wall_reflectivity": float(self.optics.wall_reflectivity.detach()),
                 "diffuse_fraction": float(self.optics.diffuse_fraction.detach()),

@@ -607,6 +607,43 @@ def test_response_for_run_indirect_option():
         physics_response_for_run(cfg, indirect_trace=-1)
 
 
+def test_response_for_run_takes_the_runs_medium_scales(tmp_path):
+    """A run made with Rayleigh scattering switched off after construction (rayleigh_scale = inf, as the
+    direct-light benchmarks and fitting.pid.contained_sample do) records the medium's scales in its config
+    (Simulator.config_dict 'medium_scales'; +inf survives the file's JSON), and physics_response_for_run
+    (photonfit reconstruct / pid) rebuilds the medium with them: its expected mu equals that of a response
+    on the simulator's own stages to 1e-12 relative; without the record (files written before it) the
+    preset's Rayleigh scattering attenuates the light (total mu lower by > 0.5 %). A bad value or key is a
+    ConfigError naming it."""
+    from fitting.reconstruct import physics_response_for_run
+    from physics.io import read_run, write_run
+
+    sim, res, resp_sim, _ = _direct_only_sim(1, seed=8)
+    src = tmp_path / "ev.h5"
+    write_run(src, config=sim.config_dict(), seed=8, truth=res["truth"], hits=res["hits"], n_events=1)
+    cfg = read_run(src).config
+    assert cfg["medium_scales"]["rayleigh_scale"] == math.inf
+    resp = physics_response_for_run(cfg)[0]
+    assert float(resp.medium.rayleigh_scale.detach()) == math.inf
+    p = {
+        "vertex": torch.tensor([VTX], dtype=F64),
+        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
+        "energy": torch.tensor([500.0], dtype=F64),
+        "t0": torch.zeros(1, dtype=F64),
+    }
+    with torch.no_grad():
+        mu = resp.expected(p)["mu"]
+        mu_sim = resp_sim.expected(p)["mu"]
+        mu_old = physics_response_for_run({k: v for k, v in cfg.items() if k != "medium_scales"})[0].expected(
+            p
+        )["mu"]
+    assert torch.allclose(mu, mu_sim, rtol=1e-12, atol=0.0)
+    assert float(mu_old.sum()) < 0.995 * float(mu.sum())
+    for bad, match in (({"rayleigh_scale": -1.0}, "medium_scales.rayleigh_scale"), ({"foo": 1.0}, "foo")):
+        with pytest.raises(ConfigError, match=match):
+            physics_response_for_run({**cfg, "medium_scales": bad})
+
+
 @pytest.mark.parametrize("optimiser", ["bfgs", "lm"])
 def test_fit_keeps_each_event_on_its_frozen_row(monkeypatch, optimiser):
     """fitting.reconstruct passes each evaluated row's index in the set it froze the response at
