@@ -737,7 +737,8 @@ def _ms_split(ms: Tensor) -> dict[str, Tensor]:
 
 
 def _ms_of(ev: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return ev["ms_phi"], ev["ms_pu"], ev["ms_u"]
+    """(Var phi, Cov(u, phi), Var u) of a node dict made with :func:`_ms_split` (per event or per pair)."""
+    return ev[_MS_KEYS[0]], ev[_MS_KEYS[1]], ev[_MS_KEYS[2]]
 
 
 def _offset_products(
