@@ -712,7 +712,9 @@ def direct_light_folded(
         table,
         h,
     )
-    off_kept = None if off is None else tuple(x[ei, pi][:, None] if x.shape[1] > 1 else x[ei] for x in off)
+    off_kept = None
+    if off is not None:  # per-pair products at the kept pairs, per-node ones of their events
+        off_kept = (tuple(x[ei, pi][:, None] for x in off[0]), tuple(x[ei] for x in off[1]))
     if mu_only:
         mu = _folded_mu(*pairs, acceptance, min_sigma, off_kept)
         return {"mu": torch.zeros_like(q2).index_put((ei, pi), mu[:, 0])}
@@ -743,19 +745,20 @@ def _ms_of(ev: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
 
 def _offset_products(
     q: Tensor, nrm: Tensor, direction: Tensor, s: Tensor, node_offset: Tensor
-) -> tuple[Tensor, ...]:
+) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Node -> PMT products of a bent track (``node_offset`` of :func:`direct_light_folded`): node k sits at
     v + c_k, c_k = s_k d + dx_k, and emits about the unit axis e_k = (d + dd_k) / |d + dd_k|. The axis is
     renormalised: for a finite kink (sampled sets, up to ~0.2 rad at a muon's stopping end) the unnormalised
     axis shrinks every ring by ~|dd|^2 / (2 tan theta_c) (about 1.3 deg at 0.2 rad); to first order in a
     transverse dd the two agree. q (E,P,3) vertex -> PMT, nrm (P,3), direction (E,3), s (E,K) [m],
-    node_offset (E,K,6) (dx [m], dd [rad]). Returns q.c_k, q.e_k, n.c_k (E,P,K) (per event, one matrix
-    product each: a pair's share is then one gathered number per node) and |c_k|^2, c_k.e_k (E,1,K)."""
+    node_offset (E,K,6) (dx [m], dd [rad]). Returns the per-pair products (q.c_k, q.e_k, n.c_k) (E,P,K) (per
+    event, one matrix product each: a pair's share is then one gathered number per node) and the per-node
+    ones (|c_k|^2, c_k.e_k) (E,1,K)."""
     c = s[..., None] * direction[:, None, :] + node_offset[..., :3]  # (E,K,3)
     e = direction[:, None, :] + node_offset[..., 3:]
     e = e / e.norm(dim=-1, keepdim=True)
     ct, et = c.transpose(1, 2), e.transpose(1, 2)
-    return q @ ct, q @ et, nrm @ ct, (c * c).sum(-1)[:, None, :], (c * e).sum(-1)[:, None, :]
+    return (q @ ct, q @ et, nrm @ ct), ((c * c).sum(-1)[:, None, :], (c * e).sum(-1)[:, None, :])
 
 
 def _ring_geometry(
@@ -767,15 +770,15 @@ def _ring_geometry(
     a: Tensor,
     nrm: Tensor,
     min_sigma: float,
-    offset: tuple[Tensor, ...] | None = None,
+    offset: tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, ...]:
     """Node -> PMT geometry (R,C,K): dist, dist^2, 1/dist, cos_inc, sin alpha, alpha, ring variance (no
     chromatic term) and the MS covariance cov_u of :func:`ms_time_shift`. q (R,C,3) vertex -> PMT, q2 (R,C),
     direction (R,3), s (R,K), ms the nodes' multiple-scattering moments Var phi, Cov(u, phi), Var u (R,K)
     each (:func:`fermi_eyges_moments`), a (R|1,C,1), nrm (R|1,C,3).
     offset: optional, a bent track's node -> PMT products (:func:`_offset_products`, taken at these pairs):
-    q.c_k, q.e_k, n.c_k (R,C,K), |c_k|^2, c_k.e_k (R,1,K) for node k at v + c_k emitting about the unit axis
-    e_k."""
+    ((q.c_k, q.e_k, n.c_k) (R,C,K), (|c_k|^2, c_k.e_k) (R,1,K)) for node k at v + c_k emitting about the
+    unit axis e_k."""
     s = s[:, None, :]
     if offset is None:
         proj = (q * direction[:, None, :]).sum(-1)
@@ -787,7 +790,7 @@ def _ring_geometry(
         cos_inc = (s * dn[..., None] - qn[..., None]) * inv_d
         cos_a = ((proj[..., None] - s) * inv_d).clamp(-1.0, 1.0)
     else:  # node at v + c_k with axis e_k: the PMT sees it along r = q - c_k
-        qc, qe, nc, cc, ce = offset
+        (qc, qe, nc), (cc, ce) = offset
         dist2 = (q2[..., None] - 2.0 * qc + cc).clamp_min(1e-12)
         dist = torch.sqrt(dist2)
         inv_d = 1.0 / dist
