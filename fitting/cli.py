@@ -60,6 +60,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         photons=res.get("photons"),
         waveforms=res.get("waveforms"),
         detector=sim.detector,
+        sensors=sim.sensors,
         overwrite=args.overwrite,
     )
     n_hits = len(res["hits"])

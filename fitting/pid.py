@@ -290,13 +290,20 @@ def sample_models(
 # CLI: photonfit pid events.h5 -o pid.h5
 # ----------------------------------------------------------------------------------------------------------
 def _responses_for_run(
-    config: dict[str, Any], hyps: list[str], track_nodes: int, depth_nodes: int, indirect_trace: int = 0
+    config: dict[str, Any],
+    hyps: list[str],
+    track_nodes: int,
+    depth_nodes: int,
+    indirect_trace: int = 0,
+    sensor_values: dict[str, Any] | None = None,
 ):
     from .reconstruct import physics_response_for_run
     from .response import PhysicsResponse, indirect_template
 
     ind = indirect_template(indirect_trace)
-    base, like, particle = physics_response_for_run(config, n_track_nodes=track_nodes)
+    base, like, particle = physics_response_for_run(
+        config, sensor_values=sensor_values, n_track_nodes=track_nodes
+    )
     out = {}
     for h in hyps:
         if h in TRACK_PARTICLES:
@@ -359,7 +366,7 @@ def _cmd_pid(args: argparse.Namespace) -> int:
 
     run = read_run(args.file, run=args.run)
     responses, like, particle = _responses_for_run(
-        run.config, args.hypotheses, args.track_nodes, args.depth_nodes, args.indirect
+        run.config, args.hypotheses, args.track_nodes, args.depth_nodes, args.indirect, run.sensors
     )
     res = identify(
         run.hits,

@@ -1093,6 +1093,7 @@ def resolutions(
 def physics_response_for_run(
     config: dict[str, Any],
     *,
+    sensor_values: dict[str, Any] | None = None,
     n_track_nodes: int = 32,
     ms_samples: int = 0,
     indirect_trace: int = 0,
@@ -1100,7 +1101,8 @@ def physics_response_for_run(
 ):
     """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation'];
     the medium's scale parameters from config['medium_scales'] when the file records them, the optics'
-    reflectivities from config['optics']);
+    reflectivities from config['optics'], the sensor model from config['sensors'] as recorded);
+    sensor_values: the run's per-PMT sensor values (RunData.sensors: qe_scale, gain, time_offset (P,));
     ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson);
     indirect_trace: traced photons per event of the expected scattered and reflected light, held as a frozen
     per-PMT template during the fit (PhysicsResponse indirect template; 0: direct light only)."""
@@ -1120,10 +1122,15 @@ def physics_response_for_run(
     med = Medium.load(sim.get("medium", "water")).to(device)
     if "medium_scales" in config:  # the run's values (absent from files written before they were recorded)
         med.set_scales(config["medium_scales"], "run config medium_scales")
-    sname = sim.get("sensors", "auto")
-    sen = PMTResponse.load(_sensor_config_for(det) if sname == "auto" else sname, n_pmts=det.n_pmts).to(
-        device
-    )
+    if isinstance(config.get("sensors"), dict):  # the run's resolved sensor model, as it was
+        sen = PMTResponse(config["sensors"], n_pmts=det.n_pmts).to(device)
+    else:
+        sname = sim.get("sensors", "auto")
+        sen = PMTResponse.load(_sensor_config_for(det) if sname == "auto" else sname, n_pmts=det.n_pmts).to(
+            device
+        )
+    if sensor_values is not None:
+        sen.set_per_pmt_values(dict(sensor_values), "run sensors")
     # the run's reflectivities as recorded (config['optics']) over the request's optics
     opt = Optics.from_config({**(sim.get("optics", {}) or {}), **(config.get("optics", {}) or {})})
     resp = PhysicsResponse(
@@ -1221,7 +1228,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
     run = read_run(args.file, run=args.run)
     resp, like, particle = physics_response_for_run(
-        run.config, n_track_nodes=args.track_nodes, ms_samples=args.ms_samples, indirect_trace=args.indirect
+        run.config,
+        sensor_values=run.sensors,
+        n_track_nodes=args.track_nodes,
+        ms_samples=args.ms_samples,
+        indirect_trace=args.indirect,
     )
     if particle not in TRACK_OK:
         raise ConfigError(

@@ -10,6 +10,7 @@ Layout of a file (h5py)::
     /<run>/photons/<field>  optional photon-level record (attr record_type: Photons, CathodeHits, ...)
     /<run>/waveforms/{samples (C,S) chunked+gzip, event, pmt, t_start}   attr sampling_ns
     /<run>/detector/{pmt_pos, pmt_normal, pmt_radius}   attrs name, shape, radius, height
+    /<run>/sensors/{qe_scale, gain, time_offset}   optional per-PMT sensor values (P,) the run was made with
 
 Every dataset carries a 'unit' attribute (m, ns, nm, MeV, p.e., 'ADC counts' or '1' for dimensionless/index).
 
@@ -116,7 +117,8 @@ class RunData:
     ``offsets`` (n_events+1,); photons: a physics.records record or None; waveforms: {'samples' (C,S),
     'event' (C,), 'pmt' (C,), 't_start' (C,) [ns], 'sampling_ns' float} or None; detector: {'name', 'shape',
     'radius' [m], 'height' [m] or None, 'pmt_pos' (P,3) [m], 'pmt_normal' (P,3), 'pmt_radius' (P,) [m]} or
-    None; units: {dataset path inside the run: unit}."""
+    None; sensors: {'qe_scale' (P,), 'gain' (P,), 'time_offset' (P,) [ns]} (float64) or None (files written
+    without them); units: {dataset path inside the run: unit}."""
 
     name: str
     config: dict[str, Any]
@@ -130,6 +132,7 @@ class RunData:
     photons: Any = None
     waveforms: dict[str, Any] | None = None
     detector: dict[str, Any] | None = None
+    sensors: dict[str, Tensor] | None = None
     units: dict[str, str] = field(default_factory=dict)
 
     def event_hits(self, event: int) -> Hits:
@@ -227,6 +230,29 @@ def _detector_table(det: Any) -> dict[str, Any]:
     return out
 
 
+SENSOR_UNITS = {"qe_scale": "1", "gain": "1", "time_offset": "ns"}
+
+
+def _sensor_values(sensors: Any, n_pmts: int | None) -> dict[str, np.ndarray]:
+    """PMTResponse (its per_pmt_values) or mapping -> {key: (P,) float64} for the SENSOR_UNITS keys present;
+    every array 1-D, finite, of one length P (the detector table's when given)."""
+    values = sensors.per_pmt_values() if hasattr(sensors, "per_pmt_values") else sensors
+    if not isinstance(values, dict) or not values or not set(values) <= set(SENSOR_UNITS):
+        got = sorted(values) if isinstance(values, dict) else type(values).__name__
+        raise ConfigError(
+            f"sensors: got {got}, expected a PMTResponse or a mapping with keys among {list(SENSOR_UNITS)}"
+        )
+    out = {k: _np(v, f"sensors[{k!r}]").astype(np.float64) for k, v in values.items()}
+    first = next(iter(out.values()))
+    p = n_pmts if n_pmts is not None else (first.shape[0] if first.ndim == 1 else -1)
+    for k, a in out.items():
+        if a.shape != (p,) or not np.isfinite(a).all():
+            raise ConfigError(
+                f"sensors[{k!r}]: shape {a.shape}, expected ({p},) finite numbers (one per PMT)"
+            )
+    return out
+
+
 def _prepare_hits(hits: Hits, n_events: int) -> dict[str, np.ndarray]:
     n = len(hits)
     for f in fields(Hits):
@@ -280,6 +306,7 @@ def write_run(
     photons: Any = None,
     waveforms: dict[str, Any] | None = None,
     detector: Any = None,
+    sensors: Any = None,
     run_name: str = "run0",
     overwrite: bool = False,
     append: bool = False,
@@ -291,7 +318,8 @@ def write_run(
     truth: {key: (n_events, ...) tensor/array} (units from TRUTH_UNITS or ``truth_units``); hits: Hits
     (sorted by event on write, stable); photons: optional record (Photons, CathodeHits, ...); waveforms:
     optional {'samples' (C,S), 'event' (C,), 'pmt' (C,), 't_start' (C,) [ns], 'sampling_ns'}; detector:
-    optional Detector or mapping with the PMT table.
+    optional Detector or mapping with the PMT table; sensors: optional PMTResponse (its current per-PMT
+    values) or mapping {'qe_scale', 'gain', 'time_offset' [ns]} of (P,) arrays.
     Existing file: FileExistsError unless ``overwrite`` (replace the file, or the run when ``append``) or
     ``append`` (add the run to the file; atomic copy-then-replace).
     """
@@ -355,6 +383,9 @@ def write_run(
             raise ConfigError(f"waveforms['sampling_ns']: got {sampling}, allowed: > 0")
         wave_np["sampling_ns"] = sampling
     det_np = _detector_table(detector) if detector is not None else None
+    sens_np = None
+    if sensors is not None:
+        sens_np = _sensor_values(sensors, None if det_np is None else det_np["pmt_pos"].shape[0])
 
     exists = path.exists()
     if exists and not (overwrite or append):
@@ -411,6 +442,10 @@ def write_run(
                 gd.attrs["length_unit"] = "m"
                 for k, unit in (("pmt_pos", "m"), ("pmt_normal", "1"), ("pmt_radius", "m")):
                     _write_dataset(gd, k, det_np[k], unit)
+            if sens_np is not None:
+                gs = g.create_group("sensors")
+                for k, arr in sens_np.items():
+                    _write_dataset(gs, k, arr, SENSOR_UNITS[k])
 
     _atomic_replace(write, path, copy_from=copy_from)
     return path
@@ -515,6 +550,10 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
                 radius=float(gd.attrs["radius"]),
                 height=None if np.isnan(height) else height,
             )
+        sensors = None
+        if "sensors" in g:
+            gs = g["sensors"]
+            sensors = {k: t(_read_dataset(gs, k, path)) for k in SENSOR_UNITS if k in gs}
         return RunData(
             name=run,
             config=json.loads(g.attrs["config"]),
@@ -528,5 +567,6 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
             photons=photons,
             waveforms=waveforms,
             detector=detector,
+            sensors=sensors,
             units=units,
         )

@@ -261,6 +261,53 @@ class PMTResponse(nn.Module):
         self.gain = nn.Parameter(torch.ones(self.n_pmts))
         self.time_offset = nn.Parameter(torch.zeros(self.n_pmts))
 
+    # ------------------------------------------------------------------ the run record
+    PER_PMT = ("qe_scale", "gain", "time_offset")
+
+    def current_config(self) -> dict[str, Any]:
+        """The construction config with the scalar settings as they are now (tts_ns, dark_rate_hz,
+        threshold_pe, spe.sigma may be edited after construction); ``PMTResponse(current_config(), P)``
+        rebuilds this sensor model apart from the per-PMT values (:meth:`per_pmt_values`)."""
+        out = dict(self.config)
+        out["spe"] = {**dict(self.config["spe"]), "sigma": self.spe_sigma}
+        out.update(tts_ns=self.tts_ns, dark_rate_hz=self.dark_rate_hz, threshold_pe=self.threshold_pe)
+        return out
+
+    def per_pmt_values(self) -> dict[str, np.ndarray]:
+        """Current per-PMT calibration values as float64 numpy arrays (P,): ``qe_scale`` [1], ``gain`` [1],
+        ``time_offset`` [ns] (what run files record beside the PMT table)."""
+        return {k: getattr(self, k).detach().cpu().double().numpy().copy() for k in self.PER_PMT}
+
+    def set_per_pmt_values(self, values: Any, where: str = "sensors") -> None:
+        """Set per-PMT values from a mapping with keys among ``PER_PMT``, each (P,) finite numbers
+        (qe_scale >= 0, gain > 0); a bad key, shape or value raises ConfigError naming it (nothing is set)."""
+        if not isinstance(values, dict):
+            raise ConfigError(
+                f"{where}: got {type(values).__name__}, expected a mapping of {list(self.PER_PMT)}"
+            )
+        check_keys(values, required=(), optional=self.PER_PMT, where=where)
+        new = {}
+        for k, v in values.items():
+            a = np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v)
+            if a.dtype.kind not in "iuf" or a.shape != (self.n_pmts,):
+                raise ConfigError(
+                    f"{where}.{k}: got dtype {a.dtype} shape {a.shape}, expected ({self.n_pmts},) numbers"
+                )
+            a = a.astype(np.float64)
+            ok, allowed = np.isfinite(a), "finite"
+            if k == "qe_scale":
+                ok, allowed = ok & (a >= 0), "finite and >= 0"
+            elif k == "gain":
+                ok, allowed = ok & (a > 0), "finite and > 0"
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise ConfigError(f"{where}.{k}[{i}]: got {float(a[i])!r}, allowed: {allowed}")
+            new[k] = a
+        with torch.no_grad():
+            for k, a in new.items():
+                p = getattr(self, k)
+                p.copy_(torch.from_numpy(a).to(device=p.device, dtype=p.dtype))
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def load(cls, name_or_path: str | os.PathLike = "default", n_pmts: int = 1) -> PMTResponse:

@@ -255,8 +255,9 @@ class Simulator:
     def config_dict(self) -> dict:
         """Everything the run was made with: the request and the resolved configuration of every stage, with
         the current values of the medium's scale parameters (``medium_scales``: calibrated or edited after
-        construction, e.g. rayleigh_scale = inf for direct light only) and of the optics' reflectivities
-        (the PMT table itself is written beside it by :func:`physics.io.write_run`)."""
+        construction, e.g. rayleigh_scale = inf for direct light only), of the optics' reflectivities and of
+        the sensors' scalar settings (the PMT table and the per-PMT sensor values are written beside it by
+        :func:`physics.io.write_run`)."""
         det = self.detector
         return {
             "simulation": asdict(self.cfg),
@@ -277,7 +278,7 @@ class Simulator:
                 "pmt_reflectivity": float(self.optics.pmt_reflectivity.detach()),
                 "max_rounds": self.optics.max_rounds,
             },
-            "sensors": self.sensors.config,
+            "sensors": self.sensors.current_config(),
             "electronics": None if self.electronics is None else self.electronics.config,
         }
 

@@ -644,6 +644,63 @@ def test_response_for_run_takes_the_runs_medium_scales(tmp_path):
             physics_response_for_run({**cfg, "medium_scales": bad})
 
 
+def test_response_for_run_takes_the_runs_sensor_values(tmp_path):
+    """Sensor values edited after construction (a calibration's per-PMT qe_scale, gain and time offsets; the
+    TTS and SPE width) are written with the run (write_run sensors= -> /<run>/sensors; the scalars in
+    Simulator.config_dict's sensors), and physics_response_for_run (photonfit reconstruct / pid) rebuilds
+    them: expected mu and mean times equal those of a response on the simulator's own stages to 1e-12
+    relative, and the likelihood constants are the same; without the per-PMT values the QE edits change mu
+    by > 10 % on some PMT and the offsets shift times. Bad values are a ConfigError naming the entry."""
+    from fitting.reconstruct import physics_response_for_run
+    from physics.io import read_run, write_run
+
+    sim, res, _, _ = _direct_only_sim(1, seed=8)
+    n_pmts = sim.detector.n_pmts
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        sim.sensors.qe_scale.copy_(0.7 + 0.6 * torch.rand(n_pmts, generator=g))
+        sim.sensors.gain.copy_(0.8 + 0.4 * torch.rand(n_pmts, generator=g))
+        sim.sensors.time_offset.copy_(2.0 * torch.randn(n_pmts, generator=g))
+    sim.sensors.tts_ns, sim.sensors.spe_sigma = 1.3, 0.4
+    resp_sim = PhysicsResponse(
+        sim.detector, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
+    )
+    kw = {"config": sim.config_dict(), "seed": 8, "truth": res["truth"], "hits": res["hits"], "n_events": 1}
+    run = read_run(write_run(tmp_path / "ev.h5", detector=sim.detector, sensors=sim.sensors, **kw))
+    assert run.units["sensors/time_offset"] == "ns" and run.sensors["qe_scale"].shape == (n_pmts,)
+    resp = physics_response_for_run(run.config, sensor_values=run.sensors)[0]
+    resp_old = physics_response_for_run(run.config)[0]
+    for k in ("qe_scale", "gain", "time_offset"):
+        assert torch.equal(getattr(resp.sensors, k), getattr(sim.sensors, k))
+    assert resp.likelihood_config() == resp_sim.likelihood_config()
+    assert resp.likelihood_config()["tts"] == 1.3
+    p = {
+        "vertex": torch.tensor([VTX], dtype=F64),
+        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
+        "energy": torch.tensor([500.0], dtype=F64),
+        "t0": torch.zeros(1, dtype=F64),
+    }
+    with torch.no_grad():
+        out, out_sim, out_old = (r.expected(p) for r in (resp, resp_sim, resp_old))
+    lit = out_sim["mu"] > 1.0
+    assert torch.allclose(out["mu"], out_sim["mu"], rtol=1e-12, atol=0.0)
+    assert torch.allclose(out["t_mean"][lit], out_sim["t_mean"][lit], rtol=1e-12, atol=0.0)
+    assert float((out_old["mu"][lit] / out_sim["mu"][lit] - 1).abs().max()) > 0.1
+    assert float((out_old["t_mean"][lit] - out_sim["t_mean"][lit]).abs().max()) > 1.0
+    bad_values = (
+        ({**run.sensors, "qe_scale": -run.sensors["qe_scale"]}, r"run sensors\.qe_scale\[0\]"),
+        ({"gain": torch.ones(3)}, r"run sensors\.gain"),
+        ({"time_offset": torch.full((n_pmts,), math.nan)}, r"run sensors\.time_offset\[0\]"),
+        ({"foo": torch.ones(n_pmts)}, "foo"),
+    )
+    for bad, match in bad_values:
+        with pytest.raises(ConfigError, match=match):
+            physics_response_for_run(run.config, sensor_values=bad)
+    with pytest.raises(ConfigError, match=r"sensors\['gain'\]"):
+        write_run(tmp_path / "bad.h5", detector=sim.detector, sensors={"gain": np.ones(n_pmts + 1)}, **kw)
+    assert not (tmp_path / "bad.h5").exists()
+
+
 @pytest.mark.parametrize("optimiser", ["bfgs", "lm"])
 def test_fit_keeps_each_event_on_its_frozen_row(monkeypatch, optimiser):
     """fitting.reconstruct passes each evaluated row's index in the set it froze the response at
