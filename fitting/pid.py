@@ -295,6 +295,7 @@ def _responses_for_run(
     track_nodes: int,
     depth_nodes: int,
     indirect_trace: int = 0,
+    detector_table: dict[str, Any] | None = None,
     sensor_values: dict[str, Any] | None = None,
 ):
     from .reconstruct import physics_response_for_run
@@ -302,7 +303,7 @@ def _responses_for_run(
 
     ind = indirect_template(indirect_trace)
     base, like, particle = physics_response_for_run(
-        config, sensor_values=sensor_values, n_track_nodes=track_nodes
+        config, detector_table=detector_table, sensor_values=sensor_values, n_track_nodes=track_nodes
     )
     out = {}
     for h in hyps:
@@ -366,7 +367,13 @@ def _cmd_pid(args: argparse.Namespace) -> int:
 
     run = read_run(args.file, run=args.run)
     responses, like, particle = _responses_for_run(
-        run.config, args.hypotheses, args.track_nodes, args.depth_nodes, args.indirect, run.sensors
+        run.config,
+        args.hypotheses,
+        args.track_nodes,
+        args.depth_nodes,
+        args.indirect,
+        run.detector,
+        run.sensors,
     )
     res = identify(
         run.hits,

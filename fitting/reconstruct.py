@@ -1093,6 +1093,7 @@ def resolutions(
 def physics_response_for_run(
     config: dict[str, Any],
     *,
+    detector_table: dict[str, Any] | None = None,
     sensor_values: dict[str, Any] | None = None,
     n_track_nodes: int = 32,
     ms_samples: int = 0,
@@ -1102,6 +1103,8 @@ def physics_response_for_run(
     """PhysicsResponse + HitLikelihood matching the simulation config of a run file (config['simulation'];
     the medium's scale parameters from config['medium_scales'] when the file records them, the optics'
     reflectivities from config['optics'], the sensor model from config['sensors'] as recorded);
+    detector_table: the run's recorded detector (RunData.detector: name, shape, radius, height and the PMT
+    table), used instead of the named preset when given;
     sensor_values: the run's per-PMT sensor values (RunData.sensors: qe_scale, gain, time_offset (P,));
     ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson);
     indirect_trace: traced photons per event of the expected scattered and reflected light, held as a frozen
@@ -1118,7 +1121,13 @@ def physics_response_for_run(
     ind = indirect_template(indirect_trace)
     sim = config.get("simulation", config)
     particle = sim.get("particle", "mu-")
-    det = Detector.load(sim.get("detector", "wcte")).to(device)
+    if detector_table is not None:  # the detector the run was made with, as recorded
+        t = detector_table
+        det = Detector(
+            t["name"], t["shape"], t["radius"], t["height"], t["pmt_pos"], t["pmt_normal"], t["pmt_radius"]
+        ).to(device)
+    else:
+        det = Detector.load(sim.get("detector", "wcte")).to(device)
     med = Medium.load(sim.get("medium", "water")).to(device)
     if "medium_scales" in config:  # the run's values (absent from files written before they were recorded)
         med.set_scales(config["medium_scales"], "run config medium_scales")
@@ -1229,6 +1238,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     run = read_run(args.file, run=args.run)
     resp, like, particle = physics_response_for_run(
         run.config,
+        detector_table=run.detector,
         sensor_values=run.sensors,
         n_track_nodes=args.track_nodes,
         ms_samples=args.ms_samples,

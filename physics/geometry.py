@@ -401,6 +401,12 @@ class Detector:
             x.to(**kw) for x in (self._pos64, self._nrm64, self._rad64)
         )
 
+    def pmt_table(self) -> dict[str, Tensor]:
+        """The PMT table in float64 on the CPU, as built: pmt_pos (P,3) [m], pmt_normal (P,3), pmt_radius
+        (P,) [m] (what run files record; ``Detector(name, shape, radius, height, **pmt_table())`` rebuilds
+        it)."""
+        return {"pmt_pos": self._pos64, "pmt_normal": self._nrm64, "pmt_radius": self._rad64}
+
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Detector:
         """Move (in place, like nn.Module.to) the PMT tensors to ``device`` / ``dtype``; returns self."""
         self.device = torch.device(device) if device is not None else self.device

@@ -206,8 +206,9 @@ def _detector_table(det: Any) -> dict[str, Any]:
         return getattr(det, key, default)
 
     out: dict[str, Any] = {}
+    table = det.pmt_table() if hasattr(det, "pmt_table") else {}  # a Detector's float64 table, as built
     for key in ("pmt_pos", "pmt_normal", "pmt_radius"):
-        v = get(key)
+        v = table.get(key, get(key))
         if v is None:
             raise ConfigError(
                 f"detector.{key}: missing; a detector table needs pmt_pos (P,3), "
