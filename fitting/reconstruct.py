@@ -1096,6 +1096,7 @@ def physics_response_for_run(
     detector_table: dict[str, Any] | None = None,
     sensor_values: dict[str, Any] | None = None,
     n_track_nodes: int = 32,
+    n_depth_nodes: int = 24,
     ms_samples: int = 0,
     indirect_trace: int = 0,
     device: str = "cpu",
@@ -1106,6 +1107,8 @@ def physics_response_for_run(
     detector_table: the run's recorded detector (RunData.detector: name, shape, radius, height and the PMT
     table), used instead of the named preset when given;
     sensor_values: the run's per-PMT sensor values (RunData.sensors: qe_scale, gain, time_offset (P,));
+    the response is the run's particle's (FIT_OK: a track on n_track_nodes cells or an EM cascade on
+    n_depth_nodes depth cells), a muon's for any other source (e.g. an isotropic calibration run);
     ms_samples: sampled kink sets of the multiple-scattering over-dispersion (PhysicsResponse, 0: Poisson);
     indirect_trace: traced photons per event of the expected scattered and reflected light, held as a frozen
     per-PMT template during the fit (PhysicsResponse indirect template; 0: direct light only)."""
@@ -1142,16 +1145,17 @@ def physics_response_for_run(
         sen.set_per_pmt_values(dict(sensor_values), "run sensors")
     # the run's reflectivities as recorded (config['optics']) over the request's optics
     opt = Optics.from_config({**(sim.get("optics", {}) or {}), **(config.get("optics", {}) or {})})
+    if particle in FIT_OK and particle not in TRACK_OK:
+        if ms_samples:
+            raise ConfigError(
+                f"ms_samples: got {ms_samples} for a {particle!r} run; the multiple-scattering "
+                f"over-dispersion is modelled for tracks {list(TRACK_OK)}, allowed here: 0"
+            )
+        shape = {"n_depth_nodes": n_depth_nodes}
+    else:
+        shape = {"n_track_nodes": n_track_nodes, "fold_wavelength": True, "ms_samples": ms_samples}
     resp = PhysicsResponse(
-        det,
-        med,
-        sen,
-        particle if particle in TRACK_OK else "mu-",
-        opt,
-        n_track_nodes=n_track_nodes,
-        fold_wavelength=True,
-        ms_samples=ms_samples,
-        indirect=ind,
+        det, med, sen, particle if particle in FIT_OK else "mu-", opt, indirect=ind, **shape
     )
     cfg = resp.likelihood_config()
     window = tuple(sim.get("dark_window_ns", (-100.0, 400.0)))
@@ -1241,13 +1245,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         detector_table=run.detector,
         sensor_values=run.sensors,
         n_track_nodes=args.track_nodes,
+        n_depth_nodes=args.depth_nodes,
         ms_samples=args.ms_samples,
         indirect_trace=args.indirect,
     )
-    if particle not in TRACK_OK:
+    if particle not in FIT_OK:
         raise ConfigError(
-            f"particle in {args.file!r}: {particle!r}; reconstruct supports {list(TRACK_OK)} "
-            "(no electron/shower expected model yet)"
+            f"particle in {args.file!r}: {particle!r}; reconstruct fits {list(FIT_OK)} (tracks and EM "
+            "cascades; a calibration source has no track to fit)"
         )
     t_start = time.perf_counter()
     fit = reconstruct(
@@ -1310,6 +1315,7 @@ def add_reconstruct_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--max-iter", type=int, default=60)
     r.add_argument("--batch-size", type=int, default=8, help="events fitted together")
     r.add_argument("--track-nodes", type=int, default=32, help="track quadrature cells of the expected model")
+    r.add_argument("--depth-nodes", type=int, default=24, help="cascade depth cells (e-, e+, gamma runs)")
     r.add_argument(
         "--ms-samples",
         type=int,
