@@ -445,6 +445,41 @@ def test_shower_vs_mc(particle):
     assert r["max_dt"] < 0.15 and abs(r["mean_dt"]) < 0.03
 
 
+def test_cascade_angular_cdf_is_the_primitive_of_the_pdf():
+    """cascade_angular_cdf (the P(1/C, z) table) against the closed form with torch.special.gammainc to 1e-9,
+    its autograd derivative against physics.emission.cascade_angular_pdf (1e-6 relative, away from the cusp at
+    cos = 1/n), and its difference over [-1, 1] against scipy quadrature of the pdf (1e-9 relative)."""
+    from scipy.integrate import quad
+
+    from physics.expected import cascade_angular_cdf
+
+    n = 1.344
+    a, b, c, d = emission.RW_ANGULAR_EM
+    x = torch.linspace(-1.0, 1.0, 4001, dtype=F64)
+    x = x[(x - 1.0 / n).abs() > 1e-3].requires_grad_()
+    g = cascade_angular_cdf(x, n)
+    y = x.detach() - 1.0 / n
+    z = -b * y.abs() ** c
+    closed = (
+        torch.sign(y)
+        * a
+        * math.gamma(1 / c)
+        / (c * (-b) ** (1 / c))
+        * torch.special.gammainc(torch.full_like(z, 1 / c), z)
+        + d * y
+    )
+    assert float((g.detach() - closed).abs().max()) < 1e-9
+    (dg,) = torch.autograd.grad(g.sum(), x)
+    pdf = emission.cascade_angular_pdf(x.detach(), n)
+    assert torch.allclose(dg, pdf, rtol=1e-6, atol=0.0)
+    ends = cascade_angular_cdf(torch.tensor([-1.0, 1.0], dtype=F64), n)
+    f = lambda t: float(emission.cascade_angular_pdf(torch.tensor(t, dtype=F64), n))  # noqa: E731
+    total = (
+        quad(f, -1.0, 1.0 / n, epsabs=0, epsrel=1e-12)[0] + quad(f, 1.0 / n, 1.0, epsabs=0, epsrel=1e-12)[0]
+    )
+    assert float(ends[1] - ends[0]) == pytest.approx(total, rel=1e-9)
+
+
 def test_gradcheck_electron():
     assert _gradcheck_event_parameters("e-", n_depth_nodes=12)
 
