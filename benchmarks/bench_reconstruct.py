@@ -1,6 +1,7 @@
 """Reconstruction benchmark: time per event (batched), BFGS, LM, L-BFGS, Adam; iminuit MIGRAD side by side.
 
-Events: 500 MeV mu- from a fixed contained vertex/direction (WCTE: (0, 0, -1.2) m along (0.2, 0.1, 1);
+Events: 500 MeV mu- (``--particle e-``: electrons, the EM-cascade response on 24 depth cells, BFGS, L-BFGS
+and Adam only, no MIGRAD) from a fixed contained vertex/direction (WCTE: (0, 0, -1.2) m along (0.2, 0.1, 1);
 SK: (0, 0, -5) m along the same direction), direct light only (wall/PMT reflection and Rayleigh off) so the
 physics response is the truth. The same NLL (HitLikelihood on PhysicsResponse, folded wavelengths, K = 32)
 is minimised by fitting.reconstruct with (a) per-event BFGS from the Fisher matrix (the default), (b) Fisher-
@@ -40,12 +41,13 @@ F64 = torch.float64
 DIRECTION = (0.2, 0.1, 1.0)
 
 
-def direct_light_simulator(detector: str, vertex, device: str = "cpu") -> Simulator:
-    """The benchmark events' simulator: 500 MeV mu- from ``vertex`` [m] along DIRECTION in ``detector``,
-    direct light only (wall/PMT reflection and Rayleigh off), so that the physics response is the truth."""
+def direct_light_simulator(detector: str, vertex, device: str = "cpu", particle: str = "mu-") -> Simulator:
+    """The benchmark events' simulator: 500 MeV ``particle`` from ``vertex`` [m] along DIRECTION in
+    ``detector``, direct light only (wall/PMT reflection and Rayleigh off), so that the physics response is
+    the truth."""
     cfg = SimConfig(
         detector=detector,
-        particle="mu-",
+        particle=particle,
         energy=500.0,
         vertex=vertex,
         direction=DIRECTION,
@@ -57,24 +59,31 @@ def direct_light_simulator(detector: str, vertex, device: str = "cpu") -> Simula
 
 
 def setup(
-    detector: str, vertex, n: int, seed: int, device: str = "cpu", ms_samples: int = 0, colour_groups: int = 1
+    detector: str,
+    vertex,
+    n: int,
+    seed: int,
+    device: str = "cpu",
+    ms_samples: int = 0,
+    colour_groups: int = 1,
+    particle: str = "mu-",
 ):
     """(simulator, n simulated events, physics response, likelihood) of the benchmark's events; ms_samples:
     the response's sampled kink sets for the multiple-scattering over-dispersion (0: Poisson counts);
-    colour_groups: the folded kernel's wavelength bands."""
-    sim = direct_light_simulator(detector, vertex, device)
+    colour_groups: the folded kernel's wavelength bands (muons); particle: mu- (a track on 32 cells) or e-
+    (an EM cascade on 24 depth cells)."""
+    sim = direct_light_simulator(detector, vertex, device, particle)
     res = sim.run(n, seed=seed, batch_size=n)
-    resp = PhysicsResponse(
-        sim.detector,
-        sim.medium,
-        sim.sensors,
-        "mu-",
-        sim.optics,
-        n_track_nodes=32,
-        fold_wavelength=True,
-        colour_groups=colour_groups,
-        ms_samples=ms_samples,
-    )
+    if particle == "mu-":
+        shape = {
+            "n_track_nodes": 32,
+            "fold_wavelength": True,
+            "colour_groups": colour_groups,
+            "ms_samples": ms_samples,
+        }
+    else:
+        shape = {"n_depth_nodes": 24}
+    resp = PhysicsResponse(sim.detector, sim.medium, sim.sensors, particle, sim.optics, **shape)
     like = HitLikelihood(**resp.likelihood_config(), window=sim.cfg.dark_window_ns).to(device)
     return sim, res, resp, like
 
@@ -134,7 +143,7 @@ def run_fit(res, resp, like, n, optimiser, dtype, max_iter, starts=1):
         n,
         resp,
         like,
-        "mu-",
+        resp.particle,
         n_starts=starts,
         optimiser=optimiser,
         batch_size=n,
@@ -239,19 +248,30 @@ def main() -> None:
         help="MS over-dispersion: sampled kink sets (negative-binomial counts; 0: Poisson)",
     )
     ap.add_argument("--colour-groups", type=int, default=1, help="the folded kernel's wavelength bands")
+    ap.add_argument("--particle", default="mu-", choices=["mu-", "e-"], help="e-: no LM, no MIGRAD")
     ap.add_argument("--name", default=None, help="result name (default reconstruct_{device}[_{T}threads])")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
+    muon = a.particle == "mu-"
+    model = (
+        f"folded wavelengths ({a.colour_groups} band(s)), K=32, (event, PMT) pairs with direct light bounded "
+        f"below {PRUNE_MU} p.e. skipped"
+        if muon
+        else "EM cascade on 24 depth cells, float64 Fisher-scoring polish and covariance"
+    )
     out: dict = {
         "config": vars(a),
-        "notes": f"500 MeV mu-, direct light only, folded wavelengths ({a.colour_groups} band(s)), K=32, "
-        "(event, PMT) pairs with "
-        f"direct light bounded below {PRUNE_MU} p.e. skipped; {a.threads} torch thread(s) on {a.device}; "
-        "seconds include the pre-fit, the optimiser and the float64 Hessian/Newton polish",
+        "notes": f"500 MeV {a.particle}, direct light only, {model}; {a.threads} torch thread(s) on "
+        f"{a.device}; seconds include the pre-fit, the optimiser and the float64 Hessian/Newton polish",
     }
+    if not muon:
+        a.optimisers = ",".join(o for o in a.optimisers.split(",") if o != "lm")
+        a.ours, a.minuit, a.skip_kernel = "bfgs", 0, True
     n = a.events
-    sim, res, resp, like = setup("wcte", (0.0, 0.0, -1.2), n, 5, a.device, a.ms_samples, a.colour_groups)
+    sim, res, resp, like = setup(
+        "wcte", (0.0, 0.0, -1.2), n, 5, a.device, a.ms_samples, a.colour_groups, a.particle
+    )
     if not a.skip_kernel:
         out["expected_model_ms_mu_plus_grad_wcte"] = {
             "exact_K128_f64": 1e3 * time_expected(sim, 128, False, F64),
@@ -326,7 +346,9 @@ def main() -> None:
         print("minuit", wc["minuit_vs_ours"])
     out["wcte"] = wc
     if a.sk > 0:
-        sim, res, resp, like = setup("sk", (0.0, 0.0, -5.0), a.sk, 6, a.device, a.ms_samples, a.colour_groups)
+        sim, res, resp, like = setup(
+            "sk", (0.0, 0.0, -5.0), a.sk, 6, a.device, a.ms_samples, a.colour_groups, a.particle
+        )
         sk_opts = [o for o in a.optimisers.split(",") if o != "adam"]
         for opt in sk_opts:
             run_fit({"hits": res["hits"].select(res["hits"].event < 1)}, resp, like, 1, opt, torch.float32, 2)
