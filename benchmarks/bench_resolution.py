@@ -22,6 +22,13 @@ nodes (128: the bent track's sharper rings converge there, to 1 % against 256 in
 keeps --track-nodes). Cost of the hybrid bound with 16 modes on 128 nodes, 2 threads: ~1.5 s (WCTE), ~8 s
 (SK) per event and kink set.
 
+Electron cells get the bound with the cascade's light-yield fluctuation (``crb_yield_68``): the MC draws each
+cascade's Cherenkov track length l from N(l(E), sigma_l) (physics.emission.shower_track_length, Raedel &
+Wiebusch: sigma_l / l = 2.4, 1.5, 1.1 % at 200, 500, 1000 MeV) and the light is proportional to l, which the
+expected model (the mean) cannot tell from the energy (l ~ E^1.000002): the bound's log E variance gets
+(sigma_l / l)^2 added (independent of the rest; its leak into the vertex through the fit's correlations is
+neglected).
+
 Everything follows --device (simulation, fits, Fisher) and works in batches of events.
 Writes benchmarks/results/resolution_{device}.json (atomic). Small CPU check:
   python benchmarks/bench_resolution.py --events 2 --detectors wcte --particles mu- --energies 500
@@ -48,7 +55,7 @@ from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.config import ConfigError  # noqa: E402
 from physics.constants import SHOWER_PARTICLES, TRACK_PARTICLES  # noqa: E402
-from physics.emission import csda_range, shower_params  # noqa: E402
+from physics.emission import csda_range, shower_params, shower_track_length  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
 
 F64 = torch.float64
@@ -188,6 +195,12 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
     t_fisher = time.perf_counter() - t
     # the hybrid bound: the track's multiple-scattering kinks as random nuisance parameters (each event is
     # one bent track; fitting.fisher.hybrid_fisher); None for responses without kinks (showers)
+    crb_yield = None
+    if particle not in TRACK_PARTICLES:  # the cascade's track-length fluctuation on top (module doc)
+        l_mean, l_sig = shower_track_length(particle, truth["energy"], sim.medium)
+        cov_y = cov.clone()
+        cov_y[:, 5, 5] = cov_y[:, 5, 5] + (l_sig / l_mean) ** 2
+        crb_yield = crb_quantiles(cov_y, n_samples=a.crb_samples, seed=seed + 3)
     crb_hyb, t_hybrid, n_h = None, 0.0, 0
     if a.kink_sets > 0 and particle in TRACK_PARTICLES:
         t = time.perf_counter()
@@ -272,6 +285,15 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
         k: cell["resolution_68"][k] / cell["crb_68"][k] if cell["crb_68"][k] > 0 else float("nan")
         for k in cell["crb_68"]
     }
+    if crb_yield is not None:
+        cell["crb_yield_68"] = {
+            "vertex_m": crb_yield["vertex_pooled"],
+            "angle_deg": math.degrees(crb_yield["angle_pooled"]),
+            "energy_frac": crb_yield["energy_pooled"],
+        }
+        cell["ratio_resolution_over_crb_yield"] = {
+            k: cell["resolution_68"][k] / cell["crb_yield_68"][k] for k in cell["crb_yield_68"]
+        }
     if crb_hyb is not None:
         cell["crb_hybrid_68"] = {
             "vertex_m": crb_hyb["vertex_pooled"],
@@ -338,7 +360,13 @@ def main() -> None:
                     f"x{q['vertex_m']:.2f}) | "
                     f"angle {r['angle_deg']:5.2f} deg (CRB {b['angle_deg']:5.2f}, x{q['angle_deg']:.2f}) | "
                     f"energy {100 * r['energy_frac']:5.1f}% (CRB {100 * b['energy_frac']:4.1f}, "
-                    f"x{q['energy_frac']:.2f}) | fit {c['seconds']['fit_per_event']:.2f} s/ev",
+                    f"x{q['energy_frac']:.2f}"
+                    + (
+                        f"; yield x{c['ratio_resolution_over_crb_yield']['energy_frac']:.2f}"
+                        if "crb_yield_68" in c
+                        else ""
+                    )
+                    + f") | fit {c['seconds']['fit_per_event']:.2f} s/ev",
                     flush=True,
                 )
                 if "crb_hybrid_68" in c:
