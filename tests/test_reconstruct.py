@@ -75,6 +75,16 @@ def _direct_only_sim(
     return sim, res, resp, like
 
 
+def _bench_muon() -> dict[str, torch.Tensor]:
+    """Float64 event parameters of _direct_only_sim's default event (a 500 MeV muon at VTX along DIR)."""
+    return {
+        "vertex": torch.tensor([VTX], dtype=F64),
+        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
+        "energy": torch.tensor([500.0], dtype=F64),
+        "t0": torch.zeros(1, dtype=F64),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------
 def test_folded_wavelength_matches_exact_quadrature():
     """Folded (O(EPK)) vs exact (O(EPKL)) direct light: total mu to 0.3%, PMTs > 5 p.e. to 1.5%,
@@ -626,12 +636,7 @@ def test_response_for_run_takes_the_runs_medium_scales(tmp_path):
     assert cfg["medium_scales"]["rayleigh_scale"] == math.inf
     resp = physics_response_for_run(cfg)[0]
     assert float(resp.medium.rayleigh_scale.detach()) == math.inf
-    p = {
-        "vertex": torch.tensor([VTX], dtype=F64),
-        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
-        "energy": torch.tensor([500.0], dtype=F64),
-        "t0": torch.zeros(1, dtype=F64),
-    }
+    p = _bench_muon()
     with torch.no_grad():
         mu = resp.expected(p)["mu"]
         mu_sim = resp_sim.expected(p)["mu"]
@@ -675,12 +680,7 @@ def test_response_for_run_takes_the_runs_sensor_values(tmp_path):
         assert torch.equal(getattr(resp.sensors, k), getattr(sim.sensors, k))
     assert resp.likelihood_config() == resp_sim.likelihood_config()
     assert resp.likelihood_config()["tts"] == 1.3
-    p = {
-        "vertex": torch.tensor([VTX], dtype=F64),
-        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
-        "energy": torch.tensor([500.0], dtype=F64),
-        "t0": torch.zeros(1, dtype=F64),
-    }
+    p = _bench_muon()
     with torch.no_grad():
         out, out_sim, out_old = (r.expected(p) for r in (resp, resp_sim, resp_old))
     lit = out_sim["mu"] > 1.0
@@ -733,12 +733,7 @@ def test_response_for_run_takes_the_runs_detector(tmp_path):
     resp_turned = PhysicsResponse(
         turned, sim.medium, sim.sensors, "mu-", sim.optics, n_track_nodes=32, fold_wavelength=True
     )
-    p = {
-        "vertex": torch.tensor([VTX], dtype=F64),
-        "direction": torch.tensor([DIR], dtype=F64) / torch.tensor(DIR, dtype=F64).norm(),
-        "energy": torch.tensor([500.0], dtype=F64),
-        "t0": torch.zeros(1, dtype=F64),
-    }
+    p = _bench_muon()
     with torch.no_grad():
         mu, mu_turned, mu_preset = (r.expected(p)["mu"] for r in (resp, resp_turned, resp_preset))
     assert torch.allclose(mu, mu_turned, rtol=1e-12, atol=0.0)
