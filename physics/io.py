@@ -41,6 +41,7 @@ import physics
 from physics import records as _records
 from physics.config import ConfigError
 from physics.records import Hits, event_offsets
+from physics.sensors import PER_PMT_UNITS, check_per_pmt_values
 
 FORMAT_NAME = "photonfit-run"
 FORMAT_VERSION = "1.0"
@@ -231,29 +232,6 @@ def _detector_table(det: Any) -> dict[str, Any]:
     return out
 
 
-SENSOR_UNITS = {"qe_scale": "1", "gain": "1", "time_offset": "ns"}
-
-
-def _sensor_values(sensors: Any, n_pmts: int | None) -> dict[str, np.ndarray]:
-    """PMTResponse (its per_pmt_values) or mapping -> {key: (P,) float64} for the SENSOR_UNITS keys present;
-    every array 1-D, finite, of one length P (the detector table's when given)."""
-    values = sensors.per_pmt_values() if hasattr(sensors, "per_pmt_values") else sensors
-    if not isinstance(values, dict) or not values or not set(values) <= set(SENSOR_UNITS):
-        got = sorted(values) if isinstance(values, dict) else type(values).__name__
-        raise ConfigError(
-            f"sensors: got {got}, expected a PMTResponse or a mapping with keys among {list(SENSOR_UNITS)}"
-        )
-    out = {k: _np(v, f"sensors[{k!r}]").astype(np.float64) for k, v in values.items()}
-    first = next(iter(out.values()))
-    p = n_pmts if n_pmts is not None else (first.shape[0] if first.ndim == 1 else -1)
-    for k, a in out.items():
-        if a.shape != (p,) or not np.isfinite(a).all():
-            raise ConfigError(
-                f"sensors[{k!r}]: shape {a.shape}, expected ({p},) finite numbers (one per PMT)"
-            )
-    return out
-
-
 def _prepare_hits(hits: Hits, n_events: int) -> dict[str, np.ndarray]:
     n = len(hits)
     for f in fields(Hits):
@@ -385,8 +363,9 @@ def write_run(
         wave_np["sampling_ns"] = sampling
     det_np = _detector_table(detector) if detector is not None else None
     sens_np = None
-    if sensors is not None:
-        sens_np = _sensor_values(sensors, None if det_np is None else det_np["pmt_pos"].shape[0])
+    if sensors is not None:  # a PMTResponse's current values or a mapping, checked as a response takes them
+        values = sensors.per_pmt_values() if hasattr(sensors, "per_pmt_values") else sensors
+        sens_np = check_per_pmt_values(values, None if det_np is None else det_np["pmt_pos"].shape[0])
 
     exists = path.exists()
     if exists and not (overwrite or append):
@@ -446,7 +425,7 @@ def write_run(
             if sens_np is not None:
                 gs = g.create_group("sensors")
                 for k, arr in sens_np.items():
-                    _write_dataset(gs, k, arr, SENSOR_UNITS[k])
+                    _write_dataset(gs, k, arr, PER_PMT_UNITS[k])
 
     _atomic_replace(write, path, copy_from=copy_from)
     return path
@@ -554,7 +533,7 @@ def read_run(path: str | os.PathLike, run: str | None = None, device: torch.devi
         sensors = None
         if "sensors" in g:
             gs = g["sensors"]
-            sensors = {k: t(_read_dataset(gs, k, path)) for k in SENSOR_UNITS if k in gs}
+            sensors = {k: t(_read_dataset(gs, k, path)) for k in PER_PMT_UNITS if k in gs}
         return RunData(
             name=run,
             config=json.loads(g.attrs["config"]),

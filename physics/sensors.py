@@ -229,6 +229,41 @@ def _validate(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+PER_PMT_UNITS = {"qe_scale": "1", "gain": "1", "time_offset": "ns"}  # per-PMT calibration values
+
+
+def check_per_pmt_values(values: Any, n_pmts: int | None, where: str = "sensors") -> dict[str, np.ndarray]:
+    """A non-empty mapping with keys among ``PER_PMT_UNITS`` -> {key: (P,) float64 numpy}: each value (P,)
+    finite numbers, qe_scale >= 0, gain > 0, P = ``n_pmts`` (None: the first array's length). A bad key,
+    shape or value raises ConfigError naming it (``where``.key[i]). Used by
+    :meth:`PMTResponse.set_per_pmt_values` and by :func:`physics.io.write_run` (what a file records is what a
+    response can be rebuilt with)."""
+    if not isinstance(values, dict) or not values:
+        got = sorted(map(str, values)) if isinstance(values, dict) else type(values).__name__
+        raise ConfigError(f"{where}: got {got}, expected a mapping with keys among {list(PER_PMT_UNITS)}")
+    check_keys(values, required=(), optional=PER_PMT_UNITS, where=where)
+    out = {}
+    for k, v in values.items():
+        a = np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v)
+        if n_pmts is None and a.ndim == 1:
+            n_pmts = a.shape[0]
+        if a.dtype.kind not in "iuf" or a.shape != (n_pmts,):
+            raise ConfigError(
+                f"{where}.{k}: got dtype {a.dtype} shape {a.shape}, expected ({n_pmts},) numbers"
+            )
+        a = a.astype(np.float64)
+        ok, allowed = np.isfinite(a), "finite"
+        if k == "qe_scale":
+            ok, allowed = ok & (a >= 0), "finite and >= 0"
+        elif k == "gain":
+            ok, allowed = ok & (a > 0), "finite and > 0"
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise ConfigError(f"{where}.{k}[{i}]: got {float(a[i])!r}, allowed: {allowed}")
+        out[k] = a
+    return out
+
+
 class PMTResponse(nn.Module):
     """Per-PMT sensor stage (see module docstring for the physics).
 
@@ -262,7 +297,7 @@ class PMTResponse(nn.Module):
         self.time_offset = nn.Parameter(torch.zeros(self.n_pmts))
 
     # ------------------------------------------------------------------ the run record
-    PER_PMT = ("qe_scale", "gain", "time_offset")
+    PER_PMT = tuple(PER_PMT_UNITS)
 
     def current_config(self) -> dict[str, Any]:
         """The construction config with the scalar settings as they are now (tts_ns, dark_rate_hz,
@@ -279,30 +314,9 @@ class PMTResponse(nn.Module):
         return {k: getattr(self, k).detach().cpu().double().numpy().copy() for k in self.PER_PMT}
 
     def set_per_pmt_values(self, values: Any, where: str = "sensors") -> None:
-        """Set per-PMT values from a mapping with keys among ``PER_PMT``, each (P,) finite numbers
-        (qe_scale >= 0, gain > 0); a bad key, shape or value raises ConfigError naming it (nothing is set)."""
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"{where}: got {type(values).__name__}, expected a mapping of {list(self.PER_PMT)}"
-            )
-        check_keys(values, required=(), optional=self.PER_PMT, where=where)
-        new = {}
-        for k, v in values.items():
-            a = np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v)
-            if a.dtype.kind not in "iuf" or a.shape != (self.n_pmts,):
-                raise ConfigError(
-                    f"{where}.{k}: got dtype {a.dtype} shape {a.shape}, expected ({self.n_pmts},) numbers"
-                )
-            a = a.astype(np.float64)
-            ok, allowed = np.isfinite(a), "finite"
-            if k == "qe_scale":
-                ok, allowed = ok & (a >= 0), "finite and >= 0"
-            elif k == "gain":
-                ok, allowed = ok & (a > 0), "finite and > 0"
-            if not ok.all():
-                i = int(np.flatnonzero(~ok)[0])
-                raise ConfigError(f"{where}.{k}[{i}]: got {float(a[i])!r}, allowed: {allowed}")
-            new[k] = a
+        """Set per-PMT values from a mapping checked by :func:`check_per_pmt_values` (P = this model's
+        n_pmts); a bad key, shape or value raises ConfigError naming it (nothing is set)."""
+        new = check_per_pmt_values(values, self.n_pmts, where)
         with torch.no_grad():
             for k, a in new.items():
                 p = getattr(self, k)
