@@ -254,11 +254,7 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
             "energy_frac_mean": float(r["de_frac"][m].mean()) if int(m.sum()) else float("nan"),
             "local": s["bias"],
         },
-        "crb_68": {
-            "vertex_m": crb["vertex_pooled"],
-            "angle_deg": math.degrees(crb["angle_pooled"]),
-            "energy_frac": crb["energy_pooled"],
-        },
+        "crb_68": _pooled_68(crb),
         "crb_68_median_per_event": {
             "vertex_m": med(crb["vertex"]),
             "angle_deg": math.degrees(med(crb["angle"])),
@@ -281,33 +277,32 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
             "hybrid_fisher_per_event": t_hybrid / max(n_h, 1),
         },
     }
-    cell["ratio_resolution_over_crb"] = {
-        k: cell["resolution_68"][k] / cell["crb_68"][k] if cell["crb_68"][k] > 0 else float("nan")
-        for k in cell["crb_68"]
-    }
+    cell["ratio_resolution_over_crb"] = _ratio(cell["resolution_68"], cell["crb_68"])
     if crb_yield is not None:
-        cell["crb_yield_68"] = {
-            "vertex_m": crb_yield["vertex_pooled"],
-            "angle_deg": math.degrees(crb_yield["angle_pooled"]),
-            "energy_frac": crb_yield["energy_pooled"],
-        }
-        cell["ratio_resolution_over_crb_yield"] = {
-            k: cell["resolution_68"][k] / cell["crb_yield_68"][k] for k in cell["crb_yield_68"]
-        }
+        cell["crb_yield_68"] = _pooled_68(crb_yield)
+        cell["ratio_resolution_over_crb_yield"] = _ratio(cell["resolution_68"], cell["crb_yield_68"])
     if crb_hyb is not None:
-        cell["crb_hybrid_68"] = {
-            "vertex_m": crb_hyb["vertex_pooled"],
-            "angle_deg": math.degrees(crb_hyb["angle_pooled"]),
-            "energy_frac": crb_hyb["energy_pooled"],
-        }
+        cell["crb_hybrid_68"] = _pooled_68(crb_hyb)
         cell["crb_hybrid_events"] = n_h
         cell["crb_hybrid_kink_sets"] = a.kink_sets
         cell["crb_hybrid_ok"] = int(crb_hyb["ok"].sum())
-        cell["ratio_resolution_over_crb_hybrid"] = {
-            k: cell["resolution_68"][k] / cell["crb_hybrid_68"][k] for k in cell["crb_hybrid_68"]
-        }
+        cell["ratio_resolution_over_crb_hybrid"] = _ratio(cell["resolution_68"], cell["crb_hybrid_68"])
     cell["within_20pct_of_crb"] = {k: bool(v <= 1.2) for k, v in cell["ratio_resolution_over_crb"].items()}
     return cell
+
+
+def _pooled_68(q: dict) -> dict[str, float]:
+    """A bound's pooled 68 % quantities (fitting.fisher.crb_quantiles) in the table's units."""
+    return {
+        "vertex_m": q["vertex_pooled"],
+        "angle_deg": math.degrees(q["angle_pooled"]),
+        "energy_frac": q["energy_pooled"],
+    }
+
+
+def _ratio(resolution: dict[str, float], bound: dict[str, float]) -> dict[str, float]:
+    """resolution / bound per quantity (NaN where the bound is not positive)."""
+    return {k: resolution[k] / bound[k] if bound[k] > 0 else float("nan") for k in bound}
 
 
 def main() -> None:
