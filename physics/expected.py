@@ -1168,45 +1168,79 @@ def _shower_profile(particle: str, energy: Tensor) -> tuple[Tensor, Tensor]:
     return a, torch.full_like(a, b)
 
 
-def shower_depth_nodes(
-    particle: str, energy: Tensor, n_nodes: int = 48, n_series: int = 48
-) -> dict[str, Tensor]:
-    """Midpoint quadrature of the longitudinal Cherenkov profile of an EM cascade, in radiation lengths.
+# scale of the exponential that spaces the cascade's depth cells, in units of the profile's mean depth. At 24
+# cells, 500 MeV e-, three events per detector, the per-PMT mu error against 2000 cells (mu-weighted rms over
+# PMTs above 1 p.e.) is 0.9-2.3 % in WCTE and 0.2-0.3 % in SK; scale 3: 1.1-2.9 % and 0.1-0.3 %; cells uniform
+# up to the wall: 1.0-2.3 % and 0.3-0.5 %; the former uniform cells on [0, t_max] with midpoint weights:
+# 4.5-24 % in WCTE (cells straddling the wall)
+SHOWER_CELL_SCALE = 5.0
+
+
+def _shower_logpdf(particle: str, a: Tensor, b: Tensor, t: Tensor, n_series: int = 48) -> Tensor:
+    """log dP/dt [1/X0] of the cascade's longitudinal profile at depths t [X0] (> 0); a, b broadcast with t.
 
     Electrons/positrons: dP/dt = b^a t^(a-1) exp(-b t) / Gamma(a) (Longo & Sestili, NIM 128 (1975) 283; R&W
     2012 eq. 4.1-4.3 for a(E), b). Gammas: the electron profile delayed by the pair-conversion depth,
     exponential with rate lambda = 7/9 per X0 (PDG eq. 34.31), i.e. the convolution
     dP/dt = lambda b^a / Gamma(a) exp(-lambda t) sum_n c^n t^(a+n) / (n! (a+n)),  c = lambda - b
-    (termwise integration of int_0^t v^(a-1) exp(c v) dv; all terms positive). This is the depth
-    distribution sampled by physics.emission.shower_photons. K cells uniform on [0, t_max],
-    t_max = (a + 6 sqrt(a) + 6) / b (+ 10 * 9/7 for gammas), weights pdf(t_k) dt normalised to 1 -- smooth
-    in the energy through a (nodes and weights). energy (E,) [MeV]; returns (E,K) tensors t [X0],
-    dt [X0], w (sum 1).
+    (termwise integration of int_0^t v^(a-1) exp(c v) dv; all terms positive).
+    """
+    log_t = torch.log(t)
+    if particle != "gamma":
+        return a * torch.log(b) + (a - 1.0) * log_t - b * t - torch.lgamma(a)
+    lam = 1.0 / GAMMA_CONVERSION_X0
+    c = (lam - b)[..., None]  # > 0 for the R&W b = 0.632
+    nn_ = torch.arange(n_series, dtype=t.dtype, device=t.device)
+    a_ = a[..., None]
+    terms = nn_ * torch.log(c) + (a_ + nn_) * log_t[..., None] - torch.lgamma(nn_ + 1.0) - torch.log(a_ + nn_)
+    return math.log(lam) + a * torch.log(b) - torch.lgamma(a) - lam * t + torch.logsumexp(terms, -1)
+
+
+def shower_depth_nodes(
+    particle: str, energy: Tensor, n_nodes: int = 48, t_end: Tensor | None = None, n_sub: int = 4
+) -> dict[str, Tensor]:
+    """Cells of the longitudinal Cherenkov profile of an EM cascade, in radiation lengths.
+
+    The profile dP/dt is :func:`_shower_logpdf` -- the depth distribution sampled by
+    physics.emission.shower_photons. K cells cover [0, T], T = min(t_max, t_end) with t_max = (a + 6 sqrt(a) +
+    6) / b (+ 10 * 9/7 for gammas) and t_end the depth of the detector wall along the axis (light beyond it is
+    never emitted, so no cell straddles the wall). The cell edges are equal steps in the CDF of an exponential
+    of scale m = SHOWER_CELL_SCALE times the profile's mean depth (a / b, + 9/7 for gammas), truncated at T:
+    e_j = -m log(1 - (j/K)(1 - exp(-T / m))), so the cells are finer where the light is (up to exp(T / m)
+    narrower at the start than at the end). Each cell's mass w_k = int pdf dt, centroid t_k and variance
+    var_k come from an n_sub-point Gauss-Legendre rule inside the cell (not a midpoint rule: the profile
+    changes by a factor of several across a cell near its start; the first cell in sqrt(t), where t^(a-1) is
+    singular). Everything is smooth in the energy (through a) and in t_end.
+    energy (E,) [MeV]; t_end (E,) [X0] or None; returns (E,K) tensors t (centroid), lo, hi, dt = hi - lo,
+    var [X0^2] and w (the profile's probability in the cell; sum 1 up to the truncation at T).
     """
     a, b = _shower_profile(particle, energy)
     t_max = (a + 6.0 * torch.sqrt(a) + 6.0) / b
+    mean = a / b
     if particle == "gamma":
         t_max = t_max + 10.0 * GAMMA_CONVERSION_X0
-    u = (torch.arange(n_nodes, dtype=energy.dtype, device=energy.device) + 0.5) / n_nodes
-    t = t_max[:, None] * u  # (E,K)
-    dt = (t_max / n_nodes)[:, None].expand_as(t)
-    a2, b2 = a[:, None], b[:, None]
-    log_t = torch.log(t)
-    if particle == "gamma":
-        lam = 1.0 / GAMMA_CONVERSION_X0
-        c = lam - b2[..., None]  # (E,1,1) > 0 for the R&W b = 0.632
-        nn_ = torch.arange(n_series, dtype=energy.dtype, device=energy.device)
-        terms = (
-            nn_ * torch.log(c)
-            + (a2[..., None] + nn_) * log_t[..., None]
-            - torch.lgamma(nn_ + 1.0)
-            - torch.log(a2[..., None] + nn_)
-        )
-        logpdf = math.log(lam) + a2 * torch.log(b2) - torch.lgamma(a2) - lam * t + torch.logsumexp(terms, -1)
-    else:
-        logpdf = a2 * torch.log(b2) + (a2 - 1.0) * log_t - b2 * t - torch.lgamma(a2)
-    w = torch.exp(logpdf) * dt
-    return {"t": t, "dt": dt, "w": w / w.sum(-1, keepdim=True)}
+        mean = mean + GAMMA_CONVERSION_X0
+    end = t_max if t_end is None else torch.minimum(t_max, t_end.clamp_min(1e-6))
+    m = SHOWER_CELL_SCALE * mean
+    u = torch.arange(n_nodes + 1, dtype=energy.dtype, device=energy.device) / n_nodes
+    edges = -m[:, None] * torch.log1p(u * torch.expm1(-end / m)[:, None])  # (E,K+1)
+    lo, hi = edges[:, :-1], edges[:, 1:]
+    x, wx = gauss_legendre(n_sub, 0.0, 1.0, dtype=energy.dtype, device=energy.device)
+    # the first cell in the variable x = sqrt(t / hi_0): t^(a-1) dt becomes 2 hi_0^a x^(2a-1) dx, smooth
+    # enough for Gauss-Legendre at a >= 1 (in t its derivative is infinite at 0)
+    first = torch.zeros(n_nodes, 1, dtype=torch.bool, device=energy.device)
+    first[0] = True
+    xk = torch.where(first, x * x, x)  # (K,n_sub)
+    jac = torch.where(first, 2.0 * x * wx, wx)
+    dt = hi - lo
+    tj = lo[..., None] + dt[..., None] * xk  # (E,K,n_sub)
+    pj = torch.exp(_shower_logpdf(particle, a[:, None, None], b[:, None, None], tj)) * jac * dt[..., None]
+    w = pj.sum(-1)
+    some = w > 1e-30  # cells of no weight (a vertex outside the detector): midpoint, zero variance
+    w_safe = torch.where(some, w, torch.ones_like(w))
+    t = torch.where(some, (pj * tj).sum(-1) / w_safe, 0.5 * (lo + hi))
+    var = torch.where(some, (pj * (tj - t[..., None]) ** 2).sum(-1) / w_safe, torch.zeros_like(w))
+    return {"t": t, "lo": lo, "hi": hi, "dt": dt, "var": var, "w": w}
 
 
 def shower_direct_light(
@@ -1240,20 +1274,21 @@ def shower_direct_light(
     Same physics as :func:`physics.emission.shower_photons` (Raedel & Wiebusch, Astropart. Phys. 38 (2012)
     53):
 
-        mu_i = l(E) sum_k w_k f_k sum_l Y_l QE_l CE exp(-d_ik / L_att,l) * rho_ik * Omega_ik A(cos_inc) D_i
+        mu_i = l(E) sum_k w_k sum_l Y_l QE_l CE exp(-d_ik / L_att,l) * rho_ik * Omega_ik A(cos_inc) D_i
 
     * l(E) = alpha (E/GeV)^beta [cm in ice] * rho_ice / rho_medium: total Cherenkov track length
       (R&W eq. 4.2);
       Y_l = wl_weight_l 2 pi alpha_em / lambda_l^2 (1 - 1/n_l^2): beta = 1 Frank-Tamm photons per metre and nm
       (PDG eq. 34.45);
-    * w_k: longitudinal profile nodes, :func:`shower_depth_nodes` (gamma profile; gammas convolved with the
-      exponential conversion depth); emission point x_k = vertex + X0 t_k axis; f_k the fraction of the cell
-      inside the detector (cells beyond the wall do not radiate);
+    * w_k: the longitudinal profile's probability in depth cell k, :func:`shower_depth_nodes` (gamma profile;
+      gammas convolved with the exponential conversion depth); the cells end at the wall (light beyond it is
+      never emitted); emission point x_k = vertex + X0 t_k axis at the cell's centroid t_k;
     * rho_ik = pdf(cos alpha_ik) / (2 pi Z) [1/sr]: the R&W angular distribution (Z = its integral over
       cos in [-1, 1], centred on 1/n_eff with the same n_eff as the simulator). The distribution has a cusp at
       the Cherenkov angle, so it is averaged, with :func:`cascade_angular_cdf`, over the range of cos alpha
       that cell k and the photocathode disk subtend: a box of the same variance as the cell's cos range
-      (uniform) plus the disk (angular variance a^2 (1 + cos^2 theta_inc) / (8 d^2), times sin^2 alpha);
+      (weighted by the profile within the cell) plus the disk (angular variance a^2 (1 + cos^2 theta_inc) /
+      (8 d^2), times sin^2 alpha);
     * Omega (:func:`disk_solid_angle`), A, QE, CE, D_i = qe_scale_i (1 - R_pmt) and the attenuation
       (absorption + Rayleigh + Mie) exactly as the track kernel; the wavelength sum is folded into the
       tabulated S_m(d) of :func:`attenuation_table` (exact up to Hermite interpolation, since the R&W angular
@@ -1270,17 +1305,15 @@ def shower_direct_light(
         raise ConfigError(f"particle: got {particle!r}, allowed: {list(SHOWER_PARTICLES)}")
     dt_ = vertex.dtype
     direction = direction / direction.norm(dim=-1, keepdim=True)
-    nodes = shower_depth_nodes(particle, energy, n_depth_nodes)
     x0 = float(radiation_length)
-    s = nodes["t"] * x0  # (E,K) [m]
-    ds = nodes["dt"] * x0
+    t_end = None if wall is None else wall_exit_distance(vertex, direction, wall[0], wall[1], wall[2]) / x0
+    nodes = shower_depth_nodes(particle, energy, n_depth_nodes, t_end)
+    s = nodes["t"] * x0  # (E,K) [m] cell centroids
+    s_lo, s_hi = (nodes["lo"] * x0)[:, None, :], (nodes["hi"] * x0)[:, None, :]  # (E,1,K) cell edges
+    var_s = nodes["var"] * x0 * x0  # (E,K) [m^2] spread of the emission depth within a cell
     al, be, _, _ = RW_TRACK_LENGTH[particle]
     length = 0.01 * RW_ICE_DENSITY / float(density) * al * (energy * 1e-3).clamp_min(0.0) ** be  # (E,) [m]
     weight = nodes["w"] * length[:, None]  # (E,K) track length per cell [m]
-    if wall is not None:
-        exit_d = wall_exit_distance(vertex, direction, wall[0], wall[1], wall[2])
-        frac = ((exit_d[:, None] - (s - 0.5 * ds)) / ds).clamp(0.0, 1.0)
-        weight = weight * frac
 
     # spectrum (beta = 1 Frank-Tamm) x QE x CE, folded with attenuation and group index into S_m(d)
     n = refr_index.to(dt_)
@@ -1307,15 +1340,18 @@ def shower_direct_light(
         return d, d2, ((proj[..., None] - depth[:, None, :]) / d).clamp(-1.0, 1.0)
 
     dist, dist2, cos_a = geom(s)  # (E,P,K)
-    _, _, cos_lo = geom(s - 0.5 * ds)
-    _, _, cos_hi = geom(s + 0.5 * ds)
+    _, _, cos_lo = geom(s_lo[:, 0])
+    _, _, cos_hi = geom(s_hi[:, 0])
     cos_inc = (s[:, None, :] * dn[..., None] - qn[..., None]) / dist
     a = pmt_radius.to(dt_)[None, :, None]
     geo = disk_solid_angle(dist, cos_inc, a) * acceptance(cos_inc)
 
     # angular density averaged over the cos range of cell x photocathode (box of equal variance)
     sin2_a = (1.0 - cos_a * cos_a).clamp_min(0.0)
-    var_c = (cos_hi - cos_lo) ** 2 / 12.0 + sin2_a * a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2)
+    shape = (12.0 * var_s / (s_hi[:, 0] - s_lo[:, 0]).clamp_min(1e-12) ** 2)[
+        :, None, :
+    ]  # 1: uniform in the cell
+    var_c = shape * (cos_hi - cos_lo) ** 2 / 12.0 + sin2_a * a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2)
     width = torch.sqrt(12.0 * var_c + 1e-30)
     thr = 1e-6 if dt_ == torch.float64 else 1e-3
     wide = width > thr
@@ -1333,22 +1369,20 @@ def shower_direct_light(
     # the 1/d^2 of the solid angle peaks sharply for PMTs near the axis (the cascade tail ends at the wall
     # next to them): replace its node value by the exact cell average of 1/(d^2 + a^2/2) along the axis,
     # int ds / (B^2 + (s - s_p)^2) = [atan((s - s_p)/B)] / B, B^2 = b^2 + a^2/2 (b: impact distance, s_p:
-    # projection of the PMT on the axis; a^2/2 regularises to the on-axis disk limit 2 pi), over the part of
-    # the cell inside the detector
-    s_lo = (s - 0.5 * ds)[:, None, :]
-    s_hi = s_lo + ds[:, None, :]
-    if wall is not None:
-        s_hi = torch.minimum(s_hi, exit_d[:, None, None]).clamp_min(s_lo)
+    # projection of the PMT on the axis; a^2/2 regularises to the on-axis disk limit 2 pi)
     b2 = (q2 - proj * proj).clamp_min(0.0)[..., None] + 0.5 * a * a
     bb = torch.sqrt(b2)
     sp = proj[..., None]
-    span = (s_hi - s_lo).clamp_min(1e-9)
+    # (cells under 0.1 mm -- a vertex at the wall -- keep the node value: the atan difference is round-off)
+    span = s_hi - s_lo
+    wide_cell = span > 1e-4
+    span = torch.where(wide_cell, span, torch.ones_like(span))
     cell_avg = (torch.atan((s_hi - sp) / bb) - torch.atan((s_lo - sp) / bb)) / (bb * span)
-    ratio = cell_avg * (dist2 + 0.5 * a * a)
+    ratio = torch.where(wide_cell, cell_avg * (dist2 + 0.5 * a * a), torch.ones_like(cell_avg)).clamp_min(0.0)
     w_ep = rho * geo * ratio * (weight * wsum)[:, None, :] * det_pmt.to(dt_)[None, :, None]
     mom = _hermite_lookup(table, h, dist) * w_ep[..., None]  # (E,P,K,3)
-    # spread within a cell: dt/ds = (1 - n_g cos alpha) / c, uniform over the cell width
-    cell_var = (ds[:, None, :] * (1.0 - ng_ref * cos_a) / C_M_PER_NS) ** 2 / 12.0
+    # spread within a cell: dt/ds = (1 - n_g cos alpha) / c times the profile's depth spread in the cell
+    cell_var = var_s[:, None, :] * ((1.0 - ng_ref * cos_a) / C_M_PER_NS) ** 2
     out = _arrival_moments(
         mom, s[:, None, :] / C_M_PER_NS, dist, cos_inc, a, q2, ng_ref, t0, time_offset, extra_var=cell_var
     )
