@@ -1174,6 +1174,12 @@ def _shower_profile(particle: str, energy: Tensor) -> tuple[Tensor, Tensor]:
 # up to the wall: 1.0-2.3 % and 0.3-0.5 %; the former uniform cells on [0, t_max] with midpoint weights:
 # 4.5-24 % in WCTE (cells straddling the wall)
 SHOWER_CELL_SCALE = 5.0
+# the cells are also refined towards the wall end: u -> u - B sin(2 pi u) / (2 pi) before the exponential
+# mapping (B = 0.5: cells at both ends half as wide, in the middle 1.5x). PMTs within ~0.5 m of the point
+# where the axis meets the wall see the last cells from a few cm: at 24 cells their mu error drops from up to
+# 30 % to <= 9 % and their time error from 0.15 to 0.03 ns (WCTE, 500 MeV); 100 WCTE 1 GeV e- fits: angle
+# 68 % 0.77 -> 0.70 deg, direction pull std 1.37 / 1.77 -> 1.22 / 1.24 (96 cells: 0.62 deg, 0.97 / 1.08)
+SHOWER_CELL_WALL_REFINE = 0.5
 
 
 def _shower_logpdf(particle: str, a: Tensor, b: Tensor, t: Tensor, n_series: int = 48) -> Tensor:
@@ -1206,11 +1212,13 @@ def shower_depth_nodes(
     6) / b (+ 10 * 9/7 for gammas) and t_end the depth of the detector wall along the axis (light beyond it is
     never emitted, so no cell straddles the wall). The cell edges are equal steps in the CDF of an exponential
     of scale m = SHOWER_CELL_SCALE times the profile's mean depth (a / b, + 9/7 for gammas), truncated at T:
-    e_j = -m log(1 - (j/K)(1 - exp(-T / m))), so the cells are finer where the light is (up to exp(T / m)
-    narrower at the start than at the end). Each cell's mass w_k = int pdf dt, centroid t_k and variance
-    var_k come from an n_sub-point Gauss-Legendre rule inside the cell (not a midpoint rule: the profile
-    changes by a factor of several across a cell near its start; the first cell in sqrt(t), where t^(a-1) is
-    singular). Everything is smooth in the energy (through a) and in t_end.
+    e_j = -m log(1 - v_j (1 - exp(-T / m))), so the cells are finer where the light is, with
+    v_j = j/K - B sin(2 pi j/K) / (2 pi), B = SHOWER_CELL_WALL_REFINE, which also refines them at the wall end
+    (PMTs next to where the axis meets the wall see the last cells from a few cm). Each cell's mass
+    w_k = int pdf dt, centroid t_k and variance var_k come from an n_sub-point Gauss-Legendre rule inside the
+    cell (not a midpoint rule: the profile changes by a factor of several across a cell near its start; the
+    first cell in sqrt(t), where t^(a-1) is singular). Everything is smooth in the energy (through a) and in
+    t_end.
     energy (E,) [MeV]; t_end (E,) [X0] or None; returns (E,K) tensors t (centroid), lo, hi, dt = hi - lo,
     var [X0^2] and w (the profile's probability in the cell; sum 1 up to the truncation at T).
     """
@@ -1223,6 +1231,7 @@ def shower_depth_nodes(
     end = t_max if t_end is None else torch.minimum(t_max, t_end.clamp_min(1e-6))
     m = SHOWER_CELL_SCALE * mean
     u = torch.arange(n_nodes + 1, dtype=energy.dtype, device=energy.device) / n_nodes
+    u = u - SHOWER_CELL_WALL_REFINE * torch.sin(TWO_PI * u) / TWO_PI
     edges = -m[:, None] * torch.log1p(u * torch.expm1(-end / m)[:, None])  # (E,K+1)
     lo, hi = edges[:, :-1], edges[:, 1:]
     x, wx = gauss_legendre(n_sub, 0.0, 1.0, dtype=energy.dtype, device=energy.device)
