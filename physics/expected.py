@@ -1220,8 +1220,8 @@ def shower_depth_nodes(
     cell (not a midpoint rule: the profile changes by a factor of several across a cell near its start; the
     first cell in sqrt(t), where t^(a-1) is singular). Everything is smooth in the energy (through a) and in
     t_end.
-    energy (E,) [MeV]; t_end (E,) [X0] or None; returns (E,K) tensors t (centroid), lo, hi, dt = hi - lo,
-    var [X0^2] and w (the profile's probability in the cell; sum 1 up to the truncation at T).
+    energy (E,) [MeV]; t_end (E,) [X0] or None; returns (E,K) tensors t (centroid), lo, hi (edges), var
+    [X0^2] and w (the profile's probability in the cell; sum 1 up to the truncation at T).
     """
     a, b = _shower_profile(particle, energy)
     t_max = (a + 6.0 * torch.sqrt(a) + 6.0) / b
@@ -1250,7 +1250,7 @@ def shower_depth_nodes(
     w_safe = torch.where(some, w, torch.ones_like(w))
     t = torch.where(some, (pj * tj).sum(-1) / w_safe, 0.5 * (lo + hi))
     var = torch.where(some, (pj * (tj - t[..., None]) ** 2).sum(-1) / w_safe, torch.zeros_like(w))
-    return {"t": t, "lo": lo, "hi": hi, "dt": dt, "var": var, "w": w}
+    return {"t": t, "lo": lo, "hi": hi, "var": var, "w": w}
 
 
 def shower_direct_light(
@@ -1320,6 +1320,7 @@ def shower_direct_light(
     nodes = shower_depth_nodes(particle, energy, n_depth_nodes, t_end)
     s = nodes["t"] * x0  # (E,K) [m] cell centroids
     s_lo, s_hi = (nodes["lo"] * x0)[:, None, :], (nodes["hi"] * x0)[:, None, :]  # (E,1,K) cell edges
+    span = s_hi - s_lo  # (E,1,K) cell lengths [m]
     var_s = nodes["var"] * x0 * x0  # (E,K) [m^2] spread of the emission depth within a cell
     al, be, _, _ = RW_TRACK_LENGTH[particle]
     length = 0.01 * RW_ICE_DENSITY / float(density) * al * (energy * 1e-3).clamp_min(0.0) ** be  # (E,) [m]
@@ -1358,8 +1359,8 @@ def shower_direct_light(
 
     # angular density averaged over the cos range of cell x photocathode (box of equal variance)
     sin2_a = (1.0 - cos_a * cos_a).clamp_min(0.0)
-    cell_len = (s_hi - s_lo).clamp_min(1e-12)  # (E,1,K)
-    shape = 12.0 * var_s[:, None, :] / cell_len**2  # the cell's depth variance over a uniform cell's (1)
+    # the cell's depth variance over a uniform cell's (1 for a flat profile in the cell)
+    shape = 12.0 * var_s[:, None, :] / span.clamp_min(1e-12) ** 2
     var_c = shape * (cos_hi - cos_lo) ** 2 / 12.0 + sin2_a * a * a * (1.0 + cos_inc * cos_inc) / (8.0 * dist2)
     width = torch.sqrt(12.0 * var_c + 1e-30)
     thr = 1e-6 if dt_ == torch.float64 else 1e-3
@@ -1383,10 +1384,9 @@ def shower_direct_light(
     bb = torch.sqrt(b2)
     sp = proj[..., None]
     # (cells under 0.1 mm -- a vertex at the wall -- keep the node value: the atan difference is round-off)
-    span = s_hi - s_lo
     wide_cell = span > 1e-4
-    span = torch.where(wide_cell, span, torch.ones_like(span))
-    cell_avg = (torch.atan((s_hi - sp) / bb) - torch.atan((s_lo - sp) / bb)) / (bb * span)
+    span_w = torch.where(wide_cell, span, torch.ones_like(span))
+    cell_avg = (torch.atan((s_hi - sp) / bb) - torch.atan((s_lo - sp) / bb)) / (bb * span_w)
     ratio = torch.where(wide_cell, cell_avg * (dist2 + 0.5 * a * a), torch.ones_like(cell_avg)).clamp_min(0.0)
     w_ep = rho * geo * ratio * (weight * wsum)[:, None, :] * det_pmt.to(dt_)[None, :, None]
     mom = _hermite_lookup(table, h, dist) * w_ep[..., None]  # (E,P,K,3)
