@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._util import write_json  # noqa: E402
 from fitting.fisher import crb_covariance, crb_quantiles, event_fisher, hybrid_fisher  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
-from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
+from fitting.reconstruct import STATUS, reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.config import ConfigError  # noqa: E402
 from physics.constants import SHOWER_PARTICLES, TRACK_PARTICLES  # noqa: E402
@@ -169,6 +169,7 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
         max_iter=a.max_iter,
         batch_size=a.batch_size,
         dtype=torch.float32 if a.float32 else F64,
+        kink_modes=a.fit_kink_modes if particle in TRACK_PARTICLES else 0,
     )
     _sync(dev)
     t_fit = time.perf_counter() - t
@@ -278,6 +279,18 @@ def run_cell(detector: str, particle: str, energy: float, a: argparse.Namespace,
         },
     }
     cell["ratio_resolution_over_crb"] = _ratio(cell["resolution_68"], cell["crb_68"])
+    if "straight_vertex" in fit:  # --fit-kink-modes: the straight stage's resolution on the same ok fits
+        fs = {k: fit["straight_" + k] for k in ("vertex", "direction", "energy", "t0", "cov")}
+        rs = resolutions({**fit, **fs}, truth, mask=ok)
+        cell["fit_kink_modes"] = a.fit_kink_modes
+        cell["n_bent"] = int(((fit["status"] & STATUS["bent"]) > 0)[ok].sum())
+        cell["straight_resolution_68"] = {
+            "vertex_m": float(rs["vertex_dist"][m].quantile(0.68)),
+            "angle_deg": math.degrees(float(rs["angle"][m].quantile(0.68))),
+            "energy_frac": float(rs["de_frac"][m].abs().quantile(0.68)),
+        }
+        cell["straight_pull_std"] = rs["summary"]["pull_std"]
+        cell["ratio_straight_over_crb"] = _ratio(cell["straight_resolution_68"], cell["crb_68"])
     if crb_yield is not None:
         cell["crb_yield_68"] = _pooled_68(crb_yield)
         cell["ratio_resolution_over_crb_yield"] = _ratio(cell["resolution_68"], cell["crb_yield_68"])
@@ -321,6 +334,12 @@ def main() -> None:
     ap.add_argument("--fisher-batch", type=int, default=8, help="events per Fisher-information batch")
     ap.add_argument("--bound-nodes", type=int, default=128, help="muon track nodes of both bounds")
     ap.add_argument("--kink-modes", type=int, default=16, help="kink modes per axis of the hybrid bound")
+    ap.add_argument(
+        "--fit-kink-modes",
+        type=int,
+        default=0,
+        help="muons: the fit's bent-track stage with this many kink modes per axis (reconstruct kink_modes)",
+    )
     ap.add_argument("--kink-sets", type=int, default=2, help="kink sets of the hybrid bound (0: none)")
     ap.add_argument("--hybrid-events", type=int, default=None, help="events of the hybrid bound (all)")
     ap.add_argument("--hybrid-batch", type=int, default=2, help="events per hybrid-bound batch")
@@ -364,6 +383,15 @@ def main() -> None:
                     + f") | fit {c['seconds']['fit_per_event']:.2f} s/ev",
                     flush=True,
                 )
+                if "straight_resolution_68" in c:
+                    r2, q2 = c["straight_resolution_68"], c["ratio_straight_over_crb"]
+                    print(
+                        f"      straight stage ({c['n_bent']} of {c['n_ok']} bent): vertex "
+                        f"{100 * r2['vertex_m']:.1f} cm (x{q2['vertex_m']:.2f}), angle "
+                        f"{r2['angle_deg']:.2f} deg (x{q2['angle_deg']:.2f}), energy "
+                        f"{100 * r2['energy_frac']:.1f}% (x{q2['energy_frac']:.2f})",
+                        flush=True,
+                    )
                 if "crb_hybrid_68" in c:
                     b2, q2 = c["crb_hybrid_68"], c["ratio_resolution_over_crb_hybrid"]
                     print(
