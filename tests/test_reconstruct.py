@@ -817,6 +817,8 @@ def test_cli_reconstruct_writes_file(tmp_path, capsys):
             "30",
             "--ms-samples",
             "8",
+            "--kink-modes",
+            "2",
             "--png",
             str(png),
         ]
@@ -828,6 +830,8 @@ def test_cli_reconstruct_writes_file(tmp_path, capsys):
         g = f["reco"]
         assert g["vertex"].shape == (2, 3) and g["status"].shape == (2,) and g["cov"].shape == (2, 7, 7)
         assert g["vertex"].attrs["unit"] == "m"
+        assert g["straight_vertex"].shape == (2, 3) and g["kink_amplitudes"].shape == (2, 4)
+        assert json.loads(g.attrs["meta"])["kink_modes"] == 2
         v = torch.as_tensor(g["vertex"][:])
     assert float((v - res["truth"]["vertex"].double()).norm(dim=-1).max()) < 0.3
     assert png.stat().st_size > 1000
