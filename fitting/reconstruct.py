@@ -667,25 +667,26 @@ def _bent_stage(
     dtype: torch.dtype,
     max_iter: int,
 ) -> None:
-    """Refine the straight fits of the rows idx as bent tracks (``kink_modes`` of :func:`reconstruct`).
-
-    A straight track whose rings are smeared by the accumulated multiple scattering (the reconstruction's
-    model) fitted to one scattered track is pulled off it: WCTE 500 MeV muons +0.9 cm along the track and
-    7.8 cm in the vertex (68 %), SK +32 cm and 46 cm (benchmarks/ms_bent_fit.py). Here the track is bent
-    explicitly by M kink modes per transverse axis (:func:`fitting.uncertainty.kink_modes`: the leading
-    Karhunen-Loeve modes of the Highland kinks on the response's track nodes, amplitudes a ~ N(0, 1)), its
-    rings sharp but smeared by the kinks outside the modes (``node_ms``), and the NLL + |a|^2 / 2 is
-    minimised over the 7 event parameters and the 2 M amplitudes (a maximum a posteriori fit of the kink
-    amplitudes with their Gaussian prior; the nuisance-parameter treatment of e.g. Barlow, "Systematic
-    errors: facts and fictions", 2002) by :func:`_bfgs_loop` from the straight fit (amplitudes 0; the
-    inverse-Hessian estimate starts from the straight fit's H^-1 and 1/2 for the amplitudes), then one
-    float64 Newton step with the exact Hessian H of all 7 + 2 M coordinates, whose inverse's event block is
-    the reported covariance (marginal over the amplitudes). The likelihood is the response's Poisson /
-    charge / time one without the over-dispersion of ``ms_relative_variance`` (the kinks it stands for are
-    now fitted). Rows whose Hessian is not positive definite, whose values are not finite or whose vertex
-    leaves the detector keep the straight fit. Writes straight_* (the straight fit) and kink_amplitudes
-    (E,2M) for the rows and overwrites vertex, direction, energy, t0, nll (the bent NLL with the prior), cov,
-    cov_hessian (both the marginal inverse Hessian) and e1 / e2 where the bent fit is kept (status ``bent``).
+    """Refine the straight fits of the rows idx as bent tracks (``kink_modes`` of :func:`reconstruct`). A
+    straight track whose rings are smeared by the accumulated multiple scattering (the reconstruction's model)
+    fitted to one scattered track is pulled off it: WCTE 500 MeV muons +0.9 cm along the track and 7.8 cm in
+    the vertex (68 %), SK +32 cm and 46 cm (benchmarks/ms_bent_fit.py). Here the track is bent explicitly by M
+    kink modes per transverse axis (:func:`fitting.uncertainty.kink_modes`: the leading Karhunen-Loeve modes
+    of the Highland kinks on the response's track nodes, amplitudes a ~ N(0, 1)), its rings sharp but smeared
+    by the kinks outside the modes (``node_ms``), and the NLL + |a|^2 / 2 is minimised over the 7 event
+    parameters and the 2 M amplitudes (a maximum a posteriori fit of the kink amplitudes with their Gaussian
+    prior; the nuisance-parameter treatment of e.g. Barlow, "Systematic errors: facts and fictions", 2002) by
+    :func:`_bfgs_loop` from the straight fit (amplitudes 0; the inverse-Hessian estimate starts from the
+    straight fit's H^-1 and 1/2 for the amplitudes), then one float64 Newton step with the exact Hessian H of
+    all 7 + 2 M coordinates. cov_hessian is the event block of H^-1 (marginal over the amplitudes); cov adds
+    the fit's linear response to the kinks outside the modes
+    (:func:`fitting.uncertainty.kink_response_covariance` with ``fitted_modes``; vertex and direction). The
+    likelihood is the response's Poisson / charge / time one without the over-dispersion of
+    ``ms_relative_variance`` (the kinks it stands for are now fitted). Rows whose Hessian is not positive
+    definite, whose values are not finite or whose vertex leaves the detector keep the straight fit. Writes
+    straight_* (the straight fit) and kink_amplitudes (E,2M) for the rows and overwrites vertex, direction,
+    energy, t0, nll (the bent NLL with the prior), cov, cov_hessian and e1 / e2 where the bent fit is kept
+    (status ``bent``).
     """
     f64, dev = torch.float64, idx.device
     for k in ("vertex", "direction", "energy", "t0", "nll", "cov"):
@@ -723,10 +724,13 @@ def _bent_stage(
         turn, disp, rest = (km[k].to(dt) for k in ("turn", "disp", "rest"))
         od = {k: (v.to(dt) if v.is_floating_point() else v) for k, v in obs_s.items()}
 
-        def f(y: Tensor, i: Tensor) -> Tensor:
+        def f(y: Tensor, i: Tensor, extra: Tensor | None = None) -> Tensor:
+            """The objective at y (the rows i); extra (N,K,6): node offsets on top of the modes'."""
             y = y.to(dt)
             b = {k: v[i] for k, v in bb.items()}
             off = kink_mode_offsets(y[:, 7:], turn[i], disp[i], b["e1"], b["e2"])
+            if extra is not None:
+                off = off + extra.to(dt)
             p = {**_local_to_params(y[:, :7], b), "node_offset": off, "node_ms": rest[i]}
             return likelihood(response.expected_kinked(p), _select_obs(od, i)) + 0.5 * (y[:, 7:] ** 2).sum(1)
 
@@ -749,7 +753,10 @@ def _bent_stage(
     z, _, _ = _bfgs_loop(value_grad, torch.zeros(n, 7 + m2, dtype=f64, device=dev), hz, max_iter, BFGS_TOL)
     y = z * sc
     every = torch.arange(n, device=dev)
-    nll, g, h, _ = _hessian(lambda yy: f64_nll(yy, every), y)
+    # the Hessian with the mixed derivatives w.r.t. node offsets: the fit's response to the kinks outside
+    # the modes (as the straight fit's to all kinks)
+    zero_off = torch.zeros(n, kinks["s"].shape[1], 6, dtype=f64, device=dev)
+    nll, g, h, mixed = _hessian(lambda yy, oo: f64_nll(yy, every, oo), y, zero_off)
     hinv, pd = crb_covariance(h)
     step = -(hinv @ g[..., None])[..., 0]
     todo = pd & torch.isfinite(step).all(-1)
@@ -769,11 +776,14 @@ def _bent_stage(
     for k in ("vertex", "direction", "energy", "t0"):
         out[k][k_rows] = p[k][keep]
     out["nll"][k_rows] = nll[keep]
-    cov = hinv[keep][:, :7, :7]
-    out["cov"][k_rows] = cov
-    out["cov_hessian"][k_rows] = cov
-    out["e1"][k_rows] = b64["e1"][keep]
-    out["e2"][k_rows] = b64["e2"][keep]
+    out["cov_hessian"][k_rows] = hinv[keep][:, :7, :7]
+    e1, e2 = b64["e1"][keep], b64["e2"][keep]
+    rest_cov = kink_response_covariance(
+        hinv[keep], mixed[keep], kinks["s"][keep], kinks["var"][keep], e1, e2, km["basis"][keep]
+    )
+    out["cov"][k_rows] = (hinv[keep] + rest_cov)[:, :7, :7]
+    out["e1"][k_rows] = e1
+    out["e2"][k_rows] = e2
     status[k_rows] |= STATUS["bent"]
 
 

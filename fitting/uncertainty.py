@@ -383,7 +383,13 @@ def sampled_track_fit(
 
 
 def kink_response_covariance(
-    hinv: Tensor, mixed: Tensor, s: Tensor, kink_var: Tensor, e1: Tensor, e2: Tensor
+    hinv: Tensor,
+    mixed: Tensor,
+    s: Tensor,
+    kink_var: Tensor,
+    e1: Tensor,
+    e2: Tensor,
+    fitted_modes: Tensor | None = None,
 ) -> Tensor:
     """Covariance (E,7,7) of a straight-track fit from the track's multiple-scattering kinks, through the
     fit's own linear response (first-order perturbation of the estimator, e.g. James, Statistical Methods in
@@ -395,7 +401,11 @@ def kink_response_covariance(
     ``mixed`` = d^2 NLL / dtheta d(node offset) (E,7,K,6) [node displacement (3), direction change (3)] by
     reverse cumulative sums. Independent kinks, both axes u = e1, e2 (the fit's tangent basis (E,3)):
     Cov = sum_k kink_var_k sum_u A_k^u A_k^uT, A = H^-1 B; hinv (E,7,7) = H^-1, s (E,K) [m], kink_var (E,K)
-    [rad^2] per axis (Highland, :func:`highland_kink_variance`).
+    [rad^2] per axis (Highland, :func:`highland_kink_variance`). For a fit of n >= 7 coordinates (the 7
+    event ones first) hinv is (E,n,n) and mixed (E,n,K,6). fitted_modes (E,K,M): kinks whose M modes the fit
+    itself fits (a bent-track fit; the right singular vectors ``basis`` of :func:`kink_modes`, in the kinks'
+    standard-normal coordinates z, kappa_k = sqrt(kink_var_k) z_k): only the rest, (I - U U^T) z, perturbs
+    it, Cov = sum_u A (I - U U^T) A^T with A_k = H^-1 B_k sqrt(kink_var_k).
 
     Only the vertex and direction block (local rows 0-4) is kept. Measured on 48 contained 500 MeV muons in
     WCTE (benchmarks/ms_fit_response.py): the same response applied to each event's own sampled track
@@ -418,9 +428,12 @@ def kink_response_covariance(
         g_move = (mixed[..., :3] * u[:, None, None, :]).sum(-1)
         sk = s[:, None, :]
         b = 0.5 * g_turn + after(g_turn) + after(g_move * sk) - sk * after(g_move)
-        a = hinv @ b  # (E,7,K)
-        cov = cov + torch.einsum("eik,ejk,ek->eij", a, a, kink_var)
-    keep = torch.zeros(7, dtype=dt, device=cov.device)
+        a = (hinv @ b) * kink_var.clamp_min(0.0).sqrt()[:, None, :]  # (E,n,K)
+        if fitted_modes is not None:
+            um = fitted_modes.to(dt)
+            a = a - (a @ um) @ um.transpose(1, 2)
+        cov = cov + a @ a.transpose(1, 2)
+    keep = torch.zeros(hinv.shape[-1], dtype=dt, device=cov.device)
     keep[:5] = 1.0
     return cov * keep[:, None] * keep[None, :]
 
@@ -442,7 +455,8 @@ def kink_modes(s: Tensor, kink_var: Tensor, m: int) -> dict[str, Tensor]:
 
     Returns float64 dict: turn (E,K,M) [rad] and disp (E,K,M) [m], the nodes' turn and displacement per unit
     mode amplitude; rest (E,K,3) the moments of the remaining kinks; share (E,K) the fraction of each
-    node's turn variance that the M modes carry. Raises ConfigError for m outside 0..K."""
+    node's turn variance that the M modes carry; basis (E,K,M) the modes U in z. Raises ConfigError for m
+    outside 0..K."""
     dt = torch.float64
     s, v = s.to(dt), kink_var.to(dt)
     k = s.shape[1]
@@ -463,7 +477,7 @@ def kink_modes(s: Tensor, kink_var: Tensor, m: int) -> dict[str, Tensor]:
         [diag_rest(turn, turn, tm, tm), diag_rest(turn, disp, tm, dm), diag_rest(disp, disp, dm, dm)], -1
     )
     share = (tm * tm).sum(-1) / (turn * turn).sum(-1).clamp_min(1e-300)
-    return {"turn": tm, "disp": dm, "rest": rest, "share": share}
+    return {"turn": tm, "disp": dm, "rest": rest, "share": share, "basis": u}
 
 
 def kink_mode_offsets(amp: Tensor, turn: Tensor, disp: Tensor, e1: Tensor, e2: Tensor) -> Tensor:

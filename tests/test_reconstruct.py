@@ -1438,8 +1438,9 @@ def test_bent_stage_is_a_minimum_of_the_kinked_posterior_and_keeps_the_straight_
     the reported parameters and amplitudes (to 1e-8 relative); it lies below the objective of the straight
     fit with zero amplitudes; the point is a minimum: the Newton decrement g^T H^-1 g of the rebuilt
     objective, with H from torch.autograd.functional.hessian per event (a second Hessian code), is < 0.05
-    and H is positive definite; and the reported covariance is the event block of that H^-1 (the marginal
-    over the amplitudes) to 2 % (it is the Hessian before the final Newton step)."""
+    and H is positive definite; and cov_hessian is the event block of that H^-1 (the marginal over the
+    amplitudes) to 2 % (it is the Hessian before the final Newton step); cov adds the response to the kinks
+    outside the modes: its vertex and direction variances are larger, its log E and t0 ones equal."""
     m = 3
     sim, res, resp, like = _direct_only_sim(3, seed=21)
     resp, like = resp.double(), like.double()
@@ -1483,7 +1484,7 @@ def test_bent_stage_is_a_minimum_of_the_kinked_posterior_and_keeps_the_straight_
         ev = torch.linalg.eigvalsh(hess)
         dec = float(g @ torch.linalg.solve(hess, g))
         cov7 = torch.linalg.inv(hess)[:7, :7]
-        rel = (fit["cov"][i].diagonal() / cov7.diagonal() - 1).abs().max()
+        rel = (fit["cov_hessian"][i].diagonal() / cov7.diagonal() - 1).abs().max()
         print(
             f"event {i}: decrement {dec:.2e}, min eigenvalue {float(ev[0]):.3g}, "
             f"cov diag rel {float(rel):.2e}"
@@ -1491,6 +1492,8 @@ def test_bent_stage_is_a_minimum_of_the_kinked_posterior_and_keeps_the_straight_
         assert float(ev[0]) > 0
         assert dec < 0.05
         assert float(rel) < 0.02
+    extra = fit["cov"].diagonal(dim1=1, dim2=2) - fit["cov_hessian"].diagonal(dim1=1, dim2=2)
+    assert bool((extra[:, :5] > 0).all()) and float(extra[:, 5:].abs().max()) == 0.0
 
 
 def test_kink_modes_bad_input():
