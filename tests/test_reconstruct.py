@@ -1413,20 +1413,22 @@ def _bent_objective(fit, resp, like, obs, n_modes: int):
     p0 = {"vertex": b["v"], "direction": b["d"], "energy": b["loge"].exp(), "t0": b["t0"]}
     kinks = resp.ms_kinks(p0)
     km = kink_modes(kinks["s"], kinks["var"], n_modes)
-    e1, e2 = fit["e1"], fit["e2"]
 
-    def f(u: torch.Tensor) -> torch.Tensor:
-        d = fit["direction"] + u[:, 3:4] * e1 + u[:, 4:5] * e2
-        amp = fit["kink_amplitudes"] + u[:, 7:]
+    def f(u: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """The objective (len(rows),) of the events rows (default all) at u (len(rows),7+2M)."""
+        r = list(range(fit["vertex"].shape[0])) if rows is None else rows
+        e1, e2 = fit["e1"][r], fit["e2"][r]
+        d = fit["direction"][r] + u[:, 3:4] * e1 + u[:, 4:5] * e2
+        amp = fit["kink_amplitudes"][r] + u[:, 7:]
         p = {
-            "vertex": fit["vertex"] + u[:, :3],
+            "vertex": fit["vertex"][r] + u[:, :3],
             "direction": d / d.norm(dim=-1, keepdim=True),
-            "energy": fit["energy"] * torch.exp(u[:, 5]),
-            "t0": fit["t0"] + u[:, 6],
-            "node_offset": kink_mode_offsets(amp, km["turn"], km["disp"], e1, e2),
-            "node_ms": km["rest"],
+            "energy": fit["energy"][r] * torch.exp(u[:, 5]),
+            "t0": fit["t0"][r] + u[:, 6],
+            "node_offset": kink_mode_offsets(amp, km["turn"][r], km["disp"][r], e1, e2),
+            "node_ms": km["rest"][r],
         }
-        return like(resp.expected_kinked(p), obs) + 0.5 * (amp**2).sum(1)
+        return like(resp.expected_kinked(p), {k: v[r] for k, v in obs.items()}) + 0.5 * (amp**2).sum(1)
 
     return f
 
@@ -1474,13 +1476,11 @@ def test_bent_stage_is_a_minimum_of_the_kinked_posterior_and_keeps_the_straight_
     for i in range(3):
 
         def fi(u: torch.Tensor, i: int = i) -> torch.Tensor:
-            uu = torch.zeros(3, n_par, dtype=F64)
-            uu[i] = u
-            return f(uu)[i]
+            return f(u[None], [i])[0]
 
         u0 = torch.zeros(n_par, dtype=F64, requires_grad=True)
         (g,) = torch.autograd.grad(fi(u0), u0)
-        hess = torch.autograd.functional.hessian(fi, torch.zeros(n_par, dtype=F64))
+        hess = torch.autograd.functional.hessian(fi, torch.zeros(n_par, dtype=F64), vectorize=True)
         ev = torch.linalg.eigvalsh(hess)
         dec = float(g @ torch.linalg.solve(hess, g))
         cov7 = torch.linalg.inv(hess)[:7, :7]
