@@ -9,7 +9,9 @@ with it, ``--fit-no-ms`` (X0 -> inf in the fit's model) and ``--exact-wavelength
 MC's own physics exactly (a sharp ring needs the wavelength sum: the folded kernel's Gaussian spread of the
 Cherenkov angle is then too crude). ``--track-nodes`` sets the track quadrature. ``--ms-samples S`` fits
 with the multiple-scattering over-dispersion (negative-binomial counts with the relative variance of S
-sampled kink sets, fitting.response.PhysicsResponse.ms_relative_variance).
+sampled kink sets, fitting.response.PhysicsResponse.ms_relative_variance). ``--kink-modes M`` adds the
+reconstruction's bent-track stage (M kink modes per axis as nuisance parameters) and reports the straight
+stage's pulls beside it (``straight_stage``).
 ``--full-optics N`` simulates with the detector's wall/PMT reflection and the medium's Rayleigh scattering on
 and fits with the expected indirect light of N traced photons per event (``--indirect template``, the
 default: a per-PMT template retraced where the reconstruction freezes it, PhysicsResponse indirect
@@ -21,7 +23,8 @@ covariance, ``cov``) when the fit provides both.
 Writes benchmarks/results/closure_pulls[_noms].json.
 Usage: python benchmarks/bench_closure_pulls.py [--events N] [--detector wcte|sk]
     [--no-ms [--fit-no-ms --exact-wavelength]] [--track-nodes K] [--ms-samples S] [--device cuda]
-    [--seed S] [--batch-size B] [--full-optics N [--indirect template|traced|none]] [--name NAME]
+    [--seed S] [--batch-size B] [--full-optics N [--indirect template|traced|none]] [--kink-modes M]
+    [--name NAME]
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import physics.simulate as psim  # noqa: E402
 from benchmarks._util import write_json  # noqa: E402
 from benchmarks.bench_reconstruct import DIRECTION, direct_light_simulator  # noqa: E402
 from fitting.likelihood import HitLikelihood  # noqa: E402
-from fitting.reconstruct import reconstruct, resolutions  # noqa: E402
+from fitting.reconstruct import STATUS, reconstruct, resolutions  # noqa: E402
 from fitting.response import PhysicsResponse  # noqa: E402
 from physics.emission import track_steps  # noqa: E402
 from physics.simulate import SimConfig, Simulator  # noqa: E402
@@ -166,6 +169,13 @@ def main() -> None:
         help="with --full-optics, the fit's indirect light: a per-PMT template retraced at the fit's freeze "
         "points (PhysicsResponse indirect template), traced at every evaluation, or none (direct only)",
     )
+    ap.add_argument(
+        "--kink-modes",
+        type=int,
+        default=0,
+        help="fit: the bent-track stage with this many kink modes per axis (reconstruct kink_modes; the "
+        "straight stage's pulls reported beside it)",
+    )
     ap.add_argument("--name", default=None, help="results name (default closure_pulls[_noms])")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -196,6 +206,7 @@ def main() -> None:
         batch_size=args.batch_size,
         max_iter=50,
         dtype=torch.float32,
+        kink_modes=args.kink_modes,
     )
     t_fit = time.perf_counter() - t0
     truth = {k: res["truth"][k].to(args.device) for k in ("vertex", "direction", "energy")}
@@ -212,6 +223,7 @@ def main() -> None:
         "ms_samples": args.ms_samples,
         "full_optics_n_trace": args.full_optics,
         "fit_indirect": args.indirect if args.full_optics > 0 else "none",
+        "kink_modes": args.kink_modes,
         "n_ok": int(fit["ok"].sum()),
         "seconds_simulate": t_sim,
         "seconds_fit": t_fit,
@@ -219,6 +231,10 @@ def main() -> None:
     }
     if "cov_hessian" in fit:
         out["hessian_only"] = pull_summary(fit, truth, "cov_hessian")
+    if "straight_vertex" in fit:  # --kink-modes: the straight stage of the same fits
+        keys = ("vertex", "direction", "energy", "t0", "cov")
+        out["n_bent"] = int(((fit["status"] & STATUS["bent"]) > 0).sum())
+        out["straight_stage"] = pull_summary({**fit, **{k: fit["straight_" + k] for k in keys}}, truth, "cov")
     write_json(args.name or ("closure_pulls_noms" if args.no_ms else "closure_pulls"), out)
 
 
