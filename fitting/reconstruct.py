@@ -153,9 +153,9 @@ def _local_nll(response, likelihood, obs: dict[str, Tensor], base: dict[str, Ten
 
 
 def _hessian(f, y: Tensor, off: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Per-event NLL (N,), gradient (N,7) and Hessian (N,7,7) at local coordinates y (N,7), batched; with
-    ``off`` (N,K,6) (track-node offsets, f(y, off)) also the mixed derivatives d^2 NLL / dy d off (N,7,K,6)
-    from the same 7 reverse passes."""
+    """Per-event NLL (N,), gradient (N,n) and Hessian (N,n,n) at coordinates y (N,n) (the local ones: n = 7;
+    the bent stage's: 7 + 2M), batched; with ``off`` (N,K,6) (track-node offsets, f(y, off)) also the mixed
+    derivatives d^2 NLL / dy d off (N,n,K,6) from the same n reverse passes."""
     y = y.detach().requires_grad_()
     ins = [y] if off is None else [y, off.detach().requires_grad_()]
     nll = f(*ins)
@@ -169,6 +169,31 @@ def _hessian(f, y: Tensor, off: Tensor | None = None) -> tuple[Tensor, Tensor, T
     hess = torch.stack(rows, 1)
     mix = torch.stack(mixed, 1).detach() if off is not None else None
     return nll.detach(), g.detach(), 0.5 * (hess + hess.transpose(1, 2)).detach(), mix
+
+
+def _newton_step(f, y: Tensor, nll: Tensor, g: Tensor, hinv: Tensor, pd: Tensor) -> tuple[Tensor, Tensor]:
+    """One Newton step y - H^-1 g per event where H is positive definite (pd) and the step finite, accepted
+    only where the NLL f(y) (N,) decreases (one forward pass); returns the new (y, nll)."""
+    step = -(hinv @ g[..., None])[..., 0]
+    todo = pd & torch.isfinite(step).all(-1)
+    y_try = torch.where(todo[:, None], y + step, y)
+    with torch.no_grad():
+        nll_try = f(y_try)
+    acc = todo & torch.isfinite(nll_try) & (nll_try < nll)
+    return torch.where(acc[:, None], y_try, y), torch.where(acc, nll_try, nll)
+
+
+def _scaled_value_grad(f, sc: Tensor, dtype: torch.dtype):
+    """value_grad(z, idx) for :func:`_bfgs_loop`: f(y (M,n) in ``dtype``, idx (M,)) -> NLL (M,) at y = z sc,
+    returned with its gradient in z, both float64."""
+
+    def value_grad(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        y = (z * sc).to(dtype).requires_grad_()
+        val = f(y, idx)
+        (g,) = torch.autograd.grad(val.sum(), y)
+        return val.detach().to(sc.dtype), g.to(sc.dtype) * sc
+
+    return value_grad
 
 
 def _optimise(
@@ -630,12 +655,9 @@ def _optimise_bfgs(
     else:
         hz = torch.where(torch.isfinite(h0).all(-1).all(-1)[:, None, None], h0.to(f64), eye)
 
-    def value_grad(z: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-        y = (z * sc).to(dtype).requires_grad_()
+    def nll(y: Tensor, idx: Tensor) -> Tensor:
         pred = response.expected(_local_to_params(y, {k: v[idx] for k, v in base.items()}))
-        val = likelihood(pred, _select_obs(obs, idx))
-        (g,) = torch.autograd.grad(val.sum(), y)
-        return val.detach().to(f64), g.to(f64) * sc
+        return likelihood(pred, _select_obs(obs, idx))
 
     def rebase(z: Tensor, nd: Tensor) -> Tensor:
         """Re-centre the local coordinates of the events nd whose direction turned far (H is kept: same
@@ -647,6 +669,7 @@ def _optimise_bfgs(
                 base[k][far] = v
         return far
 
+    value_grad = _scaled_value_grad(nll, sc, dtype)
     z, iters, hz = _bfgs_loop(
         value_grad, torch.zeros(n, 7, dtype=f64, device=dev), hz, max_iter, tol, trace, rebase
     )
@@ -736,20 +759,14 @@ def _bent_stage(
 
         return f
 
-    f_fit, f64_nll = nll_fn(dtype), nll_fn(f64)
-
-    def value_grad(z: Tensor, i: Tensor) -> tuple[Tensor, Tensor]:
-        y = (z * sc).requires_grad_()
-        val = f_fit(y, i)
-        (g,) = torch.autograd.grad(val.sum(), y)
-        return val.detach().to(f64), g.to(f64) * sc
-
+    f64_nll = nll_fn(f64)
     n = sel.numel()
     hz = torch.zeros(n, 7 + m2, 7 + m2, dtype=f64, device=dev)
     h7 = out["cov_hessian"][rows] / (sc[:7, None] * sc[None, :7])
     good = torch.isfinite(h7).all(-1).all(-1)
     hz[:, :7, :7] = torch.where(good[:, None, None], h7, torch.eye(7, dtype=f64, device=dev))
     hz[:, 7:, 7:] = 0.5 * torch.eye(m2, dtype=f64, device=dev)
+    value_grad = _scaled_value_grad(nll_fn(dtype), sc, dtype)
     z, _, _ = _bfgs_loop(value_grad, torch.zeros(n, 7 + m2, dtype=f64, device=dev), hz, max_iter, BFGS_TOL)
     y = z * sc
     every = torch.arange(n, device=dev)
@@ -758,14 +775,7 @@ def _bent_stage(
     zero_off = torch.zeros(n, kinks["s"].shape[1], 6, dtype=f64, device=dev)
     nll, g, h, mixed = _hessian(lambda yy, oo: f64_nll(yy, every, oo), y, zero_off)
     hinv, pd = crb_covariance(h)
-    step = -(hinv @ g[..., None])[..., 0]
-    todo = pd & torch.isfinite(step).all(-1)
-    y_try = torch.where(todo[:, None], y + step, y)
-    with torch.no_grad():
-        nll_try = f64_nll(y_try, every)
-    acc = todo & torch.isfinite(nll_try) & (nll_try < nll)
-    y = torch.where(acc[:, None], y_try, y)
-    nll = torch.where(acc, nll_try, nll)
+    y, nll = _newton_step(lambda yy: f64_nll(yy, every), y, nll, g, hinv, pd)
     with torch.no_grad():
         p = _local_to_params(y[:, :7], b64)
     keep = pd & torch.isfinite(nll) & torch.isfinite(p["vertex"]).all(-1) & torch.isfinite(p["energy"])
@@ -1123,19 +1133,12 @@ def _fit_batch(
             g, h = g.double(), h.double()
             mixed = mix.double() if mix is not None else mixed
             hinv, pd = crb_covariance(h)  # H^-1 (NaN where H is not positive definite)
-            step = -(hinv @ g[..., None])[..., 0]
-            dec = (g * -step).sum(-1)
+            dec = (g * (hinv @ g[..., None])[..., 0]).sum(-1)  # Newton decrement g^T H^-1 g
             converged = pd & (dec < tol_decrement)
             cov = hinv
             # Newton step, accepted per event when the NLL decreases; taken after the last Hessian too (one
             # forward pass), so a converged minimum is good to O(decrement^2) (cov: the Hessian just computed)
-            todo = pd & torch.isfinite(step).all(-1)
-            y_try = torch.where(todo[:, None], y + step, y)
-            with torch.no_grad():
-                nll_try = floc(y_try)
-            acc = todo & torch.isfinite(nll_try) & (nll_try < nll_b)
-            y = torch.where(acc[:, None], y_try, y)
-            nll_b = torch.where(acc, nll_try, nll_b)
+            y, nll_b = _newton_step(floc, y, nll_b, g, hinv, pd)
             if it == newton_steps or bool(converged.all()):
                 break
     fisher = torch.zeros(ne, dtype=torch.bool, device=x.device)
